@@ -1,0 +1,188 @@
+"""``python -m course_utils doctor | tiny | run`` — the course's command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+# (distribution name, import name or None when importing has side effects, required?)
+PACKAGES = [
+    ("torch", "torch", True),
+    ("torchvision", "torchvision", True),
+    ("transformers", "transformers", True),
+    ("trl", "trl", True),
+    ("peft", "peft", True),
+    ("datasets", "datasets", True),
+    ("accelerate", "accelerate", True),
+    ("bitsandbytes", None, True),  # imported only where 4-bit is used
+    ("mistral-common", "mistral_common", True),
+    ("unsloth", None, True),  # never imported here: the import patches transformers/TRL
+    ("unsloth_zoo", None, True),
+    ("matplotlib", "matplotlib", True),
+    ("ipywidgets", "ipywidgets", True),
+    ("pillow", "PIL", True),
+    ("nbval", None, False),
+]
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def read_pins(requirements: Path) -> dict[str, str]:
+    """``name==version`` lines of a requirements file, names normalised (``_`` and case)."""
+    pins = {}
+    for line in requirements.read_text().splitlines():
+        m = re.match(r"^\s*([A-Za-z0-9_.\-]+)(?:\[[^\]]*\])?\s*==\s*([^\s;#]+)", line)
+        if m:
+            pins[m.group(1).lower().replace("_", "-")] = m.group(2)
+    return pins
+
+
+def check_packages(pins: dict[str, str] | None = None) -> list[tuple[str, bool, str]]:
+    """One row per package: (name, ok, detail). A wrong pinned version is a FAIL."""
+    rows = []
+    for dist, module, required in PACKAGES:
+        try:
+            version = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            rows.append((dist, not required, "not installed" + ("" if required else " (optional)")))
+            continue
+        detail = version
+        ok = True
+        want = (pins or {}).get(dist.lower().replace("_", "-"))
+        if want and want != version:
+            ok, detail = False, f"{version} installed, requirements.txt pins {want}"
+        if ok and module:
+            try:
+                __import__(module)
+            except Exception as exc:  # a broken install: say why, don't crash the report
+                ok, detail = False, f"{version} installed but `import {module}` fails: {exc}"
+        rows.append((dist, ok, detail))
+    return rows
+
+
+def doctor(args) -> int:
+    from course_utils.hardware import describe_profiles, detect
+    from course_utils.profiles import resolve_profile
+
+    req = REPO_ROOT / "requirements.txt"
+    pins = read_pins(req) if req.is_file() else None
+    failed = False
+    print(f"Python {sys.version.split()[0]}  ({sys.executable})")
+    for name, ok, detail in check_packages(pins):
+        failed |= not ok
+        print(f"[{'OK' if ok else 'FAIL'}] {name:<16} {detail}")
+    hw = detect(args.path)
+    print(f"[OK] accelerator      {hw.accelerator} — {hw.device_name}"
+          + (f", {hw.vram_gib:.1f} GiB VRAM" if hw.vram_gib else ""))
+    print(f"[OK] memory           {hw.ram_gib:.1f} GiB RAM, {hw.cpu_count} CPU cores")
+    disk_ok = hw.disk_free_gib >= 2
+    failed |= not disk_ok
+    print(f"[{'OK' if disk_ok else 'FAIL'}] disk             {hw.disk_free_gib:.1f} GiB free"
+          + ("" if disk_ok else " (the course needs at least 2 GiB even on CPU)"))
+    try:
+        profile = resolve_profile(args.profile, hardware=hw)
+        print(f"[OK] profile          {profile.name} — {profile.description}")
+    except ValueError as exc:
+        failed = True
+        print(f"[FAIL] profile        {exc}")
+    for row in describe_profiles(hw):
+        print(f"       {'fits ' if row['fits'] else 'no   '} {row['profile']:<9} {row['model']:<22} {row['why']}")
+    if failed:
+        print("\nSome checks failed. Fix: `pip install -r requirements.txt` in this environment.")
+    return 1 if failed else 0
+
+
+def tiny(args) -> int:
+    from course_utils.tiny import STAND_INS, build_stand_in, stand_in_info
+
+    names = args.name or list(STAND_INS)
+    for name in names:
+        t0 = time.perf_counter()
+        path = build_stand_in(name, args.out, force=args.force)
+        info = stand_in_info(path)
+        print(f"{name}: {path}  ({info['num_params'] / 1e6:.1f}M parameters, {time.perf_counter() - t0:.1f} s)")
+    return 0
+
+
+def discover_notebooks(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.glob("[0-9][0-9]_*.ipynb"))
+
+
+def run(args) -> int:
+    """Execute every notebook in order into ``--out``; print notebook, status, seconds."""
+    import nbformat
+    from nbclient import NotebookClient
+    from nbclient.exceptions import CellExecutionError
+
+    notebooks = discover_notebooks(Path(args.notebooks))
+    if args.only:
+        notebooks = [nb for nb in notebooks if any(nb.name.startswith(o) for o in args.only)]
+    if not notebooks:
+        print(f"No notebooks found in {args.notebooks}", file=sys.stderr)
+        return 1
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    os.environ["COURSE_PROFILE"] = args.profile if args.profile != "auto" else os.environ.get("COURSE_PROFILE", "")
+    rows, failed = [], False
+    for nb_path in notebooks:
+        nb = nbformat.read(nb_path, as_version=4)
+        client = NotebookClient(nb, timeout=args.timeout, kernel_name="python3",
+                                resources={"metadata": {"path": str(nb_path.parent)}})
+        t0 = time.perf_counter()
+        status = "ok"
+        try:
+            client.execute()
+        except CellExecutionError as exc:
+            status, failed = "FAILED", True
+            print(f"\n{nb_path.name} failed:\n{str(exc)[-2000:]}", file=sys.stderr)
+        seconds = time.perf_counter() - t0
+        nbformat.write(nb, out / nb_path.name)
+        rows.append({"notebook": nb_path.name, "status": status, "seconds": round(seconds, 1)})
+        print(f"{nb_path.name:<32} {status:<7} {seconds:7.1f} s", flush=True)
+        if status != "ok" and not args.keep_going:
+            break
+    (out / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
+    print(f"{'total':<32} {'FAILED' if failed else 'ok':<7} {sum(r['seconds'] for r in rows):7.1f} s")
+    print(f"Executed notebooks and summary.json are in {out}/")
+    return 1 if failed else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m course_utils", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("doctor", help="check packages, accelerator, disk and the chosen profile")
+    p.add_argument("--profile", default="auto")
+    p.add_argument("--path", default=".", help="where downloads and outputs go (for the disk check)")
+    p.set_defaults(func=doctor)
+
+    p = sub.add_parser("tiny", help="build the offline stand-in models")
+    p.add_argument("--out", default=None, help="default: outputs/stand-ins under the course root")
+    p.add_argument("--name", action="append", help="build only this stand-in (repeatable)")
+    p.add_argument("--force", action="store_true", help="rebuild even if a matching build is cached")
+    p.set_defaults(func=tiny)
+
+    p = sub.add_parser("run", help="execute every notebook in order")
+    p.add_argument("--profile", default="auto")
+    p.add_argument("--out", default="runs")
+    p.add_argument("--notebooks", default=str(REPO_ROOT / "notebooks"))
+    p.add_argument("--only", action="append", help="notebook name prefix, e.g. 01 (repeatable)")
+    p.add_argument("--timeout", type=int, default=1800, help="seconds per cell")
+    p.add_argument("--keep-going", action="store_true", help="run later notebooks after a failure")
+    p.set_defaults(func=run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

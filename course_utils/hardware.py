@@ -1,0 +1,162 @@
+"""What machine is this, and will the chosen model fit — answered before anything is downloaded.
+
+Detection imports torch only (never unsloth: importing unsloth patches transformers and TRL, so the
+course makes that decision once, in :mod:`course_utils.models`).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from course_utils.profiles import GiB, MODELS, PROFILES, Profile
+
+
+@dataclass(frozen=True)
+class HardwareInfo:
+    accelerator: str  # "cuda" | "mps" | "cpu"
+    device_name: str
+    vram_gib: float | None
+    ram_gib: float
+    disk_free_gib: float
+    cpu_count: int
+    environment: str  # "colab" | "runpod" | "kaggle" | "local"
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        vram = f"{self.vram_gib:.1f} GiB VRAM" if self.vram_gib else "no GPU memory"
+        return (
+            f"{self.accelerator.upper()} ({self.device_name}), {vram}, {self.ram_gib:.1f} GiB RAM, "
+            f"{self.disk_free_gib:.1f} GiB free disk, {self.cpu_count} CPU cores, environment: {self.environment}"
+        )
+
+
+def detect_environment(environ: dict | None = None) -> str:
+    """Colab, RunPod, Kaggle or a local box, from the variables those platforms set."""
+    env = os.environ if environ is None else environ
+    if any(k.startswith("COLAB_") for k in env):
+        return "colab"
+    if "RUNPOD_POD_ID" in env:
+        return "runpod"
+    if "KAGGLE_KERNEL_RUN_TYPE" in env:
+        return "kaggle"
+    return "local"
+
+
+def _ram_gib() -> float:
+    try:
+        import psutil
+
+        return psutil.virtual_memory().total / GiB
+    except ImportError:  # pragma: no cover - psutil is in requirements
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GiB
+
+
+def disk_free_gib(path: str | os.PathLike = ".") -> float:
+    """Free space on the file system that holds ``path`` (the nearest existing parent)."""
+    p = Path(path).resolve()
+    while not p.exists():
+        p = p.parent
+    return shutil.disk_usage(p).free / GiB
+
+
+def detect(path: str | os.PathLike = ".") -> HardwareInfo:
+    """Detect CUDA, Apple MPS or CPU, and the memory and disk the course can use."""
+    import torch
+
+    accelerator, name, vram = "cpu", "CPU", None
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        accelerator, name, vram = "cuda", props.name, props.total_memory / GiB
+    elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        accelerator, name = "mps", "Apple GPU (MPS)"
+    import platform
+
+    if accelerator == "cpu":
+        name = platform.processor() or platform.machine() or "CPU"
+    return HardwareInfo(
+        accelerator=accelerator,
+        device_name=name,
+        vram_gib=vram,
+        ram_gib=_ram_gib(),
+        disk_free_gib=disk_free_gib(path),
+        cpu_count=os.cpu_count() or 1,
+        environment=detect_environment(),
+    )
+
+
+class PreflightError(RuntimeError):
+    """The chosen profile will not fit this machine; the message says what to pick instead."""
+
+
+# Bits per parameter on disk and in memory for each method's base weights.
+_BITS = {"qlora": 4.5, "lora": 16, "full": 16}
+
+
+def required_resources(profile: Profile) -> dict[str, float]:
+    """Memory and disk a profile needs, in GiB (stand-ins need next to nothing).
+
+    Download size: weights at the loaded precision. Memory: the profile's measured VRAM floor.
+    The detailed training estimate lives in ``course_utils.memory`` (lesson 04).
+    """
+    if profile.is_stand_in:
+        return {"memory_gib": 1.0, "disk_gib": 0.5}
+    spec = MODELS[profile.model_key]
+    download = spec.weights_gib(_BITS["qlora"] if profile.load_in_4bit else _BITS["lora"])
+    # Merging an adapter and exporting GGUF later writes the 16-bit model once more.
+    return {"memory_gib": profile.min_vram_gib, "disk_gib": download * 1.1 + 2}
+
+
+def preflight(profile: Profile, hardware: HardwareInfo | None = None) -> dict[str, float]:
+    """Refuse early, with what is needed, what is there and what to pick, if ``profile`` won't fit.
+
+    Returns the requirements when everything fits.
+    """
+    hw = hardware or detect()
+    need = required_resources(profile)
+    problems = []
+    if profile.min_vram_gib > 0:
+        if hw.accelerator != "cuda":
+            problems.append(
+                f"profile {profile.name!r} needs an NVIDIA GPU with ≥ {profile.min_vram_gib:.0f} GiB "
+                f"(Unsloth and 4-bit kernels need CUDA), but this machine has {hw.accelerator.upper()}"
+            )
+        elif (hw.vram_gib or 0) < need["memory_gib"]:
+            problems.append(
+                f"profile {profile.name!r} needs ≥ {need['memory_gib']:.0f} GiB of GPU memory, "
+                f"this GPU ({hw.device_name}) has {hw.vram_gib:.1f} GiB"
+            )
+    elif hw.ram_gib < need["memory_gib"]:
+        problems.append(f"profile {profile.name!r} needs {need['memory_gib']:.1f} GiB RAM, found {hw.ram_gib:.1f}")
+    if hw.disk_free_gib < need["disk_gib"]:
+        problems.append(
+            f"profile {profile.name!r} downloads and writes about {need['disk_gib']:.0f} GiB, "
+            f"but only {hw.disk_free_gib:.1f} GiB is free"
+        )
+    if problems:
+        from course_utils.profiles import pick_profile
+
+        suggestion = pick_profile(hw.accelerator, hw.vram_gib)
+        raise PreflightError(
+            "Preflight refused before any download: "
+            + "; ".join(problems)
+            + f". Pick {suggestion!r} instead (set PROFILE = {suggestion!r} or COURSE_PROFILE={suggestion})."
+        )
+    return need
+
+
+def describe_profiles(hw: HardwareInfo) -> list[dict]:
+    """One row per profile: does it fit this machine? Used by lesson 00's table and `doctor`."""
+    rows = []
+    for p in PROFILES.values():
+        try:
+            preflight(p, hw)
+            fits, why = True, "fits"
+        except PreflightError as e:
+            fits, why = False, str(e).split(": ", 1)[1].split(". Pick")[0]
+        rows.append({"profile": p.name, "model": p.model_key, "method": p.method, "fits": fits, "why": why})
+    return rows

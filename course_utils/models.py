@@ -1,0 +1,116 @@
+"""Load the model and processor a profile asks for — Unsloth on CUDA, transformers otherwise.
+
+The backend is decided from ``torch.cuda.is_available()`` and the profile *before* anything imports
+``unsloth``: a successful ``import unsloth`` patches transformers' TrainingArguments, TRL's
+SFTConfig/SFTTrainer and TRL's loss kernel, so it is a decision with effects, made once, here.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from course_utils.hardware import HardwareInfo, detect, preflight
+from course_utils.profiles import Profile, resolve_profile
+
+# Keep the Pixtral tower, its projector and the output head in 16-bit when the language model is
+# quantized (full module names: a bare "vision_tower" would not match inside Mistral3's wrapper).
+SKIP_QUANTIZATION = ["model.vision_tower", "model.multi_modal_projector", "lm_head"]
+
+
+@dataclass
+class LoadedModel:
+    model: object
+    processor: object
+    profile: Profile
+    backend: str
+    source: str  # a Hub id or a local directory
+    reasons: list[str] = field(default_factory=list)
+
+    @property
+    def description(self) -> str:
+        return "\n".join(f"- {r}" for r in self.reasons)
+
+    def __iter__(self):  # `model, processor, description = load(...)`
+        yield from (self.model, self.processor, self.description)
+
+
+def choose_backend(profile: Profile, hardware: HardwareInfo) -> tuple[str, str]:
+    """Which library loads the model, and why — without importing it."""
+    if profile.backend == "unsloth" and hardware.accelerator == "cuda":
+        return "unsloth", "CUDA GPU found: Unsloth's FastVisionModel (fused kernels, lower memory)."
+    if hardware.accelerator == "cuda":
+        return "transformers", "CUDA GPU found, profile asks for plain transformers."
+    return "transformers", (
+        f"No CUDA GPU ({hardware.accelerator.upper()}): transformers + peft, the same API Unsloth wraps. "
+        "Unsloth is not imported, so transformers and TRL stay unpatched."
+    )
+
+
+def _quantization_config():
+    from transformers import BitsAndBytesConfig
+    import torch
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+        llm_int8_skip_modules=SKIP_QUANTIZATION,
+    )
+
+
+def load(profile: str | Profile = "auto", *, stand_in: str | None = None,
+         stand_in_dir: str | os.PathLike | None = None, hardware: HardwareInfo | None = None,
+         max_seq_length: int = 4096, load_in_4bit: bool | None = None) -> LoadedModel:
+    """Load model + processor for ``profile`` and say what was chosen and why.
+
+    ``stand_in`` picks the CPU stand-in (``tiny-mistral-small-3`` by default, or
+    ``tiny-mistral-small-4``); ``load_in_4bit`` overrides the profile (QLoRA on CPU works through
+    bitsandbytes, slowly). Refuses early (:class:`~course_utils.hardware.PreflightError`) when the
+    model will not fit, before any download.
+    """
+    import torch
+
+    hw = hardware or detect()
+    prof = profile if isinstance(profile, Profile) else resolve_profile(profile, hardware=hw)
+    preflight(prof, hw)
+    backend, why = choose_backend(prof, hw)
+    reasons = [f"Profile {prof.name!r}: {prof.description}", why]
+    four_bit = prof.load_in_4bit if load_in_4bit is None else load_in_4bit
+
+    if prof.is_stand_in:
+        from course_utils.tiny import build_stand_in
+
+        name = stand_in or prof.model_key
+        source = str(build_stand_in(name, stand_in_dir))
+        reasons.append(f"Stand-in {name!r} built offline at {Path(source).name}/ (random weights, real "
+                       "architecture, real Tekken tokenizer): outputs are gibberish, the code path is real.")
+    else:
+        source = prof.load_id
+        reasons.append(f"Weights: {source} ({'4-bit NF4' if four_bit else '16-bit'}).")
+
+    if backend == "unsloth":
+        from unsloth import FastVisionModel  # the one deliberate place the course imports unsloth
+
+        model, processor = FastVisionModel.from_pretrained(
+            source, load_in_4bit=four_bit, max_seq_length=max_seq_length,
+            use_gradient_checkpointing="unsloth",
+        )
+        return LoadedModel(model, processor, prof, backend, source, reasons)
+
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    kwargs: dict = {}
+    if four_bit:
+        kwargs["quantization_config"] = _quantization_config()
+        reasons.append("bitsandbytes NF4 for the language model; vision tower, projector and lm_head stay 16-bit.")
+    if hw.accelerator == "cuda":
+        kwargs.update(dtype=torch.bfloat16, device_map="auto")
+    else:
+        kwargs.update(dtype=torch.float32)  # bf16 matmuls are slow on most CPUs; the stand-in is small
+    processor = AutoProcessor.from_pretrained(source)
+    model = AutoModelForImageTextToText.from_pretrained(source, **kwargs)
+    model.eval()
+    return LoadedModel(model, processor, prof, backend, source, reasons)

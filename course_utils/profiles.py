@@ -1,0 +1,319 @@
+"""The model ladder and the hardware profiles that pick a rung of it.
+
+Every number in ``MODELS`` comes from a model's ``config.json`` (as mirrored by the defaults of the
+transformers config class that names that checkpoint) or from ``shared/FACTS.md`` — not from blog
+posts. The stand-ins' numbers are read from the configs that :mod:`course_utils.tiny` writes.
+
+A *profile* decides model and method; the notebooks' code path does not change with it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+
+GiB = 1024**3
+PROFILE_ENV_VAR = "COURSE_PROFILE"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Facts about one model, enough to plan memory and explain the architecture."""
+
+    key: str
+    display_name: str
+    hf_id: str | None
+    total_params_b: float
+    active_params_b: float
+    architecture: str
+    text_model_type: str
+    attention: str  # "GQA" or "MLA"
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    context_length: int
+    vision: bool
+    license: str
+    kv_lora_rank: int | None = None  # MLA only: width of the compressed KV latent
+    qk_rope_head_dim: int | None = None  # MLA only: the decoupled RoPE key part, cached per token
+    num_experts: int | None = None
+    experts_per_token: int | None = None
+    shared_experts: int | None = None
+    unsloth_ids: tuple[str, ...] = ()
+    other_ids: tuple[str, ...] = ()
+    ollama_tags: tuple[str, ...] = ()
+    recommended_temperature: float = 0.15
+    notes: str = ""
+    is_stand_in: bool = False
+
+    def kv_cache_bytes_per_token(self, bytes_per_value: int = 2) -> int:
+        """Bytes the KV cache grows by per token of context (all layers, 16-bit by default).
+
+        GQA caches a key and a value vector per KV head per layer. MLA caches one compressed
+        latent (``kv_lora_rank``) plus the shared RoPE key part (``qk_rope_head_dim``) per layer —
+        that is why a 119B MoE can afford a 256k context.
+        """
+        if self.attention == "MLA":
+            assert self.kv_lora_rank is not None and self.qk_rope_head_dim is not None
+            per_layer = self.kv_lora_rank + self.qk_rope_head_dim
+        else:
+            per_layer = 2 * self.num_key_value_heads * self.head_dim
+        return self.num_layers * per_layer * bytes_per_value
+
+    def weights_gib(self, bits_per_param: float) -> float:
+        """Size of all weights at a given precision (4-bit NF4 ≈ 4.5 bits with its scales)."""
+        return self.total_params_b * 1e9 * bits_per_param / 8 / GiB
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+# --- The ladder ---------------------------------------------------------------------------------
+# Mistral Small 3.1 / 3.2: transformers Mistral3Config(text=MistralConfig, vision=PixtralVisionConfig)
+# as published in the 2503/2506 checkpoints: 40 layers, hidden 5120, 32 q heads / 8 kv heads,
+# head_dim 128, 131072 context, Pixtral vision tower (24 layers, patch 14, longest edge 1540).
+_SMALL_3_COMMON = dict(
+    total_params_b=24.0,
+    active_params_b=24.0,
+    architecture="Mistral3ForConditionalGeneration",
+    text_model_type="mistral",
+    attention="GQA",
+    num_layers=40,
+    hidden_size=5120,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=128,
+    context_length=131072,
+    vision=True,
+    license="Apache-2.0",
+)
+
+MODELS: dict[str, ModelSpec] = {
+    "mistral-small-4": ModelSpec(
+        key="mistral-small-4",
+        display_name="Mistral Small 4 (119B MoE)",
+        hf_id="mistralai/Mistral-Small-4-119B-2603",
+        total_params_b=119.0,
+        active_params_b=6.5,
+        architecture="Mistral3ForConditionalGeneration",
+        text_model_type="mistral4",
+        attention="MLA",
+        num_layers=36,
+        hidden_size=4096,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        head_dim=128,
+        context_length=262144,
+        vision=True,
+        license="Apache-2.0",
+        kv_lora_rank=256,
+        qk_rope_head_dim=64,
+        num_experts=128,
+        experts_per_token=4,
+        shared_experts=1,
+        unsloth_ids=("unsloth/Mistral-Small-4-119B-2603-GGUF",),
+        other_ids=(
+            "mistralai/Mistral-Small-4-119B-2603-NVFP4",
+            "axolotl-ai-co/Mistral-Small-4-119B-2603-BF16",
+        ),
+        ollama_tags=(),
+        notes=(
+            "A 119B mixture of experts: 128 routed experts (4 per token) + 1 shared, so about 6.5B "
+            "parameters work per token but all 119B must sit in memory. Official weights are FP8. "
+            "QLoRA needs about 68-69 GiB (axolotl examples/mistral4). Reasoning mode "
+            "(reasoning_effort, [THINK]). No official Ollama tag yet (ollama#15142)."
+        ),
+    ),
+    "mistral-small-3.2": ModelSpec(
+        key="mistral-small-3.2",
+        display_name="Mistral Small 3.2 (24B dense)",
+        hf_id="mistralai/Mistral-Small-3.2-24B-Instruct-2506",
+        unsloth_ids=(
+            "unsloth/Mistral-Small-3.2-24B-Instruct-2506-unsloth-bnb-4bit",
+            "unsloth/Mistral-Small-3.2-24B-Instruct-2506-bnb-4bit",
+        ),
+        ollama_tags=("mistral-small3.2",),
+        notes="The 24B dense vision model most people mean by 'Mistral Small'. QLoRA fits a 24 GB card.",
+        **_SMALL_3_COMMON,
+    ),
+    "mistral-small-3.1": ModelSpec(
+        key="mistral-small-3.1",
+        display_name="Mistral Small 3.1 (24B dense)",
+        hf_id="mistralai/Mistral-Small-3.1-24B-Instruct-2503",
+        unsloth_ids=(
+            "unsloth/Mistral-Small-3.1-24B-Instruct-2503-unsloth-bnb-4bit",
+            "unsloth/Mistral-Small-3.1-24B-Instruct-2503-bnb-4bit",
+        ),
+        ollama_tags=("mistral-small3.1",),
+        notes="Same architecture as 3.2; 3.2 follows instructions better and repeats itself less.",
+        **_SMALL_3_COMMON,
+    ),
+    # Ministral 3 (2512): transformers Ministral3Config defaults name mistralai/Ministral-3-8B-Base-2512.
+    "ministral-3-8b": ModelSpec(
+        key="ministral-3-8b",
+        display_name="Ministral 3 8B (vision, free-Colab rung)",
+        hf_id="mistralai/Ministral-3-8B-Instruct-2512",
+        total_params_b=8.0,
+        active_params_b=8.0,
+        architecture="Mistral3ForConditionalGeneration",
+        text_model_type="ministral3",
+        attention="GQA",
+        num_layers=34,
+        hidden_size=4096,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        context_length=262144,
+        vision=True,
+        license="Apache-2.0",
+        other_ids=("mistralai/Ministral-3-3B-Instruct-2512", "mistralai/Ministral-3-14B-Instruct-2512"),
+        notes=(
+            "Same family, same Tekken tokenizer and vision stack, small enough for QLoRA on a 16 GB T4. "
+            "Unsloth's public notebook uses the 3B sibling."
+        ),
+    ),
+}
+
+
+def stand_in_spec(key: str, config, num_params: int) -> ModelSpec:
+    """Describe a locally built stand-in from its transformers config (no numbers typed by hand)."""
+    text = config.text_config
+    n_params = num_params
+    is_mla = getattr(text, "kv_lora_rank", None) is not None
+    return ModelSpec(
+        key=key,
+        display_name=f"{key} (offline stand-in, random weights)",
+        hf_id=None,
+        total_params_b=(n_params or 0) / 1e9,
+        active_params_b=(n_params or 0) / 1e9,
+        architecture=config.architectures[0] if config.architectures else "Mistral3ForConditionalGeneration",
+        text_model_type=text.model_type,
+        attention="MLA" if is_mla else "GQA",
+        num_layers=text.num_hidden_layers,
+        hidden_size=text.hidden_size,
+        num_attention_heads=text.num_attention_heads,
+        num_key_value_heads=text.num_key_value_heads,
+        head_dim=getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads,
+        context_length=text.max_position_embeddings,
+        vision=True,
+        license="Apache-2.0 (course code)",
+        kv_lora_rank=getattr(text, "kv_lora_rank", None),
+        qk_rope_head_dim=getattr(text, "qk_rope_head_dim", None),
+        num_experts=getattr(text, "n_routed_experts", None),
+        experts_per_token=getattr(text, "num_experts_per_tok", None) if is_mla else None,
+        shared_experts=getattr(text, "n_shared_experts", None),
+        is_stand_in=True,
+        notes="Real architecture, real Tekken tokenizer and chat format, small random weights.",
+    )
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A rung of the ladder: which model, how it is trained, and what hardware it needs."""
+
+    name: str
+    description: str
+    model_key: str  # a key of MODELS, or a stand-in name from course_utils.tiny
+    method: str  # "qlora" | "lora" | "full"
+    load_in_4bit: bool
+    min_vram_gib: float  # 0 for CPU profiles
+    backend: str  # "unsloth" or "transformers"
+    load_id: str | None  # the id handed to from_pretrained (None: the locally built stand-in)
+    alternatives: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def is_stand_in(self) -> bool:
+        return self.load_id is None
+
+
+PROFILES: dict[str, Profile] = {
+    "cpu-tiny": Profile(
+        name="cpu-tiny",
+        description="Any CPU (tests, CI, laptops): the offline stand-in with the real architecture.",
+        model_key="tiny-mistral-small-3",
+        method="lora",
+        load_in_4bit=False,
+        min_vram_gib=0,
+        backend="transformers",
+        load_id=None,
+        alternatives=("tiny-mistral-small-4",),
+    ),
+    "t4-16gb": Profile(
+        name="t4-16gb",
+        description="Free Colab T4 (16 GB): Ministral 3 8B vision, Unsloth QLoRA.",
+        model_key="ministral-3-8b",
+        method="qlora",
+        load_in_4bit=True,
+        min_vram_gib=14.0,
+        backend="unsloth",
+        load_id="mistralai/Ministral-3-8B-Instruct-2512",
+        alternatives=("mistralai/Ministral-3-3B-Instruct-2512",),
+    ),
+    "gpu-24gb": Profile(
+        name="gpu-24gb",
+        description="L4, A10G, RTX 4090, RunPod 24 GB: Mistral Small 3.2 24B, Unsloth QLoRA.",
+        model_key="mistral-small-3.2",
+        method="qlora",
+        load_in_4bit=True,
+        min_vram_gib=22.0,
+        backend="unsloth",
+        load_id="unsloth/Mistral-Small-3.2-24B-Instruct-2506-unsloth-bnb-4bit",
+    ),
+    "gpu-80gb": Profile(
+        name="gpu-80gb",
+        description="A100/H100 80 GB, H200: Mistral Small 3.2 24B with 16-bit LoRA (or Small 4 QLoRA).",
+        model_key="mistral-small-3.2",
+        method="lora",
+        load_in_4bit=False,
+        min_vram_gib=75.0,
+        backend="unsloth",
+        load_id="mistralai/Mistral-Small-3.2-24B-Instruct-2506",
+        alternatives=("mistral-small-4 QLoRA (≈69 GiB; transformers+peft+bitsandbytes)",),
+    ),
+}
+
+# Largest first: ``auto`` takes the first profile whose VRAM need the accelerator meets.
+_LADDER = ("gpu-80gb", "gpu-24gb", "t4-16gb")
+
+
+def pick_profile(accelerator: str, vram_gib: float | None) -> str:
+    """The profile ``auto`` resolves to for a detected accelerator ("cuda", "mps" or "cpu")."""
+    if accelerator == "cuda" and vram_gib:
+        for name in _LADDER:
+            if vram_gib >= PROFILES[name].min_vram_gib:
+                return name
+    # MPS and small GPUs: Unsloth needs CUDA, and the 4-bit kernels need it too.
+    return "cpu-tiny"
+
+
+def resolve_profile(requested: str | None = "auto", hardware=None) -> Profile:
+    """Turn ``"auto"`` (or a name, or the ``COURSE_PROFILE`` variable) into a :class:`Profile`.
+
+    Precedence: an explicit name passed in > ``COURSE_PROFILE`` > detection. Unknown names raise a
+    ``ValueError`` that lists the valid ones.
+    """
+    name = requested or "auto"
+    if name == "auto":
+        name = os.environ.get(PROFILE_ENV_VAR, "").strip() or "auto"
+    if name == "auto":
+        if hardware is None:
+            from course_utils.hardware import detect
+
+            hardware = detect()
+        name = pick_profile(hardware.accelerator, hardware.vram_gib)
+    if name not in PROFILES:
+        raise ValueError(
+            f"Unknown profile {name!r} (from {'COURSE_PROFILE' if requested in (None, 'auto') else 'the argument'}). "
+            f"Choose one of: auto, {', '.join(PROFILES)}."
+        )
+    return PROFILES[name]
+
+
+def model_spec(key: str) -> ModelSpec:
+    """Look up a model of the ladder by key, with a helpful error for typos."""
+    try:
+        return MODELS[key]
+    except KeyError:
+        raise KeyError(f"Unknown model {key!r}. Known models: {', '.join(MODELS)}.") from None
