@@ -160,3 +160,37 @@ def describe_profiles(hw: HardwareInfo) -> list[dict]:
             fits, why = False, str(e).split(": ", 1)[1].split(". Pick")[0]
         rows.append({"profile": p.name, "model": p.model_key, "method": p.method, "fits": fits, "why": why})
     return rows
+
+
+KEY_PACKAGES = ("torch", "transformers", "trl", "peft", "datasets", "mistral-common", "unsloth", "bitsandbytes")
+
+
+def versions(packages=KEY_PACKAGES) -> dict[str, str]:
+    """Installed versions from package metadata (nothing is imported, so unsloth patches nothing)."""
+    from importlib import metadata
+
+    found = {}
+    for name in packages:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = "not installed"
+    return found
+
+
+def memory_report(label: str = "") -> str:
+    """Process RAM and, on CUDA, reserved/peak GPU memory — Unsloth-style "memory stats" lines."""
+    import torch
+
+    parts = []
+    try:
+        import psutil
+
+        parts.append(f"RAM used by this process: {psutil.Process().memory_info().rss / GiB:.2f} GiB")
+    except ImportError:  # pragma: no cover
+        pass
+    if torch.cuda.is_available():
+        parts.append(f"GPU reserved {torch.cuda.memory_reserved() / GiB:.2f} GiB, "
+                     f"peak {torch.cuda.max_memory_reserved() / GiB:.2f} GiB "
+                     f"of {torch.cuda.get_device_properties(0).total_memory / GiB:.1f} GiB")
+    return (f"[{label}] " if label else "") + "; ".join(parts)

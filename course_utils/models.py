@@ -114,3 +114,22 @@ def load(profile: str | Profile = "auto", *, stand_in: str | None = None,
     model = AutoModelForImageTextToText.from_pretrained(source, **kwargs)
     model.eval()
     return LoadedModel(model, processor, prof, backend, source, reasons)
+
+
+def parameter_breakdown(model) -> dict[str, int]:
+    """Parameters per component of a Mistral3 model (tied weights counted once)."""
+    groups = {"vision tower": 0, "projector": 0, "language model": 0, "lm_head (untied)": 0}
+    seen = set()
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in seen:
+            continue
+        seen.add(id(param))
+        if "vision_tower" in name:
+            groups["vision tower"] += param.numel()
+        elif "multi_modal_projector" in name:
+            groups["projector"] += param.numel()
+        elif name.startswith("lm_head"):
+            groups["lm_head (untied)"] += param.numel()
+        else:
+            groups["language model"] += param.numel()
+    return groups

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass, field
+from typing import Sequence
 
 GiB = 1024**3
 PROFILE_ENV_VAR = "COURSE_PROFILE"
@@ -317,3 +318,47 @@ def model_spec(key: str) -> ModelSpec:
         return MODELS[key]
     except KeyError:
         raise KeyError(f"Unknown model {key!r}. Known models: {', '.join(MODELS)}.") from None
+
+
+CONTEXTS = (4096, 32768, 131072, 262144)
+
+
+def kv_cache_table(keys: Sequence[str] = ("mistral-small-3.2", "mistral-small-4", "ministral-3-8b"),
+                   contexts: Sequence[int] = CONTEXTS) -> list[dict]:
+    """KV-cache GiB (16-bit) per model and context length; ``None`` beyond a model's context."""
+    rows = []
+    for key in keys:
+        spec = MODELS[key]
+        per_token = spec.kv_cache_bytes_per_token()
+        row = {"model": key, "attention": spec.attention, "bytes_per_token": per_token}
+        for ctx in contexts:
+            row[ctx] = per_token * ctx / GiB if ctx <= spec.context_length else None
+        rows.append(row)
+    return rows
+
+
+def ladder_rows() -> list[dict]:
+    """The model ladder as table rows (facts from configs; see each ModelSpec)."""
+    return [
+        {
+            "model": s.key,
+            "params": f"{s.total_params_b:g}B" + (f" ({s.active_params_b:g}B active)" if s.active_params_b != s.total_params_b else ""),
+            "attention": s.attention + (f", {s.num_experts} experts top-{s.experts_per_token}" if s.num_experts else ""),
+            "layers": s.num_layers,
+            "heads q/kv": f"{s.num_attention_heads}/{s.num_key_value_heads}",
+            "context": f"{s.context_length // 1024}k",
+            "ollama": ", ".join(s.ollama_tags) or "—",
+        }
+        for s in MODELS.values()
+    ]
+
+
+def format_table(rows: list[dict]) -> str:
+    """Rows of dicts as an aligned text table (works in notebooks, terminals and nbval)."""
+    if not rows:
+        return ""
+    headers = [str(h) for h in rows[0]]
+    cells = [["—" if v is None else (f"{v:.2f}" if isinstance(v, float) else str(v)) for v in r.values()] for r in rows]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
+    line = lambda values: "  ".join(v.ljust(w) for v, w in zip(values, widths)).rstrip()
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, cells)])

@@ -1,0 +1,56 @@
+import json
+import subprocess
+import sys
+
+import nbformat
+
+from course_utils.cli import check_packages, main, read_pins
+
+
+def test_read_pins_normalises_names(tmp_path):
+    req = tmp_path / "r.txt"
+    req.write_text("# c\nunsloth_zoo==2026.10.9\nTorch==2.14.1  # cpu too\nmistral-common[opencv]==1.13.1\nloose>=1\n")
+    assert read_pins(req) == {"unsloth-zoo": "2026.10.9", "torch": "2.14.1", "mistral-common": "1.13.1"}
+
+
+def test_a_wrong_version_is_a_fail():
+    rows = {name: (ok, detail) for name, ok, detail in check_packages({"torch": "0.0.1"})}
+    assert rows["torch"][0] is False and "pins 0.0.1" in rows["torch"][1]
+    assert rows["transformers"][0] is True
+
+
+def test_doctor_passes_here_and_never_imports_unsloth():
+    code = "import sys; from course_utils.cli import main; rc = main(['doctor']); print('UNSLOTH', 'unsloth' in sys.modules); sys.exit(rc)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr[-2000:]
+    assert "[FAIL]" not in out.stdout and "[OK] profile" in out.stdout
+    assert "UNSLOTH False" in out.stdout
+
+
+def test_tiny_command_builds_both(tmp_path, capsys):
+    assert main(["tiny", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "tiny-mistral-small-3" in out and "tiny-mistral-small-4" in out
+    assert (tmp_path / "tiny-mistral-small-4" / "model.safetensors").is_file()
+
+
+def _notebook(path, *sources):
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(s) for s in sources]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, path)
+
+
+def test_run_executes_in_order_and_reports_failures(tmp_path, capsys):
+    nbs = tmp_path / "nbs"
+    nbs.mkdir()
+    _notebook(nbs / "00_a.ipynb", "import os\nprint(os.environ['COURSE_PROFILE'])")
+    _notebook(nbs / "01_b.ipynb", "raise ValueError('broken lesson')")
+    _notebook(nbs / "02_c.ipynb", "print('never reached')")
+    rc = main(["run", "--notebooks", str(nbs), "--out", str(tmp_path / "runs"), "--profile", "cpu-tiny"])
+    captured = capsys.readouterr()
+    assert rc == 1 and "broken lesson" in captured.err
+    summary = json.loads((tmp_path / "runs" / "summary.json").read_text())
+    assert [(r["notebook"], r["status"]) for r in summary] == [("00_a.ipynb", "ok"), ("01_b.ipynb", "FAILED")]
+    executed = nbformat.read(tmp_path / "runs" / "00_a.ipynb", as_version=4)
+    assert executed.cells[0].outputs[0]["text"].strip() == "cpu-tiny"

@@ -1,0 +1,68 @@
+import subprocess
+import sys
+
+import pytest
+
+from conftest import gpu
+from course_utils.hardware import PreflightError
+from course_utils.models import SKIP_QUANTIZATION, choose_backend, load
+from course_utils.profiles import PROFILES
+
+
+def test_backend_is_decided_from_hardware_before_any_import(cpu_hardware):
+    assert choose_backend(PROFILES["gpu-24gb"], gpu(24))[0] == "unsloth"
+    backend, why = choose_backend(PROFILES["cpu-tiny"], cpu_hardware)
+    assert backend == "transformers" and "not imported" in why
+
+
+def test_cpu_load_never_imports_unsloth(stand_in_dir):
+    code = (
+        "import sys; from course_utils.models import load; "
+        f"m = load('cpu-tiny', stand_in_dir={str(stand_in_dir)!r}); "
+        "print(type(m.model).__name__, m.backend, 'unsloth' in sys.modules, 'trl' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-4:] == ["Mistral3ForConditionalGeneration", "transformers", "False", "False"]
+
+
+def test_load_describes_what_was_chosen_and_why(stand_in_dir, cpu_hardware):
+    loaded = load("cpu-tiny", stand_in="tiny-mistral-small-4", stand_in_dir=stand_in_dir, hardware=cpu_hardware)
+    model, processor, description = loaded
+    assert model.config.text_config.model_type == "mistral4"
+    assert "cpu-tiny" in description and "tiny-mistral-small-4" in description and "random weights" in description
+    assert not model.training
+
+
+def test_gpu_profile_refuses_on_cpu_before_downloading(cpu_hardware):
+    with pytest.raises(PreflightError, match="before any download"):
+        load("gpu-24gb", hardware=cpu_hardware)
+
+
+def test_quantization_keeps_vision_and_head_in_16_bit():
+    # full module names: a bare "vision_tower" would not match inside Mistral3's wrapper
+    assert SKIP_QUANTIZATION == ["model.vision_tower", "model.multi_modal_projector", "lm_head"]
+
+
+def test_generate_and_stream_agree_and_are_deterministic(stand_in_dir, cpu_hardware):
+    from course_utils.chat import generate, stream, user_message
+
+    loaded = load("cpu-tiny", stand_in_dir=stand_in_dir, hardware=cpu_hardware)
+    messages = [user_message("Extract the total from: Coffee 3.50 EUR")]
+    first = generate(loaded.model, loaded.processor, messages, max_new_tokens=12)
+    again = generate(loaded.model, loaded.processor, messages, max_new_tokens=12)
+    pieces = list(stream(loaded.model, loaded.processor, messages, max_new_tokens=12))
+    assert first == again == "".join(pieces)
+    assert len(pieces) > 1  # it really streamed
+    assert len(loaded.processor.tokenizer(first, add_special_tokens=False)["input_ids"]) <= 12
+
+
+def test_generate_with_an_image(stand_in_dir, cpu_hardware):
+    from PIL import Image
+
+    from course_utils.chat import generate, user_message
+
+    loaded = load("cpu-tiny", stand_in_dir=stand_in_dir, hardware=cpu_hardware)
+    reply = generate(loaded.model, loaded.processor, [user_message("What is this?", [Image.new("RGB", (64, 48))])],
+                     max_new_tokens=5)
+    assert isinstance(reply, str)

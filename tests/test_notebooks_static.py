@@ -1,0 +1,104 @@
+"""Static checks on the committed notebooks: they parse, carry no volatile output, start and end the
+course's way, agree with requirements.txt, and match their sources in tools/lessons."""
+
+import ast
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+sys.path.insert(0, str(ROOT / "tools"))
+import build_notebooks  # noqa: E402
+
+
+def cells(nb_path):
+    return json.loads(nb_path.read_text())["cells"]
+
+
+def source(cell):
+    return "".join(cell["source"]) if isinstance(cell["source"], list) else cell["source"]
+
+
+def requirement_pins():
+    return {l.split("==")[0].lower(): l.split("==")[1].strip() for l in build_notebooks.requirement_pins()}
+
+
+def test_there_are_notebooks_in_teaching_order():
+    names = [p.name for p in NOTEBOOKS]
+    assert names[:2] == ["00_setup.ipynb", "01_load_model.ipynb"]
+    assert [int(n[:2]) for n in names] == list(range(len(names)))
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: p.name)
+def test_code_cells_parse_after_stripping_magics(nb):
+    for i, cell in enumerate(cells(nb)):
+        if cell["cell_type"] == "code":
+            code = "\n".join("pass" if l.lstrip().startswith(("%", "!")) else l for l in source(cell).splitlines())
+            try:
+                ast.parse(code)
+            except SyntaxError as e:
+                pytest.fail(f"{nb.name} cell {i}: {e.msg} (line {e.lineno})")
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: p.name)
+def test_no_volatile_outputs_committed(nb):
+    for i, cell in enumerate(cells(nb)):
+        if cell["cell_type"] != "code":
+            continue
+        outputs = json.dumps(cell.get("outputs", []))
+        if "NBVAL_CHECK_OUTPUT" not in source(cell):
+            assert cell.get("outputs") == [], f"{nb.name} cell {i}: output committed on an unchecked cell"
+            assert cell.get("execution_count") is None, f"{nb.name} cell {i}: execution count committed"
+        assert '"stderr"' not in outputs and '"ename"' not in outputs, f"{nb.name} cell {i}: stderr/error"
+        assert not re.search(r"/(root|tmp|home|work)/", outputs), f"{nb.name} cell {i}: a machine path"
+        assert not re.search(r"\d+(\.\d+)? ?s(ec)?\b|it/s|0x[0-9a-f]{6,}", outputs), f"{nb.name} cell {i}: timing/address"
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_follows_the_course_shape(nb):
+    cs = cells(nb)
+    first = source(cs[0])
+    assert first.startswith("# ") and "colab-badge.svg" in first and "## Learning objectives" in first
+    assert "COLAB_" in source(cs[1]) and "PINS" in source(cs[1])
+    params = [c for c in cs if "parameters" in c.get("metadata", {}).get("tags", [])]
+    assert len(params) == 1 and 'PROFILE = "auto"' in source(params[0])
+    markdown = "\n".join(source(c) for c in cs if c["cell_type"] == "markdown")
+    assert "## Summary" in markdown and "## Exercises" in markdown
+    assert markdown.count("🐢") and markdown.count("🐕") and markdown.count("🦁")
+    assert "check(" in "\n".join(source(c) for c in cs[-6:])  # exercises are self-checking
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: p.name)
+def test_install_cell_pins_equal_requirements_and_spare_colab_torch(nb):
+    tree = ast.parse(source(cells(nb)[1]))
+    values = {t.id: ast.literal_eval(n.value) for n in tree.body if isinstance(n, ast.Assign)
+              for t in n.targets if isinstance(t, ast.Name) and t.id in ("PINS", "TORCH_PINS")}
+    cell_pins = {p.split("==")[0].lower(): p.split("==")[1] for p in values["PINS"] + values["TORCH_PINS"]}
+    expected = {k: v for k, v in requirement_pins().items() if k not in build_notebooks.NOT_IN_INSTALL_CELL}
+    assert cell_pins == expected
+    assert not any(p.startswith(("torch==", "torchvision==")) for p in values["PINS"])  # Colab keeps its torch
+    assert "pins = PINS if IN_COLAB else TORCH_PINS + PINS" in source(cells(nb)[1])
+
+
+def test_environment_yml_has_the_same_pins_as_requirements():
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+    pins = {p.split("==")[0].lower(): p.split("==")[1] for p in pip if "==" in p}
+    assert pins == requirement_pins()
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebooks_are_built_from_their_lesson_sources(nb):
+    """Edit tools/lessons/*.py and run tools/build_notebooks.py --execute; never the .ipynb by hand."""
+    import importlib
+
+    module = next(importlib.import_module(f"lessons.{p.stem}") for p in (ROOT / "tools" / "lessons").glob("nb*.py")
+                  if importlib.import_module(f"lessons.{p.stem}").NAME == nb.name)
+    expected = build_notebooks.to_notebook(
+        build_notebooks.opening(module.NAME, module.TITLE, module.INTRO, module.OBJECTIVES) + module.CELLS)
+    assert [source(c) for c in cells(nb)] == [c.source for c in expected.cells]
