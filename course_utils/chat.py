@@ -6,6 +6,7 @@ Hugging Face chat template against it token for token (see ``tests/test_template
 
 from __future__ import annotations
 
+import math
 from functools import lru_cache
 from typing import Iterator
 
@@ -167,3 +168,175 @@ def stream(model, processor, messages: list[dict], max_new_tokens: int = 64,
     thread.join()
     if errors:
         raise errors[0]
+
+
+# --- Images --------------------------------------------------------------------------------------
+
+def load_image(source):
+    """A PIL image from a path, a PIL image, an ``http(s)`` URL or a ``data:image/...;base64,`` URI."""
+    import base64
+    import io
+    from pathlib import Path
+
+    from PIL import Image
+
+    if isinstance(source, Image.Image):
+        return source
+    if isinstance(source, (str, Path)):
+        text = str(source)
+        if text.startswith("data:"):
+            header, _, payload = text.partition(",")
+            if ";base64" not in header or not header.startswith("data:image/"):
+                raise ValueError(f"expected a data:image/...;base64, URI, got {header[:40]!r}")
+            return Image.open(io.BytesIO(base64.b64decode(payload)))
+        if text.startswith(("http://", "https://")):
+            import requests
+
+            response = requests.get(text, timeout=30)
+            response.raise_for_status()
+            return Image.open(io.BytesIO(response.content))
+        path = Path(text)
+        if not path.is_file():
+            raise FileNotFoundError(f"image not found: {path}")
+        return Image.open(path)
+    raise TypeError(f"cannot load an image from {type(source).__name__}")
+
+
+def to_data_uri(image, image_format: str = "PNG") -> str:
+    """Encode an image as a data URI — what OpenAI-compatible servers (vLLM, llama.cpp, Ollama's /v1) take."""
+    import base64
+    import io
+
+    buffer = io.BytesIO()
+    load_image(image).save(buffer, format=image_format)
+    return f"data:image/{image_format.lower()};base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def image_grid(width: int, height: int, patch_size: int, spatial_merge_size: int, longest_edge: int) -> tuple[int, int]:
+    """(rows, columns) of image tokens the Pixtral processor makes for a ``width`` x ``height`` image.
+
+    The image is scaled down (never up) to fit ``longest_edge``, then rounded up to whole
+    ``merge x merge`` blocks of patches; each block becomes one token.
+    """
+    ratio = max(height / longest_edge, width / longest_edge)
+    if ratio > 1:
+        height, width = math.floor(height / ratio), math.floor(width / ratio)
+    block = patch_size * spatial_merge_size  # each token covers a merge x merge block of patches
+    return (height - 1) // block + 1, (width - 1) // block + 1
+
+
+def image_token_cost(width: int, height: int, processor=None, *, patch_size: int = 14,
+                     spatial_merge_size: int = 2, longest_edge: int = 1540) -> int:
+    """Context tokens one image takes: rows x cols ``[IMG]`` + one ``[IMG_BREAK]``/``[IMG_END]`` per row.
+
+    Defaults are Mistral Small 3.1/3.2's (patch 14, merge 2, longest edge 1540); pass ``processor``
+    to read them from a loaded processor instead.
+    """
+    if processor is not None:
+        patch_size, spatial_merge_size, longest_edge = processor_image_settings(processor)
+    rows, cols = image_grid(width, height, patch_size, spatial_merge_size, longest_edge)
+    return rows * cols + rows
+
+
+def processor_image_settings(processor) -> tuple[int, int, int]:
+    """(patch size, spatial merge size, longest edge) of a Pixtral processor."""
+    ip = processor.image_processor
+    patch = ip.patch_size["height"] if isinstance(ip.patch_size, dict) else ip.patch_size
+    return patch, processor.spatial_merge_size, ip.size["longest_edge"]
+
+
+def resize_for_budget(image, max_tokens: int, *, patch_size: int = 14, spatial_merge_size: int = 2,
+                      longest_edge: int = 1540):
+    """Downscale ``image`` (keeping its aspect ratio) until it costs at most ``max_tokens``.
+
+    The trade-off: fewer tokens → cheaper, faster, more images per context; but small print becomes
+    unreadable below roughly 8-10 pixels per character height. Never upscales.
+    """
+    from PIL import Image
+
+    image = load_image(image)
+    settings = dict(patch_size=patch_size, spatial_merge_size=spatial_merge_size, longest_edge=longest_edge)
+    width, height = image.size
+    if image_token_cost(width, height, **settings) <= max_tokens:
+        return image
+    low, high = 0.0, 1.0
+    for _ in range(30):  # binary search on the scale factor
+        mid = (low + high) / 2
+        w, h = max(1, int(width * mid)), max(1, int(height * mid))
+        if image_token_cost(w, h, **settings) <= max_tokens:
+            low = mid
+        else:
+            high = mid
+    w, h = max(1, int(width * low)), max(1, int(height * low))
+    if image_token_cost(w, h, **settings) > max_tokens:
+        raise ValueError(f"no size of this image fits {max_tokens} tokens (the minimum is 2: one token + [IMG_END])")
+    return image.resize((w, h), Image.LANCZOS)
+
+
+# --- JSON replies -------------------------------------------------------------------------------
+
+class JSONExtractionError(ValueError):
+    """A reply held no usable JSON object; the message says what failed and where."""
+
+
+def extract_json(reply: str, schema: dict | None = None) -> dict:
+    """The first JSON object in a model reply — bare, in a ```json fence, or followed by chatter.
+
+    With ``schema`` (JSON Schema), the object is validated too; the error names the failing field.
+    """
+    import json
+    import re
+
+    fence = re.search(r"```(?:json)?\s*(.*?)```", reply, flags=re.DOTALL)
+    text = fence.group(1) if fence else reply
+    start = text.find("{")
+    if start < 0:
+        raise JSONExtractionError(f"no JSON object in the reply (no '{{' found): {reply[:80]!r}")
+    try:
+        value, end = json.JSONDecoder().raw_decode(text[start:])
+    except json.JSONDecodeError as exc:
+        raise JSONExtractionError(
+            f"invalid JSON at character {start + exc.pos}: {exc.msg} — near {text[start + max(0, exc.pos - 20):start + exc.pos + 20]!r}"
+        ) from None
+    if not isinstance(value, dict):
+        raise JSONExtractionError(f"expected a JSON object, got {type(value).__name__}")
+    if schema is not None:
+        import jsonschema
+
+        errors = sorted(jsonschema.Draft7Validator(schema).iter_errors(value), key=lambda e: list(e.absolute_path))
+        if errors:
+            first = errors[0]
+            where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in first.absolute_path).lstrip(".") or "(root)"
+            more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
+            raise JSONExtractionError(f"schema: field {where}: {first.message}{more}")
+    return value
+
+
+# --- Batches ------------------------------------------------------------------------------------
+
+def generate_batch(model, processor, conversations: list[list[dict]], max_new_tokens: int = 64,
+                   batch_size: int = 8, progress: bool = True) -> list[str]:
+    """Greedy replies for many conversations, ``batch_size`` at a time with left padding."""
+    import torch
+    from tqdm.auto import tqdm
+
+    tokenizer = processor.tokenizer
+    previous_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # decoder-only models continue from the right edge
+    replies: list[str] = []
+    try:
+        for start in tqdm(range(0, len(conversations), batch_size), disable=not progress, desc="generating"):
+            batch = conversations[start:start + batch_size]
+            inputs = processor.apply_chat_template(batch, add_generation_prompt=True, tokenize=True,
+                                                   return_dict=True, return_tensors="pt", padding=True)
+            inputs = inputs.to(model.device)
+            if "pixel_values" in inputs:
+                inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+            with torch.inference_mode():
+                output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                        pad_token_id=tokenizer.pad_token_id)
+            new = output[:, inputs["input_ids"].shape[1]:]
+            replies.extend(processor.batch_decode(new, skip_special_tokens=True))
+    finally:
+        tokenizer.padding_side = previous_side
+    return replies

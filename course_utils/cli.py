@@ -110,6 +110,18 @@ def tiny(args) -> int:
     return 0
 
 
+def data_generate(args) -> int:
+    from course_utils.receipts import generate_dataset
+
+    try:
+        counts = generate_dataset(args.out, seed=args.seed, force=args.force)
+    except FileExistsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(", ".join(f"{split}: {n}" for split, n in counts.items()), f"records written to {args.out}/")
+    return 0
+
+
 def discover_notebooks(folder: Path) -> list[Path]:
     return sorted(p for p in folder.glob("[0-9][0-9]_*.ipynb"))
 
@@ -167,6 +179,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", action="append", help="build only this stand-in (repeatable)")
     p.add_argument("--force", action="store_true", help="rebuild even if a matching build is cached")
     p.set_defaults(func=tiny)
+
+    p = sub.add_parser("data", help="the course dataset")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    g = data_sub.add_parser("generate", help="render the receipts dataset (seeded, byte-identical)")
+    g.add_argument("--out", default="data/receipts")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--force", action="store_true", help="overwrite an existing dataset")
+    g.set_defaults(func=data_generate)
 
     p = sub.add_parser("run", help="execute every notebook in order")
     p.add_argument("--profile", default="auto")

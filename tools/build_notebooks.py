@@ -117,7 +117,15 @@ def clean(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
     return nb
 
 
+def write_environment_yml() -> None:
+    """environment.yml carries requirements.txt's pins (conda for Python, pip for the rest)."""
+    path = ROOT / "environment.yml"
+    head = path.read_text().split("  - pip:\n")[0]
+    path.write_text(head + "  - pip:\n" + "".join(f"      - {p}\n" for p in requirement_pins()) + "      - -e .\n")
+
+
 def build(execute: bool, only: list[str] | None = None) -> list[Path]:
+    write_environment_yml()
     written = []
     lessons = sorted(p.stem for p in (ROOT / "tools" / "lessons").glob("nb[0-9][0-9]_*.py"))
     for module_name in lessons:
