@@ -122,6 +122,37 @@ def data_generate(args) -> int:
     return 0
 
 
+def data_validate(args) -> int:
+    """Row-numbered report; exit 1 when any row is invalid, 2 when the file cannot be read at all."""
+    from course_utils.data import validate_file, write_jsonl
+
+    try:
+        processor = None
+        if args.max_seq_length is not None:
+            from transformers import AutoProcessor
+
+            if args.model:
+                processor = AutoProcessor.from_pretrained(args.model)
+            else:  # the stand-in carries the real Tekken tokenizer: same token counts as the real models
+                from course_utils.tiny import build_stand_in
+
+                processor = AutoProcessor.from_pretrained(build_stand_in("tiny-mistral-small-3"))
+        report = validate_file(args.file, fmt=args.format, processor=processor, max_seq_length=args.max_seq_length,
+                               strip_whitespace=args.strip_whitespace, drop_duplicates=args.drop_duplicates)
+        for issue in report.issues:
+            print(issue)
+        for fix in report.fixes:
+            print("fixed:", fix)
+        print(report.summary())
+        if args.write_valid:
+            write_jsonl(report.valid, args.write_valid, overwrite=args.overwrite, base_dir=Path(args.file).parent)
+            print(f"wrote {len(report.valid)} valid rows to {args.write_valid}")
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0 if report.ok else 1
+
+
 def discover_notebooks(folder: Path) -> list[Path]:
     return sorted(p for p in folder.glob("[0-9][0-9]_*.ipynb"))
 
@@ -187,6 +218,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--force", action="store_true", help="overwrite an existing dataset")
     g.set_defaults(func=data_generate)
+    v = data_sub.add_parser("validate", help="check a JSONL file row by row (exit 1 if any row is invalid)")
+    v.add_argument("file")
+    v.add_argument("--format", default="auto", choices=["auto", "alpaca", "sharegpt", "openai", "plateforme"])
+    v.add_argument("--model", help="model/processor folder for token counts (default: the stand-in's tokenizer)")
+    v.add_argument("--max-seq-length", type=int, help="flag rows longer than this many tokens")
+    v.add_argument("--write-valid", metavar="OUT", help="write the valid rows (canonical format) to OUT")
+    v.add_argument("--overwrite", action="store_true", help="allow --write-valid to replace an existing file")
+    v.add_argument("--strip-whitespace", action="store_true", help="safe fix: strip text; reported")
+    v.add_argument("--drop-duplicates", action="store_true", help="safe fix: drop exact duplicates; reported")
+    v.set_defaults(func=data_validate)
 
     p = sub.add_parser("run", help="execute every notebook in order")
     p.add_argument("--profile", default="auto")
