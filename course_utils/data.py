@@ -242,7 +242,7 @@ def check_record(record: dict, base_dir: Path | None = None) -> list[tuple[str, 
             if found:
                 problems.append((f"{where}.content{suffix}",
                                  f"contains control token(s) {found}: they would become real special tokens"))
-    if isinstance(messages[-1], dict) and messages[-1].get("role") != "assistant":
+    if isinstance(messages[-1], dict) and messages[-1].get("role") in ("system", "user"):
         problems.append((f"messages[{len(messages) - 1}].role", "the conversation must end with an assistant reply"))
     images = record.get("images") or []
     if len(images) != image_parts:
@@ -481,7 +481,7 @@ def response_only_labels(input_ids: list[int]) -> list[int]:
     including its ``</s>``; the system prompt, user turns and image tokens get -100.
 
     Structural (v7 format), so it works for vision rows too — transformers 5.17's
-    ``return_assistant_tokens_mask`` comes back all zeros once images are expanded.
+    ``return_assistant_tokens_mask`` marks the wrong tokens once images are expanded.
     """
     labels, inside = [], False
     for token in input_ids:
@@ -591,3 +591,42 @@ def split_records(records: list[dict], fractions: tuple[float, float, float] = (
     parts = {"train": keys[:n_train], "val": keys[n_train:n_train + n_val], "test": keys[n_train + n_val:]}
     return {name: [unique[k] for k in ks] for name, ks in parts.items()}, removed
 
+
+
+def mix_modalities(records: list[dict], image_fraction: float = 0.5, seed: int = 0) -> list[dict]:
+    """Keep ``image_fraction`` of the receipts as image rows and turn the rest into text rows.
+
+    One model then learns both inputs (the document's pixels or its text) to the same JSON.
+    """
+    from course_utils.receipts import as_text_record
+
+    rng = hashlib.sha256
+    out = []
+    for record in records:
+        bucket = int(rng(f"{seed}:{record_key(record)}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+        out.append(record if bucket < image_fraction or "text" not in record else as_text_record(record))
+    return out
+
+
+def save_splits(splits: dict[str, list[dict]], out_dir: str | os.PathLike, base_dir: Path | None = None,
+                overwrite: bool = False) -> dict[str, str]:
+    """Write ``{split}.jsonl`` files for the next lesson; identical files are left alone, different
+    existing ones are never replaced unless ``overwrite`` — each file's fate is returned."""
+    out = Path(out_dir)
+    status = {}
+    for name, records in splits.items():
+        target = out / f"{name}.jsonl"
+        tmp = out / f".{name}.candidate.jsonl"
+        if tmp.exists():
+            tmp.unlink()
+        write_jsonl(records, tmp, base_dir=base_dir)
+        if target.exists() and target.read_bytes() == tmp.read_bytes():
+            tmp.unlink()
+            status[name] = "unchanged"
+        elif target.exists() and not overwrite:
+            tmp.unlink()
+            raise FileExistsError(f"{target} exists with different content; pass overwrite=True to replace it")
+        else:
+            status[name] = "replaced" if target.exists() else "written"
+            os.replace(tmp, target)
+    return status
