@@ -328,7 +328,8 @@ def generate_batch(model, processor, conversations: list[list[dict]], max_new_to
         for start in tqdm(range(0, len(conversations), batch_size), disable=not progress, desc="generating"):
             batch = conversations[start:start + batch_size]
             inputs = processor.apply_chat_template(batch, add_generation_prompt=True, tokenize=True,
-                                                   return_dict=True, return_tensors="pt", padding=True)
+                                                   return_dict=True, return_tensors="pt",
+                                                   processor_kwargs={"padding": True})
             inputs = inputs.to(model.device)
             if "pixel_values" in inputs:
                 inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)

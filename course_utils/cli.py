@@ -153,6 +153,28 @@ def data_validate(args) -> int:
     return 0 if report.ok else 1
 
 
+def vram(args) -> int:
+    from course_utils.memory import ARCHITECTURES, estimate_training_memory
+
+    if args.model not in ARCHITECTURES:
+        print(f"error: unknown model {args.model!r}; choose one of {', '.join(ARCHITECTURES)}", file=sys.stderr)
+        return 2
+    try:
+        est = estimate_training_memory(args.model, args.method, args.seq_len, args.batch_size, args.lora_r,
+                                       args.grad_checkpointing, args.optimizer,
+                                       fused_cross_entropy=not args.plain_loss)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(est.as_dict(), indent=2))
+    else:
+        print(f"{args.model} {args.method}, seq {args.seq_len} x batch {args.batch_size}, r={args.lora_r}, "
+              f"gradient checkpointing {'on' if args.grad_checkpointing else 'off'}:")
+        print(est.breakdown())
+    return 0
+
+
 def discover_notebooks(folder: Path) -> list[Path]:
     return sorted(p for p in folder.glob("[0-9][0-9]_*.ipynb"))
 
@@ -228,6 +250,18 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--strip-whitespace", action="store_true", help="safe fix: strip text; reported")
     v.add_argument("--drop-duplicates", action="store_true", help="safe fix: drop exact duplicates; reported")
     v.set_defaults(func=data_validate)
+
+    p = sub.add_parser("vram", help="estimate peak training memory from a model's config")
+    p.add_argument("--model", required=True, help="e.g. mistral-small-3.2, mistral-small-4, ministral-3-8b")
+    p.add_argument("--method", choices=["qlora", "lora", "full"], default="qlora")
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--lora-r", type=int, default=16)
+    p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--optimizer", choices=["adamw_8bit", "adamw_torch"], default="adamw_8bit")
+    p.add_argument("--plain-loss", action="store_true", help="un-fused cross-entropy (materialised fp32 logits)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=vram)
 
     p = sub.add_parser("run", help="execute every notebook in order")
     p.add_argument("--profile", default="auto")

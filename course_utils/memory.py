@@ -1,0 +1,201 @@
+"""Estimate peak training memory from a model's config — before renting a GPU.
+
+peak = weights + adapters + gradients + optimizer state + activations + logits
+       + CUDA context, all × (1 + allocator overhead)
+
+Where each term comes from (bytes; P = parameters, s = sequence length, b = batch size):
+
+* **weights** — 16-bit: 2·P. QLoRA (NF4, double quantization): the decoder's linear layers take
+  4.127 bits per parameter (4-bit codes + one fp8 scale per 64 weights + one fp32 scale per 256
+  scales); embeddings, lm_head, norms and the vision tower stay 16-bit (bitsandbytes skips them).
+* **adapters** — LoRA adds r·(d_in + d_out) parameters per targeted linear layer (q, k, v, o, gate,
+  up, down in every decoder layer), kept in fp32: 4 bytes each.
+* **gradients** — one per trainable parameter (fp32 for adapters; bf16 for a full fine-tune).
+* **optimizer** — AdamW keeps two moments: 8 bytes per trainable parameter in fp32, 2 with
+  8-bit AdamW (bitsandbytes' ``adamw_8bit``).
+* **activations** — a decoder layer saves ≈ (10·h + 3·i) values per token for its backward pass
+  (norm outputs, q/k/v/attention/o, gate/up/act for the MLP; FlashAttention/SDPA keep no s² matrix),
+  2 bytes each. Without checkpointing every layer keeps them; with gradient checkpointing only each
+  layer's input (h values) is kept and one layer is recomputed at a time; Unsloth's "unsloth" mode
+  also offloads those inputs to CPU RAM.
+* **logits** — the loss needs s·b·V logits; a plain loss keeps the bf16 logits, their fp32 upcast,
+  the fp32 log-softmax and its fp32 gradient (2 + 4 + 4 + 4 = 14 bytes each — huge with a 131k
+  vocabulary); Unsloth's fused, chunked cross-entropy never materialises them.
+* **CUDA context** ≈ 0.6 GiB, and the caching allocator's fragmentation ≈ 8 %.
+
+Calibrated against published measurements (``CALIBRATION``); ``calibration_report()`` prints the
+error of each. Treat the result as a plan, then check the measured peak after a few steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from course_utils.profiles import GiB, MODELS, ModelSpec
+
+CUDA_CONTEXT_GIB = 0.6
+ALLOCATOR_OVERHEAD = 0.08
+NF4_BITS = 4.127
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """The config numbers the estimate needs."""
+
+    name: str
+    total_params: float
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int  # dense MLP width (the shared-expert width for MoE layers)
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    vocab_size: int = 131072
+    tie_word_embeddings: bool = False
+    vision_params: float = 0.0
+    moe_expert_params: float = 0.0  # routed-expert weights (not LoRA targets here)
+    mla: dict | None = None  # q_lora_rank, kv_lora_rank, qk_rope_head_dim, qk_nope_head_dim, v_head_dim
+
+
+# Config numbers (transformers config defaults naming these checkpoints, and the published configs).
+ARCHITECTURES: dict[str, Architecture] = {
+    "mistral-small-3.2": Architecture("mistral-small-3.2", 24.0e9, 40, 5120, 32768, 32, 8, 128, vision_params=0.44e9),
+    "mistral-small-3.1": Architecture("mistral-small-3.1", 24.0e9, 40, 5120, 32768, 32, 8, 128, vision_params=0.44e9),
+    "ministral-3-8b": Architecture("ministral-3-8b", 8.9e9, 34, 4096, 14336, 32, 8, 128, vision_params=0.4e9),
+    "mistral-small-4": Architecture(
+        "mistral-small-4", 119.0e9, 36, 4096, 2048, 32, 32, 128, vision_params=0.44e9,
+        moe_expert_params=36 * 128 * 3 * 4096 * 2048,
+        mla={"q_lora_rank": 1024, "kv_lora_rank": 256, "qk_rope_head_dim": 64, "qk_nope_head_dim": 64, "v_head_dim": 128},
+    ),
+    # calibration-only models (published Unsloth benchmarks)
+    "llama-3.1-8b": Architecture("llama-3.1-8b", 8.03e9, 32, 4096, 14336, 32, 8, 128, vocab_size=128256),
+    "llama-3.3-70b": Architecture("llama-3.3-70b", 70.6e9, 80, 8192, 28672, 64, 8, 128, vocab_size=128256),
+}
+
+METHODS = ("qlora", "lora", "full")
+
+
+@dataclass(frozen=True)
+class Estimate:
+    model: str
+    method: str
+    seq_len: int
+    batch_size: int
+    lora_r: int
+    gradient_checkpointing: bool
+    weights_gib: float
+    adapters_gib: float
+    gradients_gib: float
+    optimizer_gib: float
+    activations_gib: float
+    logits_gib: float
+    cuda_context_gib: float
+    overhead_gib: float
+    total_gib: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def breakdown(self) -> str:
+        rows = [(k.replace("_gib", ""), v) for k, v in self.as_dict().items() if k.endswith("_gib")]
+        return "\n".join(f"{name:<14} {value:8.2f} GiB" for name, value in rows)
+
+
+def lora_parameters(arch: Architecture, r: int) -> float:
+    """LoRA parameters on every decoder layer's attention and MLP projections."""
+    h, i = arch.hidden_size, arch.intermediate_size
+    if arch.mla:
+        m = arch.mla
+        heads = arch.num_attention_heads
+        q_out = heads * (m["qk_nope_head_dim"] + m["qk_rope_head_dim"])
+        attention = [(h, m["q_lora_rank"]), (m["q_lora_rank"], q_out),
+                     (h, m["kv_lora_rank"] + m["qk_rope_head_dim"]),
+                     (m["kv_lora_rank"], heads * (m["qk_nope_head_dim"] + m["v_head_dim"])),
+                     (heads * m["v_head_dim"], h)]
+    else:
+        q = arch.num_attention_heads * arch.head_dim
+        kv = arch.num_key_value_heads * arch.head_dim
+        attention = [(h, q), (h, kv), (h, kv), (q, h)]
+    mlp = [(h, i), (h, i), (i, h)]
+    return arch.num_layers * r * sum(a + b for a, b in attention + mlp)
+
+
+def estimate_training_memory(model: str | Architecture, method: str = "qlora", seq_len: int = 2048,
+                             batch_size: int = 1, lora_r: int = 16, gradient_checkpointing: bool = True,
+                             optimizer: str = "adamw_8bit", offload_checkpoints: bool = False,
+                             fused_cross_entropy: bool = True) -> Estimate:
+    """Peak training memory, term by term (see the module docstring for the formula)."""
+    arch = ARCHITECTURES[model] if isinstance(model, str) else model
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if seq_len < 1 or batch_size < 1 or lora_r < 1:
+        raise ValueError("seq_len, batch_size and lora_r must be positive")
+    embeddings = arch.vocab_size * arch.hidden_size * (1 if arch.tie_word_embeddings else 2)
+    unquantized = embeddings + arch.vision_params
+    quantizable = arch.total_params - unquantized
+    if method == "qlora":
+        weights = quantizable * NF4_BITS / 8 + unquantized * 2
+    else:
+        weights = arch.total_params * 2
+    optimizer_bytes = 2 if optimizer == "adamw_8bit" else 8
+    if method == "full":
+        trainable = arch.total_params
+        adapters, gradients = 0.0, trainable * 2
+    else:
+        trainable = lora_parameters(arch, lora_r)
+        adapters, gradients = trainable * 4, trainable * 4
+    optimizer_state = trainable * optimizer_bytes
+
+    tokens = seq_len * batch_size
+    per_layer = 2 * (10 * arch.hidden_size + 3 * arch.intermediate_size) * tokens
+    if not gradient_checkpointing:
+        activations = arch.num_layers * per_layer
+    else:
+        kept_inputs = 0 if offload_checkpoints else arch.num_layers * 2 * arch.hidden_size * tokens
+        activations = kept_inputs + per_layer
+    logits = 0 if fused_cross_entropy else tokens * arch.vocab_size * 14
+    subtotal = weights + adapters + gradients + optimizer_state + activations + logits
+    overhead = ALLOCATOR_OVERHEAD * subtotal
+    total = subtotal + overhead + CUDA_CONTEXT_GIB * GiB
+    g = lambda v: v / GiB
+    return Estimate(arch.name, method, seq_len, batch_size, lora_r, gradient_checkpointing, g(weights), g(adapters),
+                    g(gradients), g(optimizer_state), g(activations), g(logits), CUDA_CONTEXT_GIB, g(overhead), g(total))
+
+
+# Published peaks: (model, method, seq_len, batch, lora_r, checkpointing, offload, fused CE, measured GiB, source)
+CALIBRATION = [
+    ("llama-3.1-8b", "qlora", 40724, 1, 32, True, True, True, 16.0, "Unsloth README: 8B QLoRA r32, longest context in 16 GB"),
+    ("llama-3.1-8b", "qlora", 78475, 1, 32, True, True, True, 24.0, "Unsloth README: 8B, 24 GB"),
+    ("llama-3.1-8b", "qlora", 342733, 1, 32, True, True, True, 80.0, "Unsloth README: 8B, 80 GB"),
+    ("llama-3.3-70b", "qlora", 12106, 1, 32, True, True, True, 48.0, "Unsloth README: 70B QLoRA r32, 48 GB"),
+    ("llama-3.3-70b", "qlora", 89389, 1, 32, True, True, True, 80.0, "Unsloth README: 70B, 80 GB"),
+    ("llama-3.1-8b", "qlora", 5789, 1, 32, True, False, False, 24.0, "Unsloth README: HF + FA2, 8B, 24 GB"),
+    ("llama-3.1-8b", "qlora", 28454, 1, 32, True, False, False, 80.0, "Unsloth README: HF + FA2, 8B, 80 GB"),
+    ("llama-3.3-70b", "qlora", 6916, 1, 32, True, False, False, 80.0, "Unsloth README: HF + FA2, 70B, 80 GB"),
+]
+
+
+def calibration_report() -> list[dict]:
+    """Estimate vs each published measurement, with the relative error."""
+    rows = []
+    for model, method, seq, batch, r, ckpt, offload, fused, measured, source in CALIBRATION:
+        est = estimate_training_memory(model, method, seq, batch, r, ckpt, "adamw_8bit", offload, fused).total_gib
+        rows.append({"source": source, "seq_len": seq, "measured_gib": measured, "estimate_gib": round(est, 1),
+                     "error_pct": round(100 * (est - measured) / measured, 1)})
+    return rows
+
+
+def method_table(model: str, seq_len: int = 2048, batch_size: int = 1, lora_r: int = 16) -> list[dict]:
+    """QLoRA / LoRA / full for one model — the honest version of the usual hardware table."""
+    rows = []
+    for method in METHODS:
+        est = estimate_training_memory(model, method, seq_len, batch_size, lora_r,
+                                       optimizer="adamw_8bit", fused_cross_entropy=True)
+        rows.append({"model": model, "method": method, "weights": round(est.weights_gib, 1),
+                     "training state": round(est.adapters_gib + est.gradients_gib + est.optimizer_gib, 1),
+                     "activations": round(est.activations_gib + est.logits_gib, 1), "total GiB": round(est.total_gib, 1)})
+    return rows
+
+
+def spec_for(model: str) -> ModelSpec | None:
+    return MODELS.get(model)

@@ -1,0 +1,70 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from course_utils.memory import ARCHITECTURES, calibration_report, estimate_training_memory, lora_parameters, method_table
+
+
+@pytest.mark.parametrize("model", ["mistral-small-3.2", "mistral-small-4", "ministral-3-8b"])
+def test_qlora_lt_lora_lt_full(model):
+    totals = [estimate_training_memory(model, m).total_gib for m in ("qlora", "lora", "full")]
+    assert totals[0] < totals[1] < totals[2]
+
+
+def test_each_term_is_monotone_in_what_it_depends_on():
+    base = dict(model="mistral-small-3.2", method="qlora", seq_len=2048, batch_size=1, lora_r=16)
+    e = estimate_training_memory(**base)
+    longer = estimate_training_memory(**{**base, "seq_len": 8192})
+    bigger_batch = estimate_training_memory(**{**base, "batch_size": 4})
+    higher_rank = estimate_training_memory(**{**base, "lora_r": 64})
+    assert longer.activations_gib > e.activations_gib and bigger_batch.activations_gib > e.activations_gib
+    assert longer.weights_gib == e.weights_gib  # weights do not depend on the sequence
+    assert higher_rank.adapters_gib == pytest.approx(4 * e.adapters_gib)
+    assert higher_rank.optimizer_gib > e.optimizer_gib and higher_rank.gradients_gib > e.gradients_gib
+    no_ckpt = estimate_training_memory(**base, gradient_checkpointing=False)
+    assert no_ckpt.activations_gib > 10 * e.activations_gib
+    plain = estimate_training_memory(**base, fused_cross_entropy=False)
+    assert plain.logits_gib == pytest.approx(2048 * 131072 * 14 / 1024**3) and e.logits_gib == 0
+    assert estimate_training_memory(**base, optimizer="adamw_torch").optimizer_gib == pytest.approx(4 * e.optimizer_gib)
+
+
+def test_hand_computed_terms_for_small_3_2():
+    est = estimate_training_memory("mistral-small-3.2", "lora", 1024, 1, 16)
+    assert est.weights_gib == pytest.approx(24e9 * 2 / 1024**3)
+    # LoRA r=16 per layer: q(5120->4096), k,v(5120->1024), o(4096->5120), gate/up(5120->32768), down(32768->5120)
+    per_layer = 16 * ((5120 + 4096) + 2 * (5120 + 1024) + (4096 + 5120) + 3 * (5120 + 32768))
+    assert lora_parameters(ARCHITECTURES["mistral-small-3.2"], 16) == 40 * per_layer
+    assert est.adapters_gib == pytest.approx(40 * per_layer * 4 / 1024**3)
+
+
+def test_calibration_within_20_percent():
+    for row in calibration_report():
+        assert abs(row["error_pct"]) <= 20, row
+
+
+def test_the_honest_hardware_table():
+    rows = {r["method"]: r["total GiB"] for r in method_table("mistral-small-3.2")}
+    assert rows["qlora"] < 24 < rows["lora"]  # QLoRA fits a 24 GB card, 16-bit LoRA does not
+    small4 = {r["method"]: r["total GiB"] for r in method_table("mistral-small-4")}
+    assert 60 < small4["qlora"] < 80  # axolotl reports about 68-69 GiB
+
+
+def test_bad_inputs_are_refused():
+    with pytest.raises(ValueError, match="method"):
+        estimate_training_memory("mistral-small-3.2", "dora")
+    with pytest.raises(ValueError, match="positive"):
+        estimate_training_memory("mistral-small-3.2", seq_len=0)
+
+
+def test_vram_cli_json_and_errors():
+    out = subprocess.run([sys.executable, "-m", "course_utils", "vram", "--model", "mistral-small-4", "--method", "qlora",
+                          "--seq-len", "4096", "--batch-size", "1", "--lora-r", "32", "--json"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0
+    data = json.loads(out.stdout)
+    assert data["lora_r"] == 32 and data["total_gib"] > data["weights_gib"] > 50
+    bad = subprocess.run([sys.executable, "-m", "course_utils", "vram", "--model", "gpt-5"], capture_output=True,
+                         text=True, timeout=60)
+    assert bad.returncode == 2 and "unknown model" in bad.stderr
