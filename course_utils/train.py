@@ -1,0 +1,582 @@
+"""Fine-tuning: presets per profile, one ``build_trainer``, live plots, resume and a training card.
+
+* CUDA (``t4-16gb``, ``gpu-24gb``, ``gpu-80gb``): Unsloth ``FastVisionModel.get_peft_model`` +
+  ``UnslothVisionDataCollator`` + TRL ``SFTTrainer``/``SFTConfig`` with response-only loss.
+* CPU (``cpu-tiny``): transformers ``Trainer`` + peft LoRA on the stand-in, with the same
+  hyper-parameter names. TRL 1.15's SFT loss always calls a Triton kernel that has no CPU driver,
+  and Unsloth's CPU backend does not support vision models, so the CPU path computes the same
+  response-only loss itself — only at the labelled positions, which is ≈2× faster on a CPU.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from course_utils.data import IGNORE_INDEX, tokenize_record
+
+# LoRA on the language model only: a plain list of names would also hit the Pixtral tower's layers.
+LANGUAGE_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+# Small 4's MLA projections have other names.
+MLA_TARGETS = r".*language_model.*\.(q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj|gate_proj|up_proj|down_proj)"
+
+
+@dataclass(frozen=True)
+class TrainPreset:
+    """Hyper-parameters; the names follow transformers/TRL so they read the same on every profile."""
+
+    lora_r: int = 16
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    learning_rate: float = 2e-4
+    lr_scheduler_type: str = "linear"
+    warmup_ratio: float = 0.03
+    per_device_train_batch_size: int = 2
+    gradient_accumulation_steps: int = 4
+    max_seq_length: int = 2048
+    max_steps: int = 60
+    num_train_epochs: float = 1.0
+    optim: str = "adamw_8bit"
+    weight_decay: float = 0.01
+    logging_steps: int = 5
+    save_steps: int = 20
+    seed: int = 3407
+    train_embeddings: bool = False  # only the random stand-in needs it (see lesson 04)
+    finetune_vision_layers: bool = False
+    finetune_language_layers: bool = True
+    finetune_attention_modules: bool = True
+    finetune_mlp_modules: bool = True
+    bf16: bool = True
+    max_new_tokens_eval: int = 256
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+PRESETS: dict[str, TrainPreset] = {
+    # Measured here: 2 CPU cores, ~3 minutes. A random base cannot learn through adapters alone (its
+    # frozen random lm_head cannot make a peaked distribution), so the tied embedding rows the data
+    # uses are trained too, with a high learning rate and many small steps.
+    "cpu-tiny": TrainPreset(lora_r=16, lora_alpha=32, learning_rate=3e-3, lr_scheduler_type="cosine",
+                            warmup_ratio=0.02, per_device_train_batch_size=8, gradient_accumulation_steps=1,
+                            max_seq_length=512, max_steps=120, optim="adamw_torch", weight_decay=0.0,
+                            logging_steps=10, save_steps=40, seed=0, train_embeddings=True, bf16=True,
+                            max_new_tokens_eval=200),
+    "t4-16gb": TrainPreset(lora_r=16, lora_alpha=16, learning_rate=2e-4, per_device_train_batch_size=2,
+                           gradient_accumulation_steps=4, max_seq_length=2048, max_steps=60, bf16=False),
+    "gpu-24gb": TrainPreset(lora_r=16, lora_alpha=16, learning_rate=2e-4, per_device_train_batch_size=2,
+                            gradient_accumulation_steps=4, max_seq_length=2048, max_steps=100),
+    "gpu-80gb": TrainPreset(lora_r=32, lora_alpha=32, learning_rate=1e-4, per_device_train_batch_size=4,
+                            gradient_accumulation_steps=2, max_seq_length=4096, max_steps=200, optim="adamw_torch"),
+}
+
+
+def preset_for(profile_name: str, **overrides) -> TrainPreset:
+    """The preset of a profile, with any field overridden (unknown names raise ``TypeError``)."""
+    if profile_name not in PRESETS:
+        raise KeyError(f"No preset for profile {profile_name!r}; known: {', '.join(PRESETS)}")
+    return replace(PRESETS[profile_name], **overrides)
+
+
+# --- Data ----------------------------------------------------------------------------------------
+
+def prepare_examples(records: list[dict], processor, max_seq_length: int, base_dir: Path | None = None,
+                     progress: bool = True) -> list[dict]:
+    """Template, tokenize and label every record (response-only), with a progress bar."""
+    from tqdm.auto import tqdm
+
+    return [tokenize_record(r, processor, base_dir, max_seq_length)
+            for r in tqdm(records, desc="tokenizing", disable=not progress)]
+
+
+def trained_token_ids(examples: list[dict]) -> list[int]:
+    """Every token id that appears in a label: the embedding rows worth training on a random base."""
+    return sorted({t for ex in examples for t in ex["labels"] if t != IGNORE_INDEX})
+
+
+class VisionTextCollator:
+    """Pads text (right), labels (-100) and images (zeros up to the largest; ``image_sizes`` keeps the
+    real sizes) so text rows and image rows can share a batch."""
+
+    def __init__(self, pad_token_id: int = 11):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, examples: list[dict]) -> dict:
+        length = max(len(e["input_ids"]) for e in examples)
+        batch = {
+            "input_ids": torch.full((len(examples), length), self.pad_token_id, dtype=torch.long),
+            "attention_mask": torch.zeros((len(examples), length), dtype=torch.long),
+            "labels": torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long),
+        }
+        for i, e in enumerate(examples):
+            n = len(e["input_ids"])
+            batch["input_ids"][i, :n] = torch.tensor(e["input_ids"])
+            batch["attention_mask"][i, :n] = 1
+            batch["labels"][i, :n] = torch.tensor(e["labels"])
+        pixels = [e["pixel_values"] for e in examples if "pixel_values" in e]
+        if pixels:
+            images = [p for block in pixels for p in block]  # each block: (n_images, 3, H, W)
+            height = max(p.shape[-2] for p in images)
+            width = max(p.shape[-1] for p in images)
+            stacked = torch.zeros((len(images), 3, height, width), dtype=images[0].dtype)
+            for k, p in enumerate(images):
+                stacked[k, :, : p.shape[-2], : p.shape[-1]] = p
+            batch["pixel_values"] = stacked
+            batch["image_sizes"] = torch.cat([e["image_sizes"] for e in examples if "image_sizes" in e])
+        return batch
+
+
+# --- Model ---------------------------------------------------------------------------------------
+
+def add_lora(model, preset: TrainPreset, trainable_tokens: list[int] | None = None):
+    """Wrap ``model`` with LoRA adapters on the language model (transformers + peft, the CPU path)."""
+    from peft import LoraConfig, get_peft_model
+
+    is_mla = getattr(model.config.text_config, "kv_lora_rank", None) is not None
+    config = LoraConfig(
+        r=preset.lora_r,
+        lora_alpha=preset.lora_alpha,
+        lora_dropout=preset.lora_dropout,
+        target_modules=MLA_TARGETS if is_mla else LANGUAGE_TARGETS,
+        trainable_token_indices={"embed_tokens": trainable_tokens} if (preset.train_embeddings and trainable_tokens) else None,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def add_lora_unsloth(model, preset: TrainPreset):  # pragma: no cover - needs a CUDA GPU
+    """The GPU path: Unsloth's get_peft_model, choosing which parts of the vision model to train."""
+    from unsloth import FastVisionModel
+
+    return FastVisionModel.get_peft_model(
+        model,
+        finetune_vision_layers=preset.finetune_vision_layers,
+        finetune_language_layers=preset.finetune_language_layers,
+        finetune_attention_modules=preset.finetune_attention_modules,
+        finetune_mlp_modules=preset.finetune_mlp_modules,
+        r=preset.lora_r,
+        lora_alpha=preset.lora_alpha,
+        lora_dropout=preset.lora_dropout,
+        bias="none",
+        random_state=preset.seed,
+        use_gradient_checkpointing="unsloth",
+    )
+
+
+def count_parameters(model) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
+
+
+# --- Trainer (CPU path) --------------------------------------------------------------------------
+
+def _base_model(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def response_only_loss(model, inputs: dict, num_items_in_batch=None) -> torch.Tensor:
+    """Cross-entropy on the labelled (reply) positions only — the lm_head runs on those alone."""
+    labels = inputs["labels"]
+    core = _base_model(model)
+    forward = {k: v for k, v in inputs.items() if k != "labels"}
+    if "pixel_values" in forward:
+        forward["pixel_values"] = forward["pixel_values"].to(next(core.parameters()).dtype)
+    hidden = core.model(**forward, use_cache=False).last_hidden_state[:, :-1]
+    target = labels[:, 1:]
+    keep = target != IGNORE_INDEX
+    logits = core.lm_head(hidden[keep]).float()
+    total = torch.nn.functional.cross_entropy(logits, target[keep], reduction="sum")
+    denominator = num_items_in_batch if num_items_in_batch is not None else keep.sum()
+    return total / torch.as_tensor(denominator, device=total.device).clamp(min=1)
+
+
+def _trainer_class():
+    from transformers import Trainer
+
+    class ResponseOnlyTrainer(Trainer):
+        """transformers' Trainer with the response-only, labelled-positions-only loss."""
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss = response_only_loss(model, inputs, num_items_in_batch)
+            return (loss, None) if return_outputs else loss
+
+        def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+            with torch.no_grad():
+                loss = response_only_loss(model, self._prepare_inputs(inputs))
+            return loss.detach(), None, None
+
+    return ResponseOnlyTrainer
+
+
+def training_arguments(preset: TrainPreset, output_dir: str | os.PathLike, use_cpu: bool, eval_steps: int | None):
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=preset.per_device_train_batch_size,
+        per_device_eval_batch_size=preset.per_device_train_batch_size,
+        gradient_accumulation_steps=preset.gradient_accumulation_steps,
+        learning_rate=preset.learning_rate,
+        lr_scheduler_type=preset.lr_scheduler_type,
+        warmup_steps=math.ceil(preset.warmup_ratio * preset.max_steps),
+        max_steps=preset.max_steps,
+        weight_decay=preset.weight_decay,
+        optim=preset.optim,
+        logging_steps=preset.logging_steps,
+        save_strategy="steps",
+        save_steps=preset.save_steps,
+        eval_strategy="steps" if eval_steps else "no",
+        eval_steps=eval_steps,
+        bf16=preset.bf16,
+        use_cpu=use_cpu,
+        seed=preset.seed,
+        data_seed=preset.seed,
+        report_to="none",
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        include_num_input_tokens_seen=True,
+    )
+
+
+@dataclass
+class TrainingRun:
+    trainer: object
+    model: object
+    processor: object
+    preset: TrainPreset
+    backend: str
+    output_dir: Path
+    trainable_parameters: int
+    total_parameters: int
+    train_examples: int
+    dataset_hash: str
+    notes: list[str] = field(default_factory=list)
+
+
+def dataset_hash(records: list[dict]) -> str:
+    from course_utils.data import record_key
+
+    return hashlib.sha256("".join(record_key(r) for r in records).encode()).hexdigest()[:16]
+
+
+def build_trainer(model, processor, train_records: list[dict], eval_records: list[dict] | None, preset: TrainPreset,
+                  output_dir: str | os.PathLike, *, backend: str = "transformers", base_dir: Path | None = None,
+                  callbacks: list | None = None, progress: bool = True) -> TrainingRun:
+    """One call for every profile: adapters, data, collator, loss and trainer.
+
+    ``backend="unsloth"`` (CUDA) uses Unsloth + TRL; ``"transformers"`` the CPU path described above.
+    """
+    output_dir = Path(output_dir)
+    torch.manual_seed(preset.seed)
+    if backend == "unsloth":  # pragma: no cover - needs a CUDA GPU
+        return _build_unsloth_trainer(model, processor, train_records, eval_records, preset, output_dir, callbacks)
+    train_examples = prepare_examples(train_records, processor, preset.max_seq_length, base_dir, progress)
+    eval_examples = prepare_examples(eval_records, processor, preset.max_seq_length, base_dir, progress) if eval_records else None
+    notes = []
+    tokens = trained_token_ids(train_examples) if preset.train_embeddings else None
+    if tokens:
+        notes.append(f"embedding rows trained for the {len(tokens)} token ids that appear in the replies")
+    peft_model = add_lora(model, preset, tokens)
+    peft_model.train()
+    trainable, total = count_parameters(peft_model)
+    args = training_arguments(preset, output_dir, use_cpu=not torch.cuda.is_available(),
+                              eval_steps=preset.save_steps if eval_examples else None)
+    trainer = _trainer_class()(model=peft_model, args=args, train_dataset=train_examples, eval_dataset=eval_examples,
+                               data_collator=VisionTextCollator(processor.tokenizer.pad_token_id),
+                               callbacks=callbacks or [])
+    return TrainingRun(trainer, peft_model, processor, preset, backend, output_dir, trainable, total,
+                       len(train_examples), dataset_hash(train_records), notes)
+
+
+def _build_unsloth_trainer(model, processor, train_records, eval_records, preset, output_dir, callbacks):  # pragma: no cover
+    """Unsloth vision SFT: the settings its vision notebooks use (no packing, keep all columns,
+    skip TRL's dataset preparation — the collator does it) plus response-only loss."""
+    from trl import SFTConfig, SFTTrainer
+    from unsloth import FastVisionModel
+    from unsloth.trainer import UnslothVisionDataCollator
+
+    from course_utils.data import with_images
+
+    model = add_lora_unsloth(model, preset)
+    FastVisionModel.for_training(model)
+    to_rows = lambda records: [{"messages": with_images(r)} for r in records]
+    config = SFTConfig(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=preset.per_device_train_batch_size,
+        gradient_accumulation_steps=preset.gradient_accumulation_steps,
+        learning_rate=preset.learning_rate,
+        lr_scheduler_type=preset.lr_scheduler_type,
+        warmup_ratio=preset.warmup_ratio,
+        max_steps=preset.max_steps,
+        optim=preset.optim,
+        weight_decay=preset.weight_decay,
+        logging_steps=preset.logging_steps,
+        save_steps=preset.save_steps,
+        seed=preset.seed,
+        bf16=preset.bf16,
+        fp16=not preset.bf16,
+        report_to="none",
+        remove_unused_columns=False,
+        dataset_text_field="",
+        dataset_kwargs={"skip_prepare_dataset": True},
+        max_length=preset.max_seq_length,
+    )
+    collator = UnslothVisionDataCollator(model, processor, train_on_responses_only=True,
+                                         instruction_part="[INST]", response_part="[/INST]")
+    trainer = SFTTrainer(model=model, processing_class=processor, data_collator=collator, train_dataset=to_rows(train_records),
+                         eval_dataset=to_rows(eval_records) if eval_records else None, args=config,
+                         callbacks=callbacks or [])
+    trainable, total = count_parameters(model)
+    return TrainingRun(trainer, model, processor, preset, "unsloth", Path(output_dir), trainable, total,
+                       len(train_records), dataset_hash(train_records), ["Unsloth + TRL SFTTrainer"])
+
+
+# --- Callbacks -----------------------------------------------------------------------------------
+
+def _peak_memory_gib() -> tuple[str, float]:
+    if torch.cuda.is_available():
+        return "peak VRAM", torch.cuda.max_memory_reserved() / 1024**3
+    try:
+        import resource
+
+        kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return "peak RAM", kib / 1024**2
+    except ImportError:  # pragma: no cover - Windows
+        import psutil
+
+        return "RAM", psutil.Process().memory_info().rss / 1024**3
+
+
+def make_callbacks(plot: bool = True):
+    """A throughput/memory logger and (in notebooks) a live train/eval loss plot."""
+    from transformers import TrainerCallback
+
+    class ThroughputCallback(TrainerCallback):
+        """Adds tokens/s and peak memory to every log line; keeps the history for plots."""
+
+        def __init__(self):
+            self.history: list[dict] = []
+            self._tokens = 0
+            self._t0 = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self._t0 = time.perf_counter()
+            self._tokens = 0
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logs = logs or {}
+            label, gib = _peak_memory_gib()
+            entry = {"step": state.global_step, **{k: v for k, v in logs.items() if isinstance(v, (int, float))},
+                     label: round(gib, 2)}
+            if state.num_input_tokens_seen and self._t0:
+                entry["tokens_per_s"] = round(state.num_input_tokens_seen / (time.perf_counter() - self._t0), 1)
+            self.history.append(entry)
+
+    class LivePlotCallback(TrainerCallback):
+        """Redraws the train/eval loss curve in place while training runs."""
+
+        def __init__(self, source: ThroughputCallback):
+            self.source = source
+            self.handle = None
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            try:
+                from IPython import get_ipython
+                from IPython.display import display
+            except ImportError:
+                return
+            if get_ipython() is None:
+                return
+            figure = plot_losses(self.source.history, show=False)
+            if self.handle is None:
+                self.handle = display(figure, display_id=True)
+            else:
+                self.handle.update(figure)
+            import matplotlib.pyplot as plt
+
+            plt.close(figure)
+
+    throughput = ThroughputCallback()
+    return [throughput] + ([LivePlotCallback(throughput)] if plot else []), throughput
+
+
+def stop_after(step: int):
+    """A callback that ends training at ``step`` (after saving a checkpoint there) — an "interruption"."""
+    from transformers import TrainerCallback
+
+    class StopAfter(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step >= step:
+                control.should_save = True
+                control.should_training_stop = True
+            return control
+
+    return StopAfter()
+
+
+def plot_losses(history: list[dict], show: bool = True):
+    """Train and eval loss against steps (history entries from ``ThroughputCallback``)."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    train = [(h["step"], h["loss"]) for h in history if "loss" in h]
+    evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
+    if train:
+        ax.plot(*zip(*train), marker=".", label="train loss")
+    if evals:
+        ax.plot(*zip(*evals), marker="o", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (response tokens)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    if show:
+        plt.show()
+    return fig
+
+
+# --- Saving --------------------------------------------------------------------------------------
+
+def training_card(run: TrainingRun, metrics: dict, seconds: float) -> dict:
+    from importlib import metadata
+
+    versions = {}
+    for name in ("torch", "transformers", "peft", "trl", "unsloth", "mistral-common"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    label, peak = _peak_memory_gib()
+    return {
+        "base_model": getattr(_base_model(run.model).config, "_name_or_path", None),
+        "backend": run.backend,
+        "hyperparameters": run.preset.as_dict(),
+        "trainable_parameters": run.trainable_parameters,
+        "total_parameters": run.total_parameters,
+        "train_examples": run.train_examples,
+        "dataset_sha256_16": run.dataset_hash,
+        "final_metrics": metrics,
+        "train_seconds": round(seconds, 1),
+        "hardware": {"machine": platform.machine(), "cuda": torch.cuda.is_available(),
+                     "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, label: round(peak, 2)},
+        "library_versions": versions,
+        "notes": run.notes,
+    }
+
+
+def save_adapter(run: TrainingRun, target: str | os.PathLike, card: dict, overwrite: bool = False) -> Path:
+    """Save the adapter (safetensors), the processor and ``training_card.json`` — never over an existing one."""
+    target = Path(target)
+    if (target / "adapter_model.safetensors").exists() and not overwrite:
+        raise FileExistsError(f"{target} already holds an adapter; pick another folder or pass overwrite=True")
+    target.mkdir(parents=True, exist_ok=True)
+    run.model.save_pretrained(target, safe_serialization=True)
+    run.processor.save_pretrained(target)
+    (target / "training_card.json").write_text(json.dumps(card, indent=2) + "\n")
+    return target
+
+
+def latest_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """The newest ``checkpoint-N`` folder in ``output_dir`` (what ``resume_from_checkpoint`` continues)."""
+    folders = sorted(Path(output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    return str(folders[-1]) if folders else None
+
+
+# --- Bigger than one GPU -------------------------------------------------------------------------
+
+def axolotl_config(model_id: str, dataset_path: str, preset: TrainPreset, output_dir: str = "./outputs/axolotl",
+                   load_in_4bit: bool = True) -> dict:
+    """The same run as an Axolotl YAML (``axolotl train config.yml``), e.g. for Small 4 on several GPUs."""
+    return {
+        "base_model": model_id,
+        "processor_type": "AutoProcessor",
+        "load_in_4bit": load_in_4bit,
+        "adapter": "qlora" if load_in_4bit else "lora",
+        "lora_r": preset.lora_r,
+        "lora_alpha": preset.lora_alpha,
+        "lora_dropout": preset.lora_dropout,
+        "lora_target_modules": LANGUAGE_TARGETS,
+        "chat_template": "tokenizer_default",
+        "datasets": [{"path": dataset_path, "type": "chat_template", "field_messages": "messages",
+                      "roles_to_train": ["assistant"]}],
+        "skip_prepare_dataset": True,
+        "remove_unused_columns": False,
+        "sample_packing": False,  # packing is not supported for vision rows
+        "sequence_len": preset.max_seq_length,
+        "micro_batch_size": preset.per_device_train_batch_size,
+        "gradient_accumulation_steps": preset.gradient_accumulation_steps,
+        "max_steps": preset.max_steps,
+        "learning_rate": preset.learning_rate,
+        "lr_scheduler": preset.lr_scheduler_type,
+        "warmup_ratio": preset.warmup_ratio,
+        "optimizer": "adamw_bnb_8bit" if preset.optim == "adamw_8bit" else "adamw_torch",
+        "bf16": "auto",
+        "gradient_checkpointing": True,
+        "flash_attention": True,
+        "save_steps": preset.save_steps,
+        "seed": preset.seed,
+        "output_dir": output_dir,
+    }
+
+
+def accelerate_fsdp_config(num_processes: int = 2, cpu_offload: bool = False) -> dict:
+    """An ``accelerate launch --config_file`` config sharding the model over ``num_processes`` GPUs (FSDP)."""
+    if num_processes < 1:
+        raise ValueError("num_processes must be at least 1")
+    return {
+        "compute_environment": "LOCAL_MACHINE",
+        "distributed_type": "FSDP",
+        "mixed_precision": "bf16",
+        "num_machines": 1,
+        "num_processes": num_processes,
+        "machine_rank": 0,
+        "main_training_function": "main",
+        "fsdp_config": {
+            "fsdp_version": 2,
+            "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+            "fsdp_transformer_layer_cls_to_wrap": "MistralDecoderLayer,PixtralAttentionLayer",
+            "fsdp_state_dict_type": "SHARDED_STATE_DICT",
+            "fsdp_offload_params": cpu_offload,
+            "fsdp_cpu_ram_efficient_loading": True,
+            "fsdp_activation_checkpointing": True,
+        },
+    }
+
+
+def write_yaml(data: dict, path: str | os.PathLike, overwrite: bool = False) -> Path:
+    import yaml
+
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+# --- Teaching helpers ----------------------------------------------------------------------------
+
+def nf4_roundtrip_error(values: torch.Tensor, blocksize: int = 64) -> dict:
+    """Quantize ``values`` to NF4 (bitsandbytes, works on CPU) and back; compare with plain int4.
+
+    NF4's 16 levels sit at quantiles of a normal distribution, where trained weights are dense, so its
+    error is lower than evenly spaced 4-bit levels at the same size.
+    """
+    import bitsandbytes.functional as bnbf
+
+    flat = values.float().contiguous()
+    packed, state = bnbf.quantize_4bit(flat, blocksize=blocksize, quant_type="nf4")
+    nf4 = bnbf.dequantize_4bit(packed, state, quant_type="nf4").reshape(flat.shape)
+    blocks = flat.reshape(-1, blocksize)
+    scale = blocks.abs().amax(dim=1, keepdim=True) / 7
+    int4 = (torch.clamp(torch.round(blocks / scale), -8, 7) * scale).reshape(flat.shape)
+    rmse = lambda q: torch.sqrt(torch.mean((q - flat) ** 2)).item()
+    return {"nf4_rmse": rmse(nf4), "int4_rmse": rmse(int4), "bits_per_weight_nf4": 4 + 32 / blocksize}

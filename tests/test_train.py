@@ -1,0 +1,116 @@
+import json
+import math
+
+import pytest
+import torch
+import yaml
+
+from course_utils.data import IGNORE_INDEX, mix_modalities
+from course_utils.models import load
+from course_utils.receipts import load_local
+from course_utils.train import (PRESETS, VisionTextCollator, accelerate_fsdp_config, axolotl_config, build_trainer,
+                                latest_checkpoint, make_callbacks, nf4_roundtrip_error, preset_for, save_adapter,
+                                stop_after, training_card, write_yaml)
+
+
+@pytest.fixture(scope="module")
+def records():
+    return mix_modalities(load_local("train")[:24], image_fraction=0.5, seed=0)
+
+
+def fresh_run(stand_in_dir, records, out, **overrides):
+    loaded = load("cpu-tiny", stand_in_dir=stand_in_dir)
+    preset = preset_for("cpu-tiny", **{"max_steps": 8, "save_steps": 4, "logging_steps": 1,
+                                       "per_device_train_batch_size": 4, **overrides})
+    callbacks, history = make_callbacks(plot=False)
+    run = build_trainer(loaded.model, loaded.processor, records, None, preset, out, callbacks=callbacks, progress=False)
+    return run, history
+
+
+def test_presets_cover_every_profile_and_override_cleanly():
+    from course_utils.profiles import PROFILES
+
+    assert set(PRESETS) == set(PROFILES)
+    assert PRESETS["gpu-24gb"].optim == "adamw_8bit" and PRESETS["cpu-tiny"].train_embeddings
+    assert preset_for("cpu-tiny", max_steps=3).max_steps == 3
+    with pytest.raises(TypeError):
+        preset_for("cpu-tiny", max_stepz=3)
+    with pytest.raises(KeyError, match="known"):
+        preset_for("tpu-v5")
+
+
+def test_collator_mixes_text_and_image_rows(stand_in_dir, records, processor):
+    from course_utils.train import prepare_examples
+
+    examples = prepare_examples(records[:4], processor, 512, progress=False)
+    assert {("pixel_values" in e) for e in examples} == {True, False}
+    batch = VisionTextCollator(11)(examples)
+    n_images = sum(e["pixel_values"].shape[0] for e in examples if "pixel_values" in e)
+    assert batch["pixel_values"].shape[0] == n_images == batch["image_sizes"].shape[0]
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
+    padded = batch["attention_mask"] == 0
+    assert (batch["labels"][padded] == IGNORE_INDEX).all() and (batch["input_ids"][padded] == 11).all()
+    # image tokens and prompts are never trained on
+    assert (batch["labels"][batch["input_ids"] == 10] == IGNORE_INDEX).all()
+
+
+def test_cpu_trainer_learns_and_only_adapters_and_used_embeddings_train(stand_in_dir, records, tmp_path):
+    run, history = fresh_run(stand_in_dir, records, tmp_path / "run", max_steps=10, save_steps=100)
+    assert run.trainable_parameters < 0.02 * run.total_parameters
+    assert any("embedding rows" in n for n in run.notes)
+    run.trainer.train()
+    losses = [h["loss"] for h in history.history if "loss" in h]
+    assert len(losses) == 10 and losses[-1] < losses[0] - 1.0  # it really learns
+    assert all(math.isfinite(l) for l in losses)
+    assert any("peak RAM" in h or "peak VRAM" in h for h in history.history)
+
+
+def test_resume_continues_exactly_where_it_stopped(stand_in_dir, records, tmp_path):
+    full, full_history = fresh_run(stand_in_dir, records, tmp_path / "full")
+    full.trainer.train()
+    interrupted, _ = fresh_run(stand_in_dir, records, tmp_path / "resumed")
+    interrupted.trainer.add_callback(stop_after(4))
+    interrupted.trainer.train()
+    assert interrupted.trainer.state.global_step == 4
+    checkpoint = latest_checkpoint(tmp_path / "resumed")
+    assert checkpoint.endswith("checkpoint-4")
+    resumed, resumed_history = fresh_run(stand_in_dir, records, tmp_path / "resumed")
+    resumed.trainer.train(resume_from_checkpoint=checkpoint)
+    assert resumed.trainer.state.global_step == full.trainer.state.global_step == 8
+    full_last = [h["loss"] for h in full_history.history if "loss" in h][-1]
+    resumed_last = [h["loss"] for h in resumed_history.history if "loss" in h][-1]
+    assert resumed_last == pytest.approx(full_last, rel=0.02, abs=0.02)
+
+
+def test_adapter_saving_writes_a_card_and_refuses_to_overwrite(stand_in_dir, records, tmp_path):
+    run, _ = fresh_run(stand_in_dir, records, tmp_path / "run", max_steps=2, save_steps=100)
+    run.trainer.train()
+    card = training_card(run, {"train_loss": 1.0}, seconds=1.0)
+    target = save_adapter(run, tmp_path / "adapter", card)
+    assert (target / "adapter_model.safetensors").is_file() and not list(target.glob("*.bin"))
+    saved = json.loads((target / "training_card.json").read_text())
+    assert saved["hyperparameters"]["lora_r"] == 16 and saved["library_versions"]["transformers"]
+    assert saved["dataset_sha256_16"] == run.dataset_hash and saved["train_examples"] == 24
+    with pytest.raises(FileExistsError):
+        save_adapter(run, target, card)
+
+
+def test_axolotl_and_fsdp_configs_parse_back(tmp_path):
+    preset = preset_for("gpu-80gb")
+    path = write_yaml(axolotl_config("mistralai/Mistral-Small-4-119B-2603", "data/train.jsonl", preset), tmp_path / "ax.yml")
+    data = yaml.safe_load(path.read_text())
+    assert data["adapter"] == "qlora" and data["lora_r"] == preset.lora_r and data["sample_packing"] is False
+    assert data["datasets"][0]["roles_to_train"] == ["assistant"]
+    fsdp = yaml.safe_load(write_yaml(accelerate_fsdp_config(4), tmp_path / "fsdp.yml").read_text())
+    assert fsdp["distributed_type"] == "FSDP" and fsdp["num_processes"] == 4
+    with pytest.raises(FileExistsError):
+        write_yaml({}, path)
+    with pytest.raises(ValueError):
+        accelerate_fsdp_config(0)
+
+
+def test_nf4_beats_uniform_int4_on_normal_weights():
+    torch.manual_seed(0)
+    result = nf4_roundtrip_error(torch.randn(64 * 512) * 0.02)
+    assert result["nf4_rmse"] < result["int4_rmse"]
+    assert result["bits_per_weight_nf4"] == 4.5
