@@ -84,7 +84,8 @@ def make_target(rng: random.Random) -> dict:
     currency, _, tax_rate, decimals = rng.choice(_CURRENCIES)
     scale = 150 if currency == "JPY" else 1
     items = []
-    for name in rng.sample(_ITEMS, rng.randint(1, 4)):
+    # most receipts are short: 1 item 55 %, 2: 25 %, 3: 13 %, 4: 7 %
+    for name in rng.sample(_ITEMS, rng.choices([1, 2, 3, 4], weights=[55, 25, 13, 7])[0]):
         price = round(rng.uniform(0.8, 18.0) * scale, decimals)
         items.append({"name": name, "qty": rng.choice([1, 1, 1, 2, 2, 3]), "unit_price": price})
     subtotal = round(sum(i["qty"] * i["unit_price"] for i in items), decimals)

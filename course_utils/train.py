@@ -66,9 +66,9 @@ PRESETS: dict[str, TrainPreset] = {
     # frozen random lm_head cannot make a peaked distribution), so the tied embedding rows the data
     # uses are trained too, with a high learning rate and many small steps.
     "cpu-tiny": TrainPreset(lora_r=16, lora_alpha=32, learning_rate=3e-3, lr_scheduler_type="cosine",
-                            warmup_ratio=0.02, per_device_train_batch_size=8, gradient_accumulation_steps=1,
-                            max_seq_length=512, max_steps=120, optim="adamw_torch", weight_decay=0.0,
-                            logging_steps=10, save_steps=40, seed=0, train_embeddings=True, bf16=True,
+                            warmup_ratio=0.02, per_device_train_batch_size=4, gradient_accumulation_steps=1,
+                            max_seq_length=512, max_steps=220, optim="adamw_torch", weight_decay=0.0,
+                            logging_steps=10, save_steps=55, seed=0, train_embeddings=True, bf16=True,
                             max_new_tokens_eval=200),
     "t4-16gb": TrainPreset(lora_r=16, lora_alpha=16, learning_rate=2e-4, per_device_train_batch_size=2,
                            gradient_accumulation_steps=4, max_seq_length=2048, max_steps=60, bf16=False),
@@ -216,13 +216,11 @@ def _trainer_class():
     return ResponseOnlyTrainer
 
 
-def training_arguments(preset: TrainPreset, output_dir: str | os.PathLike, use_cpu: bool, eval_steps: int | None):
-    from transformers import TrainingArguments
-
-    return TrainingArguments(
+def shared_training_kwargs(preset: TrainPreset, output_dir: str | os.PathLike) -> dict:
+    """The arguments TrainingArguments (CPU path) and TRL's SFTConfig (GPU path) share."""
+    return dict(
         output_dir=str(output_dir),
         per_device_train_batch_size=preset.per_device_train_batch_size,
-        per_device_eval_batch_size=preset.per_device_train_batch_size,
         gradient_accumulation_steps=preset.gradient_accumulation_steps,
         learning_rate=preset.learning_rate,
         lr_scheduler_type=preset.lr_scheduler_type,
@@ -233,15 +231,24 @@ def training_arguments(preset: TrainPreset, output_dir: str | os.PathLike, use_c
         logging_steps=preset.logging_steps,
         save_strategy="steps",
         save_steps=preset.save_steps,
+        seed=preset.seed,
+        report_to="none",
+        remove_unused_columns=False,
+    )
+
+
+def training_arguments(preset: TrainPreset, output_dir: str | os.PathLike, use_cpu: bool, eval_steps: int | None):
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        **shared_training_kwargs(preset, output_dir),
+        per_device_eval_batch_size=preset.per_device_train_batch_size,
         eval_strategy="steps" if eval_steps else "no",
         eval_steps=eval_steps,
         bf16=preset.bf16,
         use_cpu=use_cpu,
-        seed=preset.seed,
         data_seed=preset.seed,
-        report_to="none",
         disable_tqdm=True,
-        remove_unused_columns=False,
         dataloader_num_workers=0,
         include_num_input_tokens_seen=True,
     )
@@ -310,22 +317,9 @@ def _build_unsloth_trainer(model, processor, train_records, eval_records, preset
     FastVisionModel.for_training(model)
     to_rows = lambda records: [{"messages": with_images(r)} for r in records]
     config = SFTConfig(
-        output_dir=str(output_dir),
-        per_device_train_batch_size=preset.per_device_train_batch_size,
-        gradient_accumulation_steps=preset.gradient_accumulation_steps,
-        learning_rate=preset.learning_rate,
-        lr_scheduler_type=preset.lr_scheduler_type,
-        warmup_ratio=preset.warmup_ratio,
-        max_steps=preset.max_steps,
-        optim=preset.optim,
-        weight_decay=preset.weight_decay,
-        logging_steps=preset.logging_steps,
-        save_steps=preset.save_steps,
-        seed=preset.seed,
+        **shared_training_kwargs(preset, output_dir),
         bf16=preset.bf16,
         fp16=not preset.bf16,
-        report_to="none",
-        remove_unused_columns=False,
         dataset_text_field="",
         dataset_kwargs={"skip_prepare_dataset": True},
         max_length=preset.max_seq_length,
