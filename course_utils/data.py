@@ -18,6 +18,7 @@ import math
 import os
 import tempfile
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Iterable
 
@@ -285,9 +286,22 @@ def resolve_image_path(image: str, base_dir: Path | None) -> Path:
     return path if path.is_absolute() or base_dir is None else base_dir / path
 
 
+@lru_cache(maxsize=8192)
+def _file_digest(path: str) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _image_identity(image) -> str:
+    """An image's identity: the bytes of a local file (so the key does not depend on where the
+    checkout lives), else the URL / data URI / description itself."""
+    if isinstance(image, str) and not image.startswith(("http://", "https://", "data:")) and Path(image).is_file():
+        return "sha256:" + _file_digest(str(Path(image).resolve()))
+    return str(image)
+
+
 def record_key(record: dict) -> str:
     """A content hash of messages + images, for duplicate detection and leak-free splits."""
-    payload = json.dumps({"m": record.get("messages"), "i": [str(i) for i in record.get("images") or []]},
+    payload = json.dumps({"m": record.get("messages"), "i": [_image_identity(i) for i in record.get("images") or []]},
                          sort_keys=True, ensure_ascii=False)
     return hashlib.sha256(payload.encode()).hexdigest()
 
@@ -600,10 +614,10 @@ def mix_modalities(records: list[dict], image_fraction: float = 0.5, seed: int =
     """
     from course_utils.receipts import as_text_record
 
-    rng = hashlib.sha256
     out = []
     for record in records:
-        bucket = int(rng(f"{seed}:{record_key(record)}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+        identity = record.get("id") or record_key(record)
+        bucket = int(hashlib.sha256(f"{seed}:{identity}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
         out.append(record if bucket < image_fraction or "text" not in record else as_text_record(record))
     return out
 

@@ -225,3 +225,22 @@ def test_split_is_deterministic_order_free_and_leak_free():
 
 def test_canonical_keeps_ids():
     assert to_canonical(dict(OK, id="row-7"))["id"] == "row-7"
+
+
+def test_keys_and_mixing_do_not_depend_on_where_the_checkout_lives(tmp_path):
+    import shutil
+
+    from course_utils.receipts import DEFAULT_DIR, load_local
+    from course_utils.paths import course_root
+
+    rows = load_local("val")[:20]
+    copy = tmp_path / "elsewhere"
+    shutil.copytree(course_root() / DEFAULT_DIR, copy)
+    moved = load_local("val", copy)[:20]
+    assert [record_key(r) for r in rows] == [record_key(r) for r in moved]
+    from course_utils.data import mix_modalities
+
+    assert [bool(r["images"]) for r in mix_modalities(rows, 0.5, 0)] == [bool(r["images"]) for r in mix_modalities(moved, 0.5, 0)]
+    splits_a, _ = split_records(rows, seed=1)
+    splits_b, _ = split_records(moved, seed=1)
+    assert [r["id"] for r in splits_a["test"]] == [r["id"] for r in splits_b["test"]]

@@ -47,6 +47,7 @@ def test_code_cells_parse_after_stripping_magics(nb):
 
 @pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: p.name)
 def test_no_volatile_outputs_committed(nb):
+    assert "widgets" not in json.loads(nb.read_text())["metadata"], f"{nb.name}: widget state committed"
     for i, cell in enumerate(cells(nb)):
         if cell["cell_type"] != "code":
             continue

@@ -103,6 +103,7 @@ def to_notebook(cells) -> nbformat.NotebookNode:
 
 def clean(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
     """Keep outputs (and counts) only for NBVAL_CHECK_OUTPUT cells; drop the rest and run metadata."""
+    nb.metadata.pop("widgets", None)  # widget state: random ids and progress-bar timings
     for cell in nb.cells:
         cell.pop("id", None)
         if cell.cell_type != "code":
