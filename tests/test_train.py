@@ -114,3 +114,19 @@ def test_nf4_beats_uniform_int4_on_normal_weights():
     result = nf4_roundtrip_error(torch.randn(64 * 512) * 0.02)
     assert result["nf4_rmse"] < result["int4_rmse"]
     assert result["bits_per_weight_nf4"] == 4.5
+
+
+def test_qlora_on_cpu_quantizes_the_language_model_only_and_trains(stand_in_dir, records, tmp_path):
+    import bitsandbytes as bnb
+
+    loaded = load("cpu-tiny", stand_in_dir=stand_in_dir, load_in_4bit=True)
+    quantized = [n for n, m in loaded.model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert quantized and all("language_model" in n for n in quantized)
+    assert "bitsandbytes NF4" in loaded.description
+    callbacks, history = make_callbacks(plot=False)
+    preset = preset_for("cpu-tiny", max_steps=4, logging_steps=1, save_steps=100, bf16=False)
+    run = build_trainer(loaded.model, loaded.processor, records[:16], None, preset, tmp_path, callbacks=callbacks,
+                        progress=False)
+    run.trainer.train()
+    losses = [h["loss"] for h in history.history if "loss" in h]
+    assert len(losses) == 4 and losses[-1] < losses[0]
