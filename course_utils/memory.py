@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from course_utils.profiles import GiB, MODELS, ModelSpec
+from course_utils.profiles import GiB
 
 CUDA_CONTEXT_GIB = 0.6
 ALLOCATOR_OVERHEAD = 0.08
@@ -196,6 +196,3 @@ def method_table(model: str, seq_len: int = 2048, batch_size: int = 1, lora_r: i
                      "activations": round(est.activations_gib + est.logits_gib, 1), "total GiB": round(est.total_gib, 1)})
     return rows
 
-
-def spec_for(model: str) -> ModelSpec | None:
-    return MODELS.get(model)

@@ -10,9 +10,7 @@ reachable; the local data is the offline fallback — the same call, with a mess
 
 from __future__ import annotations
 
-import io
 import json
-import math
 import os
 import random
 from datetime import date, timedelta
@@ -294,12 +292,6 @@ def load_receipts(split: str = "train", source: str = "auto", limit: int | None 
         reason = "HF_HUB_OFFLINE is set" if source == "auto" else "source='local'"
     rows = load_local(split)[:limit]
     return rows, f"Using the local course dataset ({split}, {len(rows)} receipts): {reason}."
-
-
-def image_bytes(image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def render_ui_mockup(seed: int = 0, width: int = 360, height: int = 240):

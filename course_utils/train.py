@@ -364,7 +364,7 @@ def make_callbacks(plot: bool = True):
 
         def on_train_begin(self, args, state, control, **kwargs):
             self._t0 = time.perf_counter()
-            self._tokens = 0
+            self._tokens = state.num_input_tokens_seen or 0  # a resumed run starts with tokens already seen
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             logs = logs or {}
@@ -372,7 +372,8 @@ def make_callbacks(plot: bool = True):
             entry = {"step": state.global_step, **{k: v for k, v in logs.items() if isinstance(v, (int, float))},
                      label: round(gib, 2)}
             if state.num_input_tokens_seen and self._t0:
-                entry["tokens_per_s"] = round(state.num_input_tokens_seen / (time.perf_counter() - self._t0), 1)
+                seen = state.num_input_tokens_seen - self._tokens
+                entry["tokens_per_s"] = round(seen / (time.perf_counter() - self._t0), 1)
             self.history.append(entry)
 
     class LivePlotCallback(TrainerCallback):
