@@ -44,3 +44,128 @@ def json_valid_rate(model, processor, records: list[dict], schema: dict | None =
         if was_training:
             model.train()
     return validity(replies, schema), replies
+
+
+# --- Field-level metrics ----------------------------------------------------------------------------
+
+_CURRENCY_SYMBOLS = {"€": "EUR", "$": "USD", "£": "GBP", "¥": "JPY", "CHF": "CHF", "FR.": "CHF"}
+
+
+def normalize_number(value) -> float | None:
+    """``"1,234.50"``, ``"12.3 €"``, ``12.30`` → 12.3 (rounded to cents); ``None`` when not a number."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return round(float(value), 2)
+    if isinstance(value, str):
+        cleaned = "".join(ch for ch in value if ch.isdigit() or ch in ".-,")
+        if cleaned.count(",") and cleaned.count("."):
+            cleaned = cleaned.replace(",", "")
+        elif cleaned.count(",") == 1 and len(cleaned.split(",")[1]) == 2:
+            cleaned = cleaned.replace(",", ".")  # decimal comma: 12,30
+        else:
+            cleaned = cleaned.replace(",", "")
+        try:
+            return round(float(cleaned), 2)
+        except ValueError:
+            return None
+    return None
+
+
+def normalize_date(value) -> str | None:
+    """ISO ``YYYY-MM-DD`` from ISO, ``DD.MM.YYYY`` or ``MM/DD/YYYY`` text."""
+    import re
+
+    if not isinstance(value, str):
+        return None
+    text = value.strip()
+    for pattern, order in ((r"(\d{4})-(\d{1,2})-(\d{1,2})$", "ymd"), (r"(\d{1,2})\.(\d{1,2})\.(\d{4})$", "dmy"),
+                           (r"(\d{1,2})/(\d{1,2})/(\d{4})$", "mdy")):
+        match = re.match(pattern, text)
+        if match:
+            parts = dict(zip(order, match.groups()))
+            return f"{int(parts['y']):04d}-{int(parts['m']):02d}-{int(parts['d']):02d}"
+    return None
+
+
+def normalize_text(value) -> str | None:
+    return " ".join(str(value).casefold().split()) if isinstance(value, (str, int, float)) else None
+
+
+def normalize_currency(value) -> str | None:
+    if not isinstance(value, str):
+        return None
+    text = value.strip().upper()
+    return _CURRENCY_SYMBOLS.get(text, text)
+
+
+def receipt_facts(receipt: dict | None) -> list[tuple]:
+    """A receipt as comparable (field, normalised value) facts; each line item is one fact."""
+    if not isinstance(receipt, dict):
+        return []
+    facts = [("merchant", normalize_text(receipt.get("merchant"))), ("date", normalize_date(receipt.get("date"))),
+             ("currency", normalize_currency(receipt.get("currency")))]
+    facts += [(key, normalize_number(receipt.get(key))) for key in ("subtotal", "tax", "total")]
+    items = receipt.get("items") if isinstance(receipt.get("items"), list) else []
+    for item in items:
+        if isinstance(item, dict):
+            facts.append(("item", (normalize_text(item.get("name")), normalize_number(item.get("qty")),
+                                   normalize_number(item.get("unit_price")))))
+    return [(field_name, value) for field_name, value in facts if value is not None]
+
+
+def field_scores(predicted: dict | None, expected: dict) -> dict:
+    """Matched / predicted / expected fact counts for one receipt (multiset match)."""
+    from collections import Counter
+
+    pred, gold = Counter(receipt_facts(predicted)), Counter(receipt_facts(expected))
+    matched = pred & gold
+    per_field: dict[str, dict[str, int]] = {}
+    for counter, key in ((pred, "predicted"), (gold, "expected"), (matched, "matched")):
+        for (field_name, _), n in counter.items():
+            per_field.setdefault(field_name, {"predicted": 0, "expected": 0, "matched": 0})[key] += n
+    return {"matched": sum(matched.values()), "predicted": sum(pred.values()), "expected": sum(gold.values()),
+            "per_field": per_field, "exact": predicted is not None and pred == gold}
+
+
+def _prf(matched: int, predicted: int, expected: int) -> dict:
+    precision = matched / predicted if predicted else 0.0
+    recall = matched / expected if expected else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"precision": round(precision, 4), "recall": round(recall, 4), "f1": round(f1, 4)}
+
+
+def task_metrics(replies: list[str], targets: list[dict], schema: dict | None = None) -> dict:
+    """JSON validity, schema validity, micro field P/R/F1 (overall and per field) and exact match."""
+    if len(replies) != len(targets):
+        raise ValueError(f"{len(replies)} replies but {len(targets)} targets")
+    totals = {"matched": 0, "predicted": 0, "expected": 0}
+    fields: dict[str, dict[str, int]] = {}
+    exact = json_ok = schema_ok = 0
+    for reply, target in zip(replies, targets):
+        try:
+            predicted = extract_json(reply)
+            json_ok += 1
+        except JSONExtractionError:
+            predicted = None
+        if predicted is not None and schema is not None:
+            try:
+                extract_json(reply, schema)
+                schema_ok += 1
+            except JSONExtractionError:
+                pass
+        scores = field_scores(predicted, target)
+        exact += scores["exact"]
+        for key in totals:
+            totals[key] += scores[key]
+        for field_name, counts in scores["per_field"].items():
+            slot = fields.setdefault(field_name, {"predicted": 0, "expected": 0, "matched": 0})
+            for key in slot:
+                slot[key] += counts[key]
+    n = max(1, len(replies))
+    result = {"n": len(replies), "json_valid": json_ok / n, "exact_match": exact / n,
+              **{f"field_{k}": v for k, v in _prf(totals["matched"], totals["predicted"], totals["expected"]).items()},
+              "per_field": {name: _prf(c["matched"], c["predicted"], c["expected"]) for name, c in sorted(fields.items())}}
+    if schema is not None:
+        result["schema_valid"] = schema_ok / n
+    return result

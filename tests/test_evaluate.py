@@ -1,0 +1,56 @@
+import json
+
+import pytest
+
+from course_utils.evaluate import (field_scores, normalize_currency, normalize_date, normalize_number, receipt_facts,
+                                   task_metrics, validity)
+from course_utils.receipts import RECEIPT_SCHEMA
+
+GOLD = {"merchant": "Café Nord", "date": "2024-02-01", "currency": "EUR",
+        "items": [{"name": "Tea", "qty": 2, "unit_price": 1.5}, {"name": "Cake", "qty": 1, "unit_price": 3.2}],
+        "subtotal": 6.2, "tax": 1.18, "total": 7.38}
+
+
+@pytest.mark.parametrize("raw, expected", [(7.38, 7.38), ("7.38", 7.38), ("1,234.50", 1234.5), ("12,30 €", 12.3),
+                                           ("$15", 15.0), (3, 3.0), ("n/a", None), (True, None)])
+def test_numbers_normalise(raw, expected):
+    assert normalize_number(raw) == expected
+
+
+@pytest.mark.parametrize("raw, expected", [("2024-02-01", "2024-02-01"), ("01.02.2024", "2024-02-01"),
+                                           ("02/01/2024", "2024-02-01"), ("Feb 1", None), (None, None)])
+def test_dates_normalise(raw, expected):
+    assert normalize_date(raw) == expected
+
+
+def test_currency_and_text_normalise():
+    assert [normalize_currency(c) for c in ("eur", "€", " usd ", "£")] == ["EUR", "EUR", "USD", "GBP"]
+    assert ("merchant", "café nord") in receipt_facts(dict(GOLD, merchant="  CAFÉ   Nord "))
+
+
+def test_perfect_and_partial_predictions_by_hand():
+    assert field_scores(GOLD, GOLD) == {"matched": 8, "predicted": 8, "expected": 8, "exact": True,
+                                        "per_field": field_scores(GOLD, GOLD)["per_field"]}
+    # wrong merchant, date printed differently (still right), one item missing, total wrong
+    partial = dict(GOLD, merchant="Cafe Nord", date="01.02.2024", items=GOLD["items"][:1], total=7.0)
+    s = field_scores(partial, GOLD)
+    # facts: merchant, date, currency, subtotal, tax, total + items. Predicted 7, expected 8.
+    # matched: date, currency, subtotal, tax, 1 item = 5
+    assert (s["matched"], s["predicted"], s["expected"], s["exact"]) == (5, 7, 8, False)
+    assert s["per_field"]["item"] == {"predicted": 1, "expected": 2, "matched": 1}
+
+
+def test_task_metrics_with_malformed_json_by_hand():
+    replies = [json.dumps(GOLD), "```json\n" + json.dumps(dict(GOLD, total=1)) + "\n```", "{broken", "no json here"]
+    m = task_metrics(replies, [GOLD] * 4, RECEIPT_SCHEMA)
+    assert m["json_valid"] == 0.5 and m["schema_valid"] == 0.5 and m["exact_match"] == 0.25
+    # matched 8 + 7 = 15; predicted 8 + 8 = 16; expected 32
+    assert m["field_precision"] == round(15 / 16, 4) and m["field_recall"] == round(15 / 32, 4)
+    assert m["field_f1"] == round(2 * (15 / 16) * (15 / 32) / (15 / 16 + 15 / 32), 4)
+    assert m["per_field"]["total"] == {"precision": 0.5, "recall": 0.25, "f1": round(2 * 0.5 * 0.25 / 0.75, 4)}
+    with pytest.raises(ValueError, match="targets"):
+        task_metrics(replies, [GOLD])
+
+
+def test_validity_counts():
+    assert validity(['{"a": 1}', "x", '{"a"'], None) == {"json_valid": 1 / 3, "n": 3}
