@@ -169,3 +169,58 @@ def task_metrics(replies: list[str], targets: list[dict], schema: dict | None = 
     if schema is not None:
         result["schema_valid"] = schema_ok / n
     return result
+
+
+# --- Loss, and the silent no-op adapter -----------------------------------------------------------
+
+def heldout_loss(model, processor, records: list[dict], batch_size: int = 8, max_seq_length: int = 1024) -> dict:
+    """Mean response-token loss on held-out records, and its perplexity."""
+    import math
+
+    import torch
+
+    from course_utils.train import VisionTextCollator, prepare_examples, response_only_loss
+
+    examples = prepare_examples(records, processor, max_seq_length, progress=False)
+    collate = VisionTextCollator(processor.tokenizer.pad_token_id)
+    total, tokens = 0.0, 0
+    was_training = getattr(model, "training", False)
+    model.eval()
+    try:
+        with torch.no_grad():
+            for start in range(0, len(examples), batch_size):
+                batch = collate(examples[start:start + batch_size])
+                n = int((batch["labels"][:, 1:] != -100).sum())
+                batch = {k: v.to(model.device) for k, v in batch.items()}
+                total += float(response_only_loss(model, batch, num_items_in_batch=n)) * n
+                tokens += n
+    finally:
+        if was_training:
+            model.train()
+    loss = total / max(1, tokens)
+    return {"loss": round(loss, 4), "perplexity": round(math.exp(min(loss, 50)), 2), "tokens": tokens}
+
+
+def adapter_effect(peft_model, processor, records: list[dict], max_seq_length: int = 1024) -> float:
+    """Largest change the adapter makes to any next-token logit on ``records`` (0.0 = a no-op adapter).
+
+    A LoRA adapter starts as an exact no-op (B = 0); one that is still a no-op after "training" — a
+    wrong target_modules regex, a learning rate of 0, an adapter that was never loaded — silently
+    evaluates the base model. Compare with the adapter switched off.
+    """
+    import torch
+
+    from course_utils.train import VisionTextCollator, prepare_examples
+
+    examples = prepare_examples(records, processor, max_seq_length, progress=False)
+    batch = {k: v.to(peft_model.device) for k, v in VisionTextCollator(processor.tokenizer.pad_token_id)(examples).items()
+             if k != "labels"}
+    if "pixel_values" in batch:
+        batch["pixel_values"] = batch["pixel_values"].to(next(peft_model.parameters()).dtype)
+    peft_model.eval()
+    with torch.no_grad():
+        tuned = peft_model(**batch).logits
+        with peft_model.disable_adapter():
+            base = peft_model(**batch).logits
+    mask = batch["attention_mask"].bool()
+    return float((tuned - base).abs()[mask].max())

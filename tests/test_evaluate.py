@@ -54,3 +54,24 @@ def test_task_metrics_with_malformed_json_by_hand():
 
 def test_validity_counts():
     assert validity(['{"a": 1}', "x", '{"a"'], None) == {"json_valid": 1 / 3, "n": 3}
+
+
+def test_a_fresh_adapter_is_detected_as_a_no_op_and_training_changes_it(stand_in_dir, tmp_path):
+    from course_utils.data import mix_modalities
+    from course_utils.evaluate import adapter_effect, heldout_loss
+    from course_utils.models import load
+    from course_utils.receipts import load_local
+    from course_utils.train import build_trainer, preset_for
+
+    records = mix_modalities(load_local("train")[:8], 0.5, 0)
+    loaded = load("cpu-tiny", stand_in_dir=stand_in_dir)
+    run = build_trainer(loaded.model, loaded.processor, records, None,
+                        preset_for("cpu-tiny", max_steps=3, save_steps=100, per_device_train_batch_size=4),
+                        tmp_path, progress=False)
+    assert adapter_effect(run.model, loaded.processor, records[:2]) == 0.0  # LoRA B starts at zero
+    before = heldout_loss(run.model, loaded.processor, records[:4])
+    run.trainer.train()
+    assert adapter_effect(run.model, loaded.processor, records[:2]) > 0.01
+    after = heldout_loss(run.model, loaded.processor, records[:4])
+    assert after["loss"] < before["loss"] and after["perplexity"] < before["perplexity"]
+    assert before["tokens"] == after["tokens"] > 0
