@@ -82,12 +82,8 @@ def reference_token_ids(messages: list[dict], processor=None) -> list[int]:
 
     kwargs = {}
     if processor is not None:
-        ip = processor.image_processor
-        kwargs = dict(
-            patch_size=ip.patch_size["height"] if isinstance(ip.patch_size, dict) else ip.patch_size,
-            max_image_size=ip.size["longest_edge"],
-            spatial_merge_size=processor.spatial_merge_size,
-        )
+        patch, merge, longest_edge = processor_image_settings(processor)
+        kwargs = dict(patch_size=patch, max_image_size=longest_edge, spatial_merge_size=merge)
     tok = reference_tokenizer(**kwargs)
     converted = [{"role": m["role"], "content": _to_mistral_common_content(m["content"])} for m in messages]
     request = ChatCompletionRequest(messages=converted)
