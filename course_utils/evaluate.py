@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from course_utils.chat import JSONExtractionError, extract_json, generate_batch
@@ -11,6 +13,11 @@ from course_utils.data import with_images
 def prompts_of(records: list[dict], base_dir: Path | None = None) -> list[list[dict]]:
     """Each record's conversation without its final assistant reply, images loaded."""
     return [with_images(r, base_dir)[:-1] for r in records]
+
+
+def targets_of(records: list[dict]) -> list[dict]:
+    """Each record's expected answer (its final assistant message) parsed as JSON."""
+    return [json.loads(r["messages"][-1]["content"]) for r in records]
 
 
 def validity(replies: list[str], schema: dict | None = None) -> dict:
@@ -224,3 +231,282 @@ def adapter_effect(peft_model, processor, records: list[dict], max_seq_length: i
             base = peft_model(**batch).logits
     mask = batch["attention_mask"].bool()
     return float((tuned - base).abs()[mask].max())
+
+
+# --- Base vs tuned: one comparison, shown as a table, a chart, the worst examples and a report -----
+
+HEADLINE_METRICS = ("json_valid", "schema_valid", "field_f1", "exact_match")
+
+
+def example_f1(reply: str, target: dict) -> float:
+    """Field F1 of one reply against its target (0.0 when the reply holds no JSON)."""
+    try:
+        predicted = extract_json(reply)
+    except JSONExtractionError:
+        predicted = None
+    s = field_scores(predicted, target)
+    return _prf(s["matched"], s["predicted"], s["expected"])["f1"]
+
+
+@dataclass
+class Comparison:
+    """Task metrics of several models (e.g. base and tuned) on the same rows, and every reply."""
+
+    metrics: dict[str, dict]
+    examples: list[dict]
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.metrics)
+
+    def table(self) -> list[dict]:
+        """One row per headline metric; a ``change`` column when exactly two models are compared."""
+        rows = []
+        for metric in HEADLINE_METRICS:
+            if not all(metric in m for m in self.metrics.values()):
+                continue
+            row = {"metric": metric, **{name: round(m[metric], 3) for name, m in self.metrics.items()}}
+            if len(self.metrics) == 2:
+                first, second = (self.metrics[n][metric] for n in self.names)
+                row["change"] = f"{second - first:+.3f}"
+            rows.append(row)
+        return rows
+
+    def per_field(self) -> list[dict]:
+        """Field F1 for every field any model produced or the targets hold."""
+        fields = sorted({f for m in self.metrics.values() for f in m["per_field"]})
+        return [{"field": f, **{name: m["per_field"].get(f, {}).get("f1", 0.0) for name, m in self.metrics.items()}}
+                for f in fields]
+
+    def worst(self, n: int = 3, model: str | None = None) -> list[dict]:
+        """The ``n`` rows where ``model`` (default: the last one) scores lowest — no JSON first, then F1."""
+        model = model or self.names[-1]
+        return sorted(self.examples, key=lambda e: (e["json_valid"][model], e["f1"][model], e["index"]))[:n]
+
+    def outcomes(self) -> list[dict]:
+        """Error analysis: how many replies of each model fall in each :data:`OUTCOMES` bucket."""
+        return [{"outcome": o, **{name: sum(e["outcome"][name] == o for e in self.examples) for name in self.names}}
+                for o in OUTCOMES]
+
+    def plot(self):
+        """Grouped bars: headline metrics, and field F1 per field, one colour per model."""
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, 2, figsize=(11, 3.6), gridspec_kw={"width_ratios": [1, 1.4]})
+        for ax, rows, key, title in ((axes[0], self.table(), "metric", "Task metrics (test split)"),
+                                     (axes[1], self.per_field(), "field", "Field F1 by field")):
+            width = 0.8 / len(self.names)
+            for i, name in enumerate(self.names):
+                xs = [j + i * width for j in range(len(rows))]
+                bars = ax.bar(xs, [r[name] for r in rows], width, label=name)
+                ax.bar_label(bars, fmt="%.2f", fontsize=7)
+            ax.set_xticks([j + width * (len(self.names) - 1) / 2 for j in range(len(rows))], [r[key] for r in rows],
+                          rotation=20)
+            ax.set_ylim(0, 1.1)
+            ax.set_title(title)
+        axes[0].legend()
+        fig.tight_layout()
+        return fig
+
+    def to_dict(self) -> dict:
+        return {"metrics": self.metrics, "examples": self.examples}
+
+    def markdown(self, title: str = "Evaluation report", context: dict | None = None, worst: int = 3) -> str:
+        def md_table(rows: list[dict]) -> str:
+            if not rows:
+                return ""
+            head = list(rows[0])
+            lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+            lines += ["| " + " | ".join(str(r[h]) for h in head) + " |" for r in rows]
+            return "\n".join(lines)
+
+        parts = [f"# {title}", ""]
+        if context:
+            parts += [f"- **{k}**: {v}" for k, v in context.items()] + [""]
+        parts += ["## Task metrics", "", md_table(self.table()), "", "## Field F1 by field", "",
+                  md_table(self.per_field()), "", "## Outcomes", "", md_table(self.outcomes()), "",
+                  f"## Worst {worst} examples ({self.names[-1]})", ""]
+        for e in self.worst(worst):
+            parts += [f"### Row {e['index']}", "", "Expected:", "", "```json", json.dumps(e["expected"], ensure_ascii=False),
+                      "```", ""]
+            for name in self.names:
+                parts += [f"{name} (F1 {e['f1'][name]:.2f}):", "", "```", e["replies"][name][:600], "```", ""]
+        return "\n".join(parts)
+
+
+OUTCOMES = ("no JSON", "schema error", "wrong values", "partly right", "all right")
+
+
+def _outcome(checks: dict, f1: float, has_schema: bool) -> str:
+    if not checks["json_valid"]:
+        return "no JSON"
+    if has_schema and not checks["schema_valid"]:
+        return "schema error"
+    return "all right" if f1 == 1.0 else "partly right" if f1 >= 0.5 else "wrong values"
+
+
+def compare(replies: dict[str, list[str]], targets: list[dict], schema: dict | None = None) -> Comparison:
+    """Score each model's replies (``{"base": [...], "tuned": [...]}``) against the same targets."""
+    lengths = {name: len(r) for name, r in replies.items()}
+    if set(lengths.values()) != {len(targets)}:
+        raise ValueError(f"every model needs one reply per target ({len(targets)}); got {lengths}")
+    metrics = {name: task_metrics(r, targets, schema) for name, r in replies.items()}
+    examples = []
+    for i, target in enumerate(targets):
+        row = {"index": i, "expected": target, "replies": {}, "f1": {}, "json_valid": {}, "outcome": {}}
+        for name, r in replies.items():
+            row["replies"][name] = r[i]
+            row["f1"][name] = example_f1(r[i], target)
+            checks = validity([r[i]], schema)
+            row["json_valid"][name] = checks["json_valid"] == 1.0
+            row["outcome"][name] = _outcome(checks, row["f1"][name], schema is not None)
+        examples.append(row)
+    return Comparison(metrics, examples)
+
+
+def save_report(comparison: Comparison, out_dir: str | Path, context: dict | None = None,
+                overwrite: bool = False, title: str = "Evaluation report") -> tuple[Path, Path]:
+    """``report.json`` (everything, incl. every reply) and ``report.md`` (for people), written atomically.
+
+    Refuses to replace an earlier report unless ``overwrite`` — reports are evidence.
+    """
+    from course_utils.paths import atomic_write
+
+    out = Path(out_dir)
+    json_path, md_path = out / "report.json", out / "report.md"
+    for path in (json_path, md_path):
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"{path} exists; choose another folder or pass overwrite=True")
+    payload = {"context": context or {}, **comparison.to_dict()}
+    atomic_write(json_path, json.dumps(payload, indent=1, ensure_ascii=False, default=str), overwrite=overwrite)
+    atomic_write(md_path, comparison.markdown(title, context), overwrite=overwrite)
+    return json_path, md_path
+
+
+# --- LLM-as-judge through any OpenAI-compatible endpoint (off unless you configure one) ---------------
+
+JUDGE_SYSTEM = "You are a strict grader of information extraction. You answer with JSON only."
+JUDGE_TEMPLATE = """Grade how well a model extracted a receipt into JSON.
+
+Reference (correct) JSON:
+{expected}
+
+Model reply:
+{reply}
+
+Score from 1 to 5:
+5 = every field and line item correct (formatting differences such as 7.5 vs "7.50" do not matter)
+4 = one small error (one value or one item wrong or missing)
+3 = several errors, but merchant, date and total right
+2 = valid receipt JSON with mostly wrong values
+1 = not receipt JSON, or unusable
+
+Answer with exactly one JSON object: {{"score": <integer 1-5>, "reason": "<one short sentence>"}}"""
+
+
+class JudgeParseError(ValueError):
+    """The judge's reply held no usable score."""
+
+
+def judge_messages(expected: dict | str, reply: str) -> list[dict]:
+    expected_text = expected if isinstance(expected, str) else json.dumps(expected, ensure_ascii=False)
+    return [{"role": "system", "content": JUDGE_SYSTEM},
+            {"role": "user", "content": JUDGE_TEMPLATE.format(expected=expected_text, reply=reply.strip() or "(empty)")}]
+
+
+def parse_judge(text: str) -> dict:
+    """``{"score": 1-5, "reason": str}`` from a judge reply; tolerant of fences and chatter, strict on the score."""
+    import re
+
+    try:
+        obj = extract_json(text)
+        score, reason = obj.get("score"), str(obj.get("reason", "")).strip()
+    except JSONExtractionError:
+        match = re.search(r"score\W{0,4}([1-5])\b", text, re.IGNORECASE)
+        if not match:
+            raise JudgeParseError(f"no JSON object and no 'score: N' in the judge's reply: {text[:120]!r}") from None
+        score, reason = match.group(1), text.strip()[:200]
+    try:
+        value = float(score)
+    except (TypeError, ValueError):
+        raise JudgeParseError(f"judge score {score!r} is not a number") from None
+    if not value.is_integer() or not 1 <= value <= 5:
+        raise JudgeParseError(f"judge score {score!r} is outside the integers 1-5")
+    return {"score": int(value), "reason": reason}
+
+
+def llm_judge(pairs: list[tuple[dict, str]], base_url: str, model: str, api_key: str | None = None,
+              max_workers: int = 4, timeout: float = 60.0, progress: bool = True) -> list[dict]:
+    """Ask a judge model (any OpenAI-compatible ``/v1`` endpoint) to score (expected, reply) pairs.
+
+    The key comes from ``api_key`` or ``$JUDGE_API_KEY`` and is never printed. A failed call or an
+    unparseable answer becomes ``{"score": None, "error": ...}`` — nothing is dropped.
+    """
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    from openai import OpenAI
+    from tqdm.auto import tqdm
+
+    client = OpenAI(base_url=base_url, api_key=api_key or os.environ.get("JUDGE_API_KEY") or "not-needed",
+                    timeout=timeout, max_retries=1)
+
+    def one(pair):
+        expected, reply = pair
+        try:
+            response = client.chat.completions.create(model=model, messages=judge_messages(expected, reply),
+                                                      temperature=0.0, max_tokens=120)
+            return parse_judge(response.choices[0].message.content or "")
+        except Exception as error:  # noqa: BLE001 — recorded per row, the run goes on
+            return {"score": None, "error": f"{type(error).__name__}: {str(error)[:160]}"}
+
+    with ThreadPoolExecutor(max_workers=max_workers) as pool:
+        return list(tqdm(pool.map(one, pairs), total=len(pairs), desc="judge", disable=not progress))
+
+
+def judge_summary(results: list[dict]) -> dict:
+    scores = [r["score"] for r in results if r.get("score") is not None]
+    return {"mean_score": round(sum(scores) / len(scores), 2) if scores else None, "scored": len(scores),
+            "failed": len(results) - len(scores)}
+
+
+# --- General benchmarks: lm-evaluation-harness commands -------------------------------------------
+
+def lm_eval_command(model: str, tasks: tuple[str, ...] = ("mmlu", "gsm8k"), adapter: str | None = None,
+                    backend: str = "hf", base_url: str | None = None, num_fewshot: int | None = 5,
+                    limit: int | None = None, output_path: str = "outputs/lm-eval") -> list[str]:
+    """An ``lm-eval run`` argument list: ``hf`` (transformers + peft adapter), ``vllm``, or
+    ``local-chat-completions`` (any OpenAI-compatible server, e.g. lesson 07's)."""
+    if backend == "hf":
+        model_args = f"pretrained={model},dtype=bfloat16" + (f",peft={adapter}" if adapter else "")
+    elif backend == "vllm":
+        model_args = f"pretrained={model},dtype=auto,max_model_len=8192,gpu_memory_utilization=0.85"
+        if adapter:
+            model_args += f",enable_lora=True,lora_local_path={adapter}"
+    elif backend == "local-chat-completions":
+        if not base_url:
+            raise ValueError("local-chat-completions needs base_url, e.g. http://127.0.0.1:8080/v1/chat/completions")
+        model_args = f"model={model},base_url={base_url},num_concurrent=4,max_retries=2"
+    else:
+        raise ValueError(f"backend {backend!r}: choose 'hf', 'vllm' or 'local-chat-completions'")
+    cmd = ["lm-eval", "run", "--model", backend, "--model_args", model_args, "--tasks", ",".join(tasks),
+           "--apply_chat_template", "--output_path", output_path, "--log_samples"]
+    if num_fewshot is not None:
+        cmd += ["--num_fewshot", str(num_fewshot)] + (["--fewshot_as_multiturn"] if num_fewshot else [])
+    cmd += ["--batch_size", "1" if backend == "local-chat-completions" else "auto"]
+    if limit:
+        cmd += ["--limit", str(limit)]
+    return cmd
+
+
+def load_tuned(model, adapter_dir: str | Path):
+    """Wrap a freshly loaded base model with a saved LoRA adapter (inference mode).
+
+    The base stays reachable: ``with tuned.disable_adapter(): ...`` runs the untouched base model,
+    so one copy in memory serves both sides of a comparison.
+    """
+    from peft import PeftModel
+
+    tuned = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+    tuned.eval()
+    return tuned

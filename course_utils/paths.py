@@ -27,3 +27,25 @@ def outputs_dir(*parts: str) -> Path:
     path = base.joinpath(*parts)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def atomic_write(path: str | os.PathLike, data: str | bytes, overwrite: bool = False) -> Path:
+    """Write ``data`` to ``path`` all at once (temp file + rename); refuse an existing file unless ``overwrite``.
+
+    A crash mid-write leaves the old file (or nothing), never half a file.
+    """
+    import tempfile
+
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; choose another name or pass overwrite=True")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

@@ -313,3 +313,20 @@ def render_ui_mockup(seed: int = 0, width: int = 360, height: int = 240):
     draw.rounded_rectangle((width - 130, 140, width - 20, 172), radius=6, fill=(255, 255, 255), outline=(220, 220, 220))
     draw.text((width - 100, 148), "Save", fill=(205, 205, 205), font=font)
     return img
+
+
+def lesson_splits(profile_name: str) -> tuple[list[dict], list[dict], list[dict], str]:
+    """Train/val/test rows as lesson 03 saved them (``outputs/<profile>/data``), else rebuilt the same way.
+
+    Later lessons call this so each can run on its own; the message says which source was used.
+    """
+    from course_utils.data import mix_modalities
+    from course_utils.paths import outputs_dir
+
+    data_dir = outputs_dir(profile_name, "data")
+    names = ("train", "val", "test")
+    if all((data_dir / f"{s}.jsonl").exists() for s in names):
+        train, val, test = (read_jsonl(data_dir / f"{s}.jsonl") for s in names)
+        return train, val, test, f"dataset from lesson 03 ({data_dir.name}/)"
+    train, val, test = (mix_modalities(load_local(s), 0.5, seed=0) for s in names)
+    return train, val, test, "lesson 03's output not found: rebuilt the same mixed dataset from data/receipts"

@@ -549,12 +549,9 @@ def accelerate_fsdp_config(num_processes: int = 2, cpu_offload: bool = False) ->
 def write_yaml(data: dict, path: str | os.PathLike, overwrite: bool = False) -> Path:
     import yaml
 
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return path
+    from course_utils.paths import atomic_write
+
+    return atomic_write(path, yaml.safe_dump(data, sort_keys=False), overwrite=overwrite)
 
 
 # --- Teaching helpers ----------------------------------------------------------------------------
@@ -575,3 +572,29 @@ def nf4_roundtrip_error(values: torch.Tensor, blocksize: int = 64) -> dict:
     int4 = (torch.clamp(torch.round(blocks / scale), -8, 7) * scale).reshape(flat.shape)
     rmse = lambda q: torch.sqrt(torch.mean((q - flat) ** 2)).item()
     return {"nf4_rmse": rmse(nf4), "int4_rmse": rmse(int4), "bits_per_weight_nf4": 4 + 32 / blocksize}
+
+
+def ensure_adapter(profile_name: str, adapter_dir: str | os.PathLike, train_records: list[dict],
+                   eval_records: list[dict], *, hardware=None, progress: bool = True) -> tuple[Path, str]:
+    """Lesson 04's adapter when it exists; otherwise train it the same way now (≈ 3 min on cpu-tiny).
+
+    Lets lessons 05–07 run on their own. Never replaces an existing adapter.
+    """
+    import time
+
+    from course_utils.models import load
+    from course_utils.paths import outputs_dir
+
+    adapter_dir = Path(adapter_dir)
+    if (adapter_dir / "adapter_model.safetensors").exists():
+        return adapter_dir, f"adapter from lesson 04 ({adapter_dir.name})"
+    loaded = load(profile_name, hardware=hardware)
+    preset = preset_for(loaded.profile.name)
+    run_dir = outputs_dir(loaded.profile.name, "runs", time.strftime("receipts-%Y%m%d-%H%M%S"))
+    run = build_trainer(loaded.model, loaded.processor, train_records, eval_records, preset, run_dir,
+                        backend=loaded.backend, progress=progress)
+    started = time.perf_counter()
+    result = run.trainer.train()
+    card = training_card(run, {"train_loss": result.training_loss}, time.perf_counter() - started)
+    save_adapter(run, adapter_dir, card)
+    return adapter_dir, f"lesson 04's adapter not found: trained it now ({preset.max_steps} steps)"

@@ -39,3 +39,51 @@ def check(answer, expected, hint: str, *, tolerance: float = 0.0) -> None:
     except (TypeError, ValueError):
         ok = answer == expected
     print("✅ Correct!" if ok else f"❌ Not yet ({answer!r}). Hint: {hint}")
+
+
+def example_viewer(examples: list[dict], images: list | None = None, start: int = 0):
+    """Page through evaluation examples (image, expected, each model's reply) with a slider.
+
+    ``examples`` are ``Comparison.examples``; ``images`` holds an image path (or ``None``) per example.
+    Without ipywidgets it prints example ``start`` and returns ``None``; call ``render_example`` for others.
+    """
+    try:
+        import ipywidgets as widgets
+        from IPython import get_ipython
+        from IPython.display import display
+    except ImportError:
+        widgets = None
+    if widgets is None or get_ipython() is None or not examples:
+        print(render_example(examples[start], images[start] if images else None) if examples else "no examples")
+        return None
+    import html
+    from pathlib import Path
+
+    slider = widgets.IntSlider(value=start, min=0, max=len(examples) - 1, description="example")
+    picture = widgets.Image(format="png", width=260)
+    text = widgets.HTML()
+
+    def update(change=None):
+        i = slider.value
+        path = images[i] if images else None
+        picture.value = Path(path).read_bytes() if path else b""
+        picture.layout.display = None if path else "none"
+        text.value = f"<pre style='white-space: pre-wrap'>{html.escape(render_example(examples[i], path))}</pre>"
+
+    slider.observe(update, names="value")
+    update()
+    box = widgets.VBox([slider, widgets.HBox([picture, text])])
+    display(box)
+    return box
+
+
+def render_example(example: dict, image: str | None = None) -> str:
+    """One example as text: row, image, expected JSON and every model's reply with its F1."""
+    import json
+
+    lines = [f"row {example['index']}" + (f" · image {image}" if image else " · text row"),
+             "expected: " + json.dumps(example["expected"], ensure_ascii=False)]
+    for name, reply in example["replies"].items():
+        valid = "JSON" if example["json_valid"][name] else "no JSON"
+        lines.append(f"{name} ({valid}, F1 {example['f1'][name]:.2f}): {reply[:400]}")
+    return "\n".join(lines)

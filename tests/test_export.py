@@ -1,0 +1,259 @@
+"""Lesson 06: merge → GGUF → quantize → verify against transformers → Modelfile, all offline."""
+
+import json
+import re
+
+import pytest
+import torch
+
+from course_utils import export as ex
+from course_utils.receipts import SYSTEM_PROMPT
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "Héllo wörld ✓"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": " two  spaces \n"},
+     {"role": "assistant", "content": "ok "}, {"role": "user", "content": "again\ttab"}],
+    [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": "Extract: Café Nord 2 × tea 1,50 € — 3,00 €"}],
+    [{"role": "user", "content": "日本語のレシート: ¥1,200"}, {"role": "assistant", "content": '{"total": 1200}'},
+     {"role": "user", "content": "and the date?"}],
+]
+
+
+# --- Template pieces and the Modelfile (no llama.cpp needed) ----------------------------------------
+
+def test_template_parts_rebuild_the_training_template(processor):
+    parts = ex.template_parts(processor)
+    assert (parts.bos, parts.user_prefix, parts.user_suffix, parts.assistant_suffix) == ("<s>", "[INST]", "[/INST]", "</s>")
+    for conversation in CONVERSATIONS:
+        assert parts.render(conversation) == processor.apply_chat_template(ex._as_parts(conversation), tokenize=False)
+
+
+def test_modelfile_fields_and_stop_tokens(processor):
+    parts = ex.template_parts(processor)
+    text = ex.modelfile("receipts-Q4_K_M.gguf", parts, system=SYSTEM_PROMPT, num_ctx=4096,
+                        projector="receipts-mmproj-f16.gguf")
+    froms = re.findall(r"^FROM (.+)$", text, re.M)
+    assert froms == ["./receipts-Q4_K_M.gguf", "./receipts-mmproj-f16.gguf"]
+    assert re.findall(r'^PARAMETER stop "(.+)"$', text, re.M) == ["</s>", "[INST]"]
+    assert "PARAMETER temperature 0.15" in text and "PARAMETER num_ctx 4096" in text
+    assert f'SYSTEM """{SYSTEM_PROMPT}"""' in text
+    template = re.search(r'TEMPLATE """(.*?)"""', text, re.S).group(1)
+    # the Go template holds exactly the pieces derived from the training template
+    system = re.search(r'eq \.Role "system" }}(.*?){{ \.Content }}(.*?)\n', template)
+    user = re.search(r'eq \.Role "user" }}(.*?){{ \.Content }}(.*?)\n', template)
+    assistant = re.search(r'eq \.Role "assistant" }}{{ \.Content }}(.*?)\n', template)
+    assert template.startswith(parts.bos + "{{- range")
+    assert system.groups() == (parts.system_prefix, parts.system_suffix)
+    assert user.groups() == (parts.user_prefix, parts.user_suffix)
+    assert assistant.group(1) == parts.assistant_suffix
+    assert "FROM ./receipts-mmproj" not in ex.modelfile("m.gguf", parts)
+
+
+def test_ollama_commands_are_argument_lists():
+    cmds = ex.ollama_commands("receipts; rm -rf /", "outputs/x/Modelfile")
+    assert cmds["create"] == ["ollama", "create", "receipts; rm -rf /", "-f", "outputs/x/Modelfile"]
+    assert cmds["run"][:3] == ["ollama", "run", "receipts; rm -rf /"]
+
+
+def test_serving_template_turns_images_into_urls_and_keeps_bos():
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    from course_utils.tiny import CHAT_TEMPLATE
+
+    template = ex.serving_template(CHAT_TEMPLATE)
+    assert "generation" not in template
+    text = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(template).render(
+        messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAA"}},
+                                               {"type": "text", "text": "What is this?"}]}])
+    assert text == "<s>[INST]data:image/png;base64,AAAWhat is this?[/INST]"
+
+
+# --- Refusals: disk, existing targets; manifest ------------------------------------------------------
+
+def test_disk_preflight_refuses_with_how_much(tmp_path):
+    plan = ex.plan_export(24_000_000_000, ("F16", "Q4_K_M"))
+    assert plan.files["merged safetensors"] == 48_000_000_000
+    assert plan.files["GGUF Q4_K_M"] == int(24e9 * 4.9 / 8)
+    with pytest.raises(ex.DiskSpaceError, match=r"needs about 1\d\d\.\d\d GiB.*10\.00 GiB is free"):
+        ex.disk_preflight(tmp_path / "exports", plan.total_bytes, free_bytes=10 * 2**30)
+    assert ex.disk_preflight(tmp_path, 1000, free_bytes=2000) == 2000
+
+
+def test_merge_refuses_on_full_disk_before_writing(stand_in_dir, tmp_path):
+    from course_utils.models import load
+
+    loaded = load("cpu-tiny", stand_in_dir=stand_in_dir)
+    with pytest.raises(ex.DiskSpaceError, match="not enough disk"):
+        ex.merge_adapter(loaded.model, loaded.processor, tmp_path / "no-adapter-needed", tmp_path / "merged",
+                         free_bytes=1024)
+    assert not (tmp_path / "merged").exists()
+
+
+def test_existing_targets_are_never_replaced(tmp_path):
+    target = tmp_path / "model-Q4_K_M.gguf"
+    target.write_bytes(b"precious")
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        ex.quantize(tmp_path / "src.gguf", target, "Q4_K_M")
+    with pytest.raises(FileExistsError):
+        ex.convert_to_gguf(tmp_path, target, tools=tmp_path)
+    (tmp_path / "merged").mkdir()
+    (tmp_path / "merged" / "model.safetensors").write_bytes(b"precious")
+    with pytest.raises(FileExistsError):
+        ex.merge_adapter(None, None, tmp_path, tmp_path / "merged")
+    assert target.read_bytes() == b"precious"
+    with pytest.raises(ValueError, match="Q4_K_M"):
+        ex.quantize(tmp_path / "src.gguf", tmp_path / "x.gguf", "Q3_XS")
+
+
+def test_manifest_checksums_match_and_catch_changes(tmp_path):
+    import hashlib
+
+    files = [tmp_path / "a.gguf", tmp_path / "sub" / "Modelfile"]
+    files[1].parent.mkdir()
+    files[0].write_bytes(b"\x00GGUF" * 1000)
+    files[1].write_text("FROM ./a.gguf\n")
+    manifest = ex.write_manifest(tmp_path, files, {"base_model": "stand-in"})
+    data = json.loads(manifest.read_text())
+    assert data["base_model"] == "stand-in"
+    assert data["files"][0] == {"file": "a.gguf", "bytes": 5000,
+                                "sha256": hashlib.sha256(b"\x00GGUF" * 1000).hexdigest()}
+    assert data["files"][1]["file"] == "sub/Modelfile"
+    assert ex.verify_manifest(manifest) == []
+    files[0].write_bytes(b"\x00GGUF" * 999 + b"\x00GGUX")
+    files[1].unlink()
+    assert ex.verify_manifest(manifest) == ["a.gguf: changed (size or sha256 differs)", "sub/Modelfile: missing"]
+    with pytest.raises(FileExistsError):
+        ex.write_manifest(tmp_path, [files[0]])
+
+
+def test_unsloth_reads_the_variables_we_set():
+    """API drift: unsloth_zoo must still read the variables that point it at our llama.cpp."""
+    import importlib.util
+    from pathlib import Path
+
+    source = Path(importlib.util.find_spec("unsloth_zoo").origin).parent.joinpath("llama_cpp.py").read_text()
+    for name in ex.unsloth_llama_cpp_env(Path("/x")):
+        assert name in source, f"unsloth_zoo no longer reads {name}"
+
+
+def test_pinned_llama_cpp_python_matches_requirements():
+    from pathlib import Path
+
+    text = (Path(__file__).parents[1] / "requirements.txt").read_text()
+    assert f"llama-cpp-python[server]=={ex.LLAMA_CPP_PYTHON}" in text
+
+
+# --- The real thing: a tuned stand-in through llama.cpp ------------------------------------------------
+
+@pytest.fixture(scope="module")
+def exported(stand_in_dir, tmp_path_factory):
+    """A stand-in with a non-zero LoRA adapter, merged and exported as f16 (+ projector), Q8_0, Q4_K_M."""
+    from peft import LoraConfig, get_peft_model
+
+    from course_utils.models import load
+    from course_utils.train import LANGUAGE_TARGETS
+
+    out = tmp_path_factory.mktemp("export")
+    tools = ex.llama_cpp_tools()
+    loaded = load("cpu-tiny", stand_in_dir=stand_in_dir)
+    peft_model = get_peft_model(loaded.model, LoraConfig(r=4, target_modules=LANGUAGE_TARGETS))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    peft_model.save_pretrained(out / "adapter")
+    fresh = load("cpu-tiny", stand_in_dir=stand_in_dir)
+    merged = ex.merge_adapter(fresh.model, fresh.processor, out / "adapter", out / "merged")
+    files = {"F16": ex.convert_to_gguf(merged, out / "m-f16.gguf", "f16", tools=tools),
+             "mmproj": ex.convert_to_gguf(merged, out / "mmproj-f16.gguf", "f16", mmproj=True, tools=tools)}
+    log = []
+    for q in ("Q8_0", "Q4_K_M"):
+        files[q] = ex.quantize(files["F16"], out / f"m-{q}.gguf", q, log=log)
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model = AutoModelForImageTextToText.from_pretrained(merged, dtype=torch.float32).eval()
+    return {"out": out, "tools": tools, "files": files, "model": model, "quant_log": "".join(log),
+            "processor": AutoProcessor.from_pretrained(merged), "peft": peft_model, "base_dir": stand_in_dir}
+
+
+def test_merged_model_equals_the_adapter_model(exported):
+    processor = exported["processor"]
+    ids = processor.apply_chat_template(ex._as_parts(CONVERSATIONS[2]), tokenize=True, return_dict=True,
+                                        return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        merged = exported["model"](input_ids=ids).logits
+        adapter = exported["peft"](input_ids=ids).logits
+        with exported["peft"].disable_adapter():
+            base = exported["peft"](input_ids=ids).logits
+    assert torch.allclose(merged, adapter, atol=1e-4)
+    assert (merged - base).abs().max() > 0.01  # the adapter is really in there
+
+
+@pytest.mark.parametrize("qtype", ["F16", "Q8_0", "Q4_K_M"])
+def test_gguf_logits_match_transformers_within_tolerance(exported, qtype):
+    llm = ex.open_gguf(exported["files"][qtype], logits_all=True, n_ctx=1024)
+    try:
+        parity = ex.logit_parity(llm, exported["model"], exported["processor"], CONVERSATIONS)
+        reply = llm.create_completion(ex.llama_cpp_prompt_ids(llm, CONVERSATIONS[0]), max_tokens=8, temperature=0)
+    finally:
+        llm.close()
+    assert parity["positions"] > 100
+    assert ex.within_tolerance(parity, qtype), parity
+    assert reply["usage"]["completion_tokens"] >= 1  # llama.cpp generates from every file
+
+
+def test_quantized_files_are_smaller_and_say_what_fell_back(exported):
+    sizes = {q: exported["files"][q].stat().st_size for q in ("F16", "Q8_0", "Q4_K_M")}
+    assert sizes["F16"] > sizes["Q8_0"] > sizes["Q4_K_M"]
+    # the stand-in's 128-wide rows cannot use K-quants (256-blocks); llama.cpp reports its fallbacks
+    assert ex.fallback_count(exported["quant_log"]) > 0
+
+
+def test_embedded_training_template_gives_transformers_token_ids(exported):
+    llm = ex.open_gguf(exported["files"]["F16"], n_ctx=512)
+    try:
+        meta = llm.metadata
+        assert meta["tokenizer.chat_template"] == exported["processor"].tokenizer.chat_template or \
+            meta["tokenizer.chat_template"] == exported["processor"].chat_template
+        assert ex.template_parity(llm, exported["processor"], CONVERSATIONS) == []
+    finally:
+        llm.close()
+
+
+def test_vision_projector_loads_and_answers_an_image(exported):
+    import base64
+
+    from course_utils.receipts import load_local
+
+    image = load_local("test")[0]["images"][0]
+    uri = "data:image/png;base64," + base64.b64encode(open(image, "rb").read()).decode()
+    llm = ex.open_gguf(exported["files"]["F16"], mmproj=exported["files"]["mmproj"], n_ctx=2048)
+    try:
+        out = llm.create_chat_completion(messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": uri}}, {"type": "text", "text": "Extract."}]}],
+            max_tokens=4, temperature=0)
+    finally:
+        llm.close()
+    # the prompt holds the image embeddings: far more tokens than the text alone
+    assert out["usage"]["prompt_tokens"] > 50
+
+
+def test_gguf_header_reader_agrees_with_llama_cpp(exported):
+    header = ex.read_gguf_kv(exported["files"]["F16"])
+    meta = ex.gguf_metadata(exported["files"]["F16"])
+    assert header["general.architecture"] == meta["general.architecture"] == "mistral3"
+    assert header["tokenizer.ggml.pre"] == "pixtral" and header["tokenizer.ggml.bos_token_id"] == 1
+    assert ex.read_gguf_kv(exported["files"]["mmproj"], "clip.projector_type") == "pixtral"
+    with pytest.raises(ex.ExportError, match="not a GGUF"):
+        ex.read_gguf_kv(exported["out"] / "adapter" / "adapter_config.json")
+
+
+def test_lora_gguf_limit_is_reported_not_hidden(exported):
+    """llama.cpp's LoRA converter writes a full model, not an adapter, for Mistral3 (0.3.36): refuse
+    with a reason instead of handing over a file that is not what it claims. If upstream fixes it,
+    this test fails — then make base GGUF + --lora part of the lesson."""
+    with pytest.raises(ex.ExportError, match="merge instead"):
+        ex.convert_lora_to_gguf(exported["out"] / "adapter", exported["base_dir"] / "tiny-mistral-small-3",
+                                exported["out"] / "adapter-f16.gguf", tools=exported["tools"])
+    assert not (exported["out"] / "adapter-f16.gguf").exists()
