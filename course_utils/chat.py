@@ -337,3 +337,24 @@ def generate_batch(model, processor, conversations: list[list[dict]], max_new_to
     finally:
         tokenizer.padding_side = previous_side
     return replies
+
+
+def openai_messages(messages: list[dict]) -> list[dict]:
+    """Course/HF messages (image parts holding a path, PIL image or URL) as OpenAI chat messages:
+    images become ``image_url`` parts with data URIs (``http(s)`` URLs are passed through)."""
+    out = []
+    for message in messages:
+        content = message["content"]
+        if isinstance(content, list):
+            parts = []
+            for part in content:
+                if part.get("type") == "image":
+                    source = part.get("image") or part.get("url") or part.get("path")
+                    url = source if isinstance(source, str) and source.startswith(("http://", "https://", "data:")) \
+                        else to_data_uri(source)
+                    parts.append({"type": "image_url", "image_url": {"url": url}})
+                else:
+                    parts.append(part)
+            content = parts
+        out.append({"role": message["role"], "content": content})
+    return out
