@@ -394,9 +394,13 @@ def open_gguf(model_path: str | os.PathLike, mmproj: str | os.PathLike | None = 
 
 def vision_chat_handler(model_path: str | os.PathLike, mmproj: str | os.PathLike):
     """llama-cpp-python's multimodal (mtmd) handler, driven by the GGUF's own chat template."""
-    from llama_cpp.llama_chat_format import Llava15ChatHandler
+    return vision_handler_class(model_path)(clip_model_path=str(mmproj), verbose=False)
 
+
+def vision_handler_class(model_path: str | os.PathLike):
+    """A ``Llava15ChatHandler`` subclass whose prompt format is the GGUF's embedded (training) template."""
     from llama_cpp import Llama
+    from llama_cpp.llama_chat_format import Llava15ChatHandler
 
     vocab = Llama(str(model_path), vocab_only=True, verbose=False)
     try:
@@ -411,7 +415,7 @@ def vision_chat_handler(model_path: str | os.PathLike, mmproj: str | os.PathLike
         DEFAULT_SYSTEM_MESSAGE = None  # the template decides; no LLaVA default prompt
         CHAT_FORMAT = serving_template(template, bos, eos)
 
-    return MistralVisionChatHandler(clip_model_path=str(mmproj), verbose=False)
+    return MistralVisionChatHandler
 
 
 # --- Verification --------------------------------------------------------------------------------

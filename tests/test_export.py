@@ -145,38 +145,6 @@ def test_pinned_llama_cpp_python_matches_requirements():
 
 # --- The real thing: a tuned stand-in through llama.cpp ------------------------------------------------
 
-@pytest.fixture(scope="module")
-def exported(stand_in_dir, tmp_path_factory):
-    """A stand-in with a non-zero LoRA adapter, merged and exported as f16 (+ projector), Q8_0, Q4_K_M."""
-    from peft import LoraConfig, get_peft_model
-
-    from course_utils.models import load
-    from course_utils.train import LANGUAGE_TARGETS
-
-    out = tmp_path_factory.mktemp("export")
-    tools = ex.llama_cpp_tools()
-    loaded = load("cpu-tiny", stand_in_dir=stand_in_dir)
-    peft_model = get_peft_model(loaded.model, LoraConfig(r=4, target_modules=LANGUAGE_TARGETS))
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.05)
-    peft_model.save_pretrained(out / "adapter")
-    fresh = load("cpu-tiny", stand_in_dir=stand_in_dir)
-    merged = ex.merge_adapter(fresh.model, fresh.processor, out / "adapter", out / "merged")
-    files = {"F16": ex.convert_to_gguf(merged, out / "m-f16.gguf", "f16", tools=tools),
-             "mmproj": ex.convert_to_gguf(merged, out / "mmproj-f16.gguf", "f16", mmproj=True, tools=tools)}
-    log = []
-    for q in ("Q8_0", "Q4_K_M"):
-        files[q] = ex.quantize(files["F16"], out / f"m-{q}.gguf", q, log=log)
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    model = AutoModelForImageTextToText.from_pretrained(merged, dtype=torch.float32).eval()
-    return {"out": out, "tools": tools, "files": files, "model": model, "quant_log": "".join(log),
-            "processor": AutoProcessor.from_pretrained(merged), "peft": peft_model, "base_dir": stand_in_dir}
-
-
 def test_merged_model_equals_the_adapter_model(exported):
     processor = exported["processor"]
     ids = processor.apply_chat_template(ex._as_parts(CONVERSATIONS[2]), tokenize=True, return_dict=True,

@@ -58,12 +58,14 @@ and `disk_preflight` refuses *before* writing, saying how much is missing. For M
 """),
     code("""
 # NBVAL_CHECK_OUTPUT
+from pathlib import Path
+
 from course_utils.profiles import MODELS, format_table
 
 plan = export.plan_export(int(MODELS["mistral-small-3.2"].total_params_b * 1e9), ("F16", "Q8_0", "Q5_K_M", "Q4_K_M"))
 print(format_table(plan.rows()))
 try:
-    export.disk_preflight(export_dir, plan.total_bytes, free_bytes=40 * 2**30)  # a Colab disk with 40 GiB free
+    export.disk_preflight(Path("my-export"), plan.total_bytes, free_bytes=40 * 2**30)  # a Colab disk with 40 GiB free
 except export.DiskSpaceError as error:
     print("refused:", error)
 """),
