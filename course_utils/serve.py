@@ -64,6 +64,9 @@ class Server:
         self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                         env={**os.environ, **self.env}, start_new_session=True)
         log.close()
+        import atexit
+
+        atexit.register(self.stop)  # a crashed notebook or test run leaves no server behind
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
