@@ -27,6 +27,10 @@ PACKAGES = [
     ("matplotlib", "matplotlib", True),
     ("ipywidgets", "ipywidgets", True),
     ("pillow", "PIL", True),
+    ("llama_cpp_python", "llama_cpp", True),  # GGUF export and the local server (lessons 06-07)
+    ("openai", "openai", True),
+    ("gradio", None, True),  # imported by lesson 07 only (slow import)
+    ("litellm", None, True),
     ("nbval", None, False),
 ]
 
