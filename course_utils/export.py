@@ -218,23 +218,28 @@ def convert_to_gguf(model_dir: str | os.PathLike, out_path: str | os.PathLike, o
 
 def convert_lora_to_gguf(adapter_dir: str | os.PathLike, base_dir: str | os.PathLike, out_path: str | os.PathLike,
                          outtype: str = "f16", tools: Path | None = None, overwrite: bool = False) -> Path:
-    """The adapter alone as a GGUF LoRA (``llama-server --lora``), the alternative to merging."""
+    """The adapter alone as a GGUF LoRA (``llama-server --lora``), the alternative to merging.
+
+    Runs llama.cpp's ``convert_lora_to_gguf.py`` through :mod:`course_utils.gguf_convert` (which fixes
+    it for Mistral 3), and refuses any result that is not an adapter GGUF. LoRA on the language model
+    only: trainable token rows (``trainable_token_indices``, the stand-in's trick) are not LoRA tensors.
+    """
     out_path = Path(out_path)
     _refuse_existing(out_path, overwrite)
     tools = tools or llama_cpp_tools()
+    if not Path(base_dir).is_dir():  # a Hub id: the converter needs only the base's config files
+        from huggingface_hub import snapshot_download
+
+        base_dir = snapshot_download(str(base_dir), allow_patterns=["*.json"])
     tmp = out_path.with_name(f".{out_path.name}.partial")
-    env_path = os.pathsep.join([str(tools / "gguf-py"), str(tools)])
-    cmd = [sys.executable, "-c", "import runpy, sys; sys.path[:0] = sys.argv[1].split(sys.argv[2]); "
-           "sys.argv = sys.argv[3:]; runpy.run_path(sys.argv[0], run_name='__main__')",
-           env_path, os.pathsep, str(tools / "convert_lora_to_gguf.py"), str(adapter_dir),
+    cmd = [sys.executable, "-m", "course_utils.gguf_convert", "--lora", str(tools), str(adapter_dir),
            "--base", str(base_dir), "--outfile", str(tmp), "--outtype", outtype]
     try:
         _run(cmd, "convert_lora_to_gguf")
         kind = read_gguf_kv(tmp, "general.type")
         if kind != "adapter":
-            raise ExportError(f"convert_lora_to_gguf wrote a {kind!r} GGUF, not an adapter, for {adapter_dir} — "
-                              "llama.cpp's LoRA converter does not handle this architecture "
-                              "(Mistral3ForConditionalGeneration in llama-cpp-python 0.3.36): merge instead")
+            raise ExportError(f"convert_lora_to_gguf wrote a {kind!r} GGUF, not an adapter, for {adapter_dir}: "
+                              "llama.cpp's LoRA converter does not handle this architecture — merge instead")
         os.replace(tmp, out_path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -217,11 +217,35 @@ def test_gguf_header_reader_agrees_with_llama_cpp(exported):
         ex.read_gguf_kv(exported["out"] / "adapter" / "adapter_config.json")
 
 
-def test_lora_gguf_limit_is_reported_not_hidden(exported):
-    """llama.cpp's LoRA converter writes a full model, not an adapter, for Mistral3 (0.3.36): refuse
-    with a reason instead of handing over a file that is not what it claims. If upstream fixes it,
-    this test fails — then make base GGUF + --lora part of the lesson."""
+def test_lora_gguf_on_the_base_gguf_equals_the_merged_gguf(exported):
+    """The alternative to merging: base GGUF + adapter GGUF (``--lora``) gives the merged model's logits."""
+    import numpy as np
+    from llama_cpp import Llama
+
+    out, tools = exported["out"], exported["tools"]
+    base = ex.convert_to_gguf(exported["base_dir"] / "tiny-mistral-small-3", out / "base-f16.gguf", "f16", tools=tools)
+    adapter = ex.convert_lora_to_gguf(out / "adapter", exported["base_dir"] / "tiny-mistral-small-3",
+                                      out / "adapter-f16.gguf", tools=tools)
+    assert ex.read_gguf_kv(adapter, "general.type") == "adapter"
+    assert adapter.stat().st_size < base.stat().st_size / 20  # an r=4 adapter is tiny
+    ids = exported["processor"].apply_chat_template(ex._as_parts(CONVERSATIONS[1]), tokenize=True, return_dict=True,
+                                                    return_tensors="pt")["input_ids"][0].tolist()
+    logits = {}
+    for name, kwargs in (("merged", {"model_path": str(exported["files"]["F16"])}),
+                         ("lora", {"model_path": str(base), "lora_path": str(adapter)}),
+                         ("base", {"model_path": str(base)})):
+        llm = Llama(**kwargs, n_ctx=512, logits_all=True, verbose=False, n_threads=1)
+        llm.eval(ids)
+        logits[name] = np.asarray(llm.scores[: len(ids)])
+        llm.close()
+    assert np.abs(logits["base"] - logits["merged"]).max() > 0.01  # the adapter matters
+    assert np.abs(logits["lora"] - logits["merged"]).max() < 0.05  # and base + LoRA GGUF = merged
+
+
+def test_a_non_adapter_result_is_refused(exported, monkeypatch):
+    """If llama.cpp's LoRA converter writes anything but an adapter, nothing is handed over."""
+    monkeypatch.setattr(ex, "read_gguf_kv", lambda path, key=None: "model")
     with pytest.raises(ex.ExportError, match="merge instead"):
         ex.convert_lora_to_gguf(exported["out"] / "adapter", exported["base_dir"] / "tiny-mistral-small-3",
-                                exported["out"] / "adapter-f16.gguf", tools=exported["tools"])
-    assert not (exported["out"] / "adapter-f16.gguf").exists()
+                                exported["out"] / "refused.gguf", tools=exported["tools"])
+    assert not (exported["out"] / "refused.gguf").exists()

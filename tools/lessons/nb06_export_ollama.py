@@ -255,6 +255,26 @@ print(manifest.read_text()[:600], "…")
 assert export.verify_manifest(manifest) == []
 """),
     md("""
+### The alternative to merging: a LoRA GGUF
+
+Keep one base GGUF and ship adapters of a few MB: `llama-server -m base.gguf --lora adapter.gguf`
+(llama-cpp-python: `Llama(model_path=..., lora_path=...)`). `convert_lora_to_gguf` runs llama.cpp's
+`convert_lora_to_gguf.py` — with a fix: for `Mistral3ForConditionalGeneration` it would silently write
+the whole base model instead of the adapter — and refuses any result that is not an adapter. A test
+checks base GGUF + LoRA GGUF = merged GGUF on a pure LoRA adapter. Lesson 04's stand-in adapter also
+trains embedding rows (`trainable_token_indices`), which are not LoRA tensors and have no place in a
+LoRA GGUF — llama.cpp's converter says so, and this is why this lesson merges:
+"""),
+    code("""
+# NBVAL_IGNORE_OUTPUT
+try:
+    lora_gguf = export.convert_lora_to_gguf(adapter_dir, base.source, export_dir / "receipts-lora-f16.gguf",
+                                            tools=tools, overwrite=True)
+    print("adapter GGUF:", lora_gguf.name, f"{lora_gguf.stat().st_size / 2**20:.1f} MiB")
+except export.ExportError as error:
+    print("not convertible as a LoRA GGUF:", str(error).splitlines()[-1])
+"""),
+    md("""
 ### Ollama (runs only where `ollama` is installed)
 
 `ollama create` copies the files into Ollama's store. Vision through a separate projector (the second
@@ -315,8 +335,8 @@ else:
 - Verify every file three ways: logits (per-type tolerances), chat-template token ids, task metric.
 - The Ollama TEMPLATE and stop tokens are derived from the training template, never retyped.
 - A manifest with sizes and sha256 travels with the files; nothing is overwritten unless asked.
-- llama.cpp's LoRA-GGUF converter does not yet handle `Mistral3ForConditionalGeneration` (it writes a full
-  model): `convert_lora_to_gguf` refuses instead of handing you the wrong file — merge instead.
+- A LoRA GGUF on the base GGUF (`--lora`) equals the merged model for pure LoRA adapters; adapters that
+  also train embedding rows or whole modules must be merged.
 
 ## Exercises
 
