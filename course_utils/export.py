@@ -168,7 +168,8 @@ def merge_adapter(model, processor, adapter_dir: str | os.PathLike, out_dir: str
     from peft import PeftModel
 
     out_dir = Path(out_dir)
-    _refuse_existing(out_dir / "model.safetensors", overwrite)
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out_dir} exists and is not empty; choose another folder or pass overwrite=True")
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_quantized", False):
         raise ExportError("the base model is loaded in 4-bit; load it in 16-bit to merge "
                           "(models.load(profile, load_in_4bit=False))")
