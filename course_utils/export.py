@@ -290,9 +290,6 @@ class _captured_fds:
     """Capture what llama.cpp writes: to file descriptors 1 and 2 (C code) and, through
     llama-cpp-python's log callback, to ``sys.stderr``."""
 
-    def __init__(self, python_streams: bool = True):
-        self.python_streams = python_streams
-
     def __enter__(self):
         import io
 
@@ -300,8 +297,7 @@ class _captured_fds:
         sys.stderr.flush()
         self._python = io.StringIO()
         self._streams = sys.stdout, sys.stderr
-        if self.python_streams:
-            sys.stdout = sys.stderr = self._python
+        sys.stdout = sys.stderr = self._python
         self._file = tempfile.TemporaryFile(mode="w+b")
         self._saved = [os.dup(1), os.dup(2)]
         for fd in (1, 2):
@@ -464,9 +460,7 @@ def gguf_replies(llm, records: list[dict], max_new_tokens: int = 200, progress: 
 
     replies = []
     for prompt in tqdm(prompts_of(records), desc="llama.cpp", disable=not progress):
-        with _captured_fds(python_streams=False):  # the image encoder logs every image from C
-            out = llm.create_chat_completion(messages=openai_messages(prompt), max_tokens=max_new_tokens,
-                                             temperature=0.0)
+        out = llm.create_chat_completion(messages=openai_messages(prompt), max_tokens=max_new_tokens, temperature=0.0)
         replies.append(out["choices"][0]["message"]["content"] or "")
     return replies
 
