@@ -155,6 +155,24 @@ def _refuse_existing(path: Path, overwrite: bool) -> None:
         raise FileExistsError(f"{path} exists; choose another name or pass overwrite=True")
 
 
+class _staged:
+    """``with _staged(path) as tmp:`` write ``tmp``; it becomes ``path`` only if the block succeeds."""
+
+    def __init__(self, path: Path):
+        self.path, self.tmp = path, path.with_name(f".{path.name}.partial")
+
+    def __enter__(self) -> Path:
+        return self.tmp
+
+    def __exit__(self, exc_type, *exc) -> bool:
+        try:
+            if exc_type is None:
+                os.replace(self.tmp, self.path)
+        finally:
+            self.tmp.unlink(missing_ok=True)
+        return False
+
+
 # --- Merge ---------------------------------------------------------------------------------------
 
 def merge_adapter(model, processor, adapter_dir: str | os.PathLike, out_dir: str | os.PathLike,
@@ -206,14 +224,10 @@ def convert_to_gguf(model_dir: str | os.PathLike, out_path: str | os.PathLike, o
     out_path = Path(out_path)
     _refuse_existing(out_path, overwrite)
     tools = tools or llama_cpp_tools()
-    tmp = out_path.with_name(f".{out_path.name}.partial")
-    cmd = [sys.executable, "-m", "course_utils.gguf_convert", str(tools), str(model_dir),
-           "--outfile", str(tmp), "--outtype", outtype] + (["--mmproj"] if mmproj else [])
-    try:
-        _run(cmd, f"convert_hf_to_gguf ({'projector' if mmproj else 'model'}, {outtype})")
-        os.replace(tmp, out_path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with _staged(out_path) as tmp:
+        _run([sys.executable, "-m", "course_utils.gguf_convert", str(tools), str(model_dir), "--outfile", str(tmp),
+              "--outtype", outtype] + (["--mmproj"] if mmproj else []),
+             f"convert_hf_to_gguf ({'projector' if mmproj else 'model'}, {outtype})")
     return out_path
 
 
@@ -232,18 +246,13 @@ def convert_lora_to_gguf(adapter_dir: str | os.PathLike, base_dir: str | os.Path
         from huggingface_hub import snapshot_download
 
         base_dir = snapshot_download(str(base_dir), allow_patterns=["*.json"])
-    tmp = out_path.with_name(f".{out_path.name}.partial")
-    cmd = [sys.executable, "-m", "course_utils.gguf_convert", "--lora", str(tools), str(adapter_dir),
-           "--base", str(base_dir), "--outfile", str(tmp), "--outtype", outtype]
-    try:
-        _run(cmd, "convert_lora_to_gguf")
+    with _staged(out_path) as tmp:
+        _run([sys.executable, "-m", "course_utils.gguf_convert", "--lora", str(tools), str(adapter_dir),
+              "--base", str(base_dir), "--outfile", str(tmp), "--outtype", outtype], "convert_lora_to_gguf")
         kind = read_gguf_kv(tmp, "general.type")
         if kind != "adapter":
             raise ExportError(f"convert_lora_to_gguf wrote a {kind!r} GGUF, not an adapter, for {adapter_dir}: "
                               "llama.cpp's LoRA converter does not handle this architecture — merge instead")
-        os.replace(tmp, out_path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return out_path
 
 
@@ -263,20 +272,16 @@ def quantize(src: str | os.PathLike, dst: str | os.PathLike, qtype: str = "Q4_K_
         raise ValueError(f"unknown quantization {qtype!r}; choose one of {', '.join(QUANT_TYPES)}")
     dst = Path(dst)
     _refuse_existing(dst, overwrite)
-    tmp = dst.with_name(f".{dst.name}.partial")
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = QUANT_TYPES[qtype][0]
     params.nthread = nthread
-    try:
+    with _staged(dst) as tmp:
         with _captured_fds() as captured:
             status = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
         if log is not None:
             log.append(captured.text)
         if status != 0:
             raise ExportError(f"llama_model_quantize({qtype}) returned {status} for {src}:\n{captured.text[-800:]}")
-        os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)
     return dst
 
 
