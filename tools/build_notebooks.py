@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))  # the lesson sources live beside this script (tooling only)
 
 COURSE_REPO = "https://github.com/YOUR-ORG/mistral-small-course"
-NOT_IN_INSTALL_CELL = {"pytest", "nbval", "hypothesis", "jupyterlab"}  # dev/test tools, or Colab has its own
+NOT_IN_INSTALL_CELL = {"pytest", "nbval", "hypothesis", "jupyterlab", "ipykernel"}  # dev/test tools, or the running kernel is already there (Colab has its own)
 TORCH = {"torch", "torchvision"}
 
 
