@@ -455,9 +455,11 @@ def logit_parity(llm, model, processor, conversations: list[list[dict]]) -> dict
             "rel_mean_abs": float(diff.mean() / np.mean(spread)), "top1": agree / positions}
 
 
-def gguf_replies(llm, records: list[dict], max_new_tokens: int = 200, progress: bool = True) -> list[str]:
+def gguf_replies(llm, records: list[dict], max_new_tokens: int = 200, progress: bool = True,
+                 details: list | None = None) -> list[str]:
     """Greedy chat completions from llama.cpp for each record's prompt (its messages minus the reply),
-    images sent as data URIs — the same requests a server would get."""
+    images sent as data URIs — the same requests a server would get. With ``details`` (a list), each
+    reply's ``finish_reason`` and ``completion_tokens`` are appended to it."""
     from tqdm.auto import tqdm
 
     from course_utils.chat import openai_messages
@@ -467,6 +469,35 @@ def gguf_replies(llm, records: list[dict], max_new_tokens: int = 200, progress: 
     for prompt in tqdm(prompts_of(records), desc="llama.cpp", disable=not progress):
         out = llm.create_chat_completion(messages=openai_messages(prompt), max_tokens=max_new_tokens, temperature=0.0)
         replies.append(out["choices"][0]["message"]["content"] or "")
+        if details is not None:
+            details.append({"finish_reason": out["choices"][0]["finish_reason"],
+                            "completion_tokens": out["usage"]["completion_tokens"]})
+    return replies
+
+
+def served_replies(model_path: str | os.PathLike, records: list[dict], mmproj: str | os.PathLike | None = None,
+                   max_new_tokens: int = 200, n_ctx: int = 2048, progress: bool = True,
+                   details: list | None = None) -> list[str]:
+    """Like :func:`gguf_replies`, but the GGUF is served by its own llama.cpp server process
+    (``serve.llama_server``: 127.0.0.1, the model's template, images through ``mmproj``) and asked over
+    the OpenAI-compatible API — the way lesson 07 serves it. One process per model: nothing of one
+    model's C state (its projector context above all) outlives it or meets the next model's."""
+    from tqdm.auto import tqdm
+
+    from course_utils import serve
+    from course_utils.chat import openai_messages
+    from course_utils.evaluate import prompts_of
+
+    replies = []
+    with serve.llama_server(model_path, mmproj=mmproj, alias="eval", n_ctx=n_ctx) as server:
+        api = serve.client(server.url + "/v1", timeout=600)
+        for prompt in tqdm(prompts_of(records), desc=f"llama.cpp server {Path(model_path).name}", disable=not progress):
+            out = api.chat.completions.create(model="eval", messages=openai_messages(prompt),
+                                              max_tokens=max_new_tokens, temperature=0.0)
+            replies.append(out.choices[0].message.content or "")
+            if details is not None:
+                details.append({"finish_reason": out.choices[0].finish_reason,
+                                "completion_tokens": out.usage.completion_tokens})
     return replies
 
 

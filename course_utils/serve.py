@@ -80,16 +80,22 @@ class Server:
             except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
                 pass
             time.sleep(0.3)
-        self.stop()
-        raise ServeError(f"{self.name} did not answer {self.health_path} within {timeout:.0f} s:\n{self.log_tail()}")
+        tail = self.log_tail()
+        self.stop(keep_log=True)
+        raise ServeError(f"{self.name} did not answer {self.health_path} within {timeout:.0f} s (log: {self.log_path}):\n"
+                         f"{tail}")
 
     def log_tail(self, lines: int = 20) -> str:
         if not self.log_path or not self.log_path.exists():
             return ""
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM the process group by pid, then SIGKILL if it does not exit in ``timeout`` s."""
+    def stop(self, timeout: float = 10.0, keep_log: bool = False) -> None:
+        """SIGTERM the process group by pid, then SIGKILL if it does not exit in ``timeout`` s.
+
+        A server that was running when stopped leaves no log file behind (``keep_log=True`` keeps it);
+        one that had already died keeps its log for the post-mortem.
+        """
         if self.process is None or self.process.poll() is not None:
             return
         try:
@@ -100,6 +106,8 @@ class Server:
             self.process.wait(timeout)
         except ProcessLookupError:
             pass
+        if not keep_log and self.log_path is not None:
+            self.log_path.unlink(missing_ok=True)
 
     def __enter__(self) -> "Server":
         return self if self.process else self.start()

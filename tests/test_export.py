@@ -249,3 +249,23 @@ def test_a_non_adapter_result_is_refused(exported, monkeypatch):
         ex.convert_lora_to_gguf(exported["out"] / "adapter", exported["base_dir"] / "tiny-mistral-small-3",
                                 exported["out"] / "refused.gguf", tools=exported["tools"])
     assert not (exported["out"] / "refused.gguf").exists()
+
+
+def test_served_replies_equal_in_process_replies_and_report_why_they_ended(exported):
+    from course_utils.data import mix_modalities
+    from course_utils.receipts import load_local
+
+    rows = mix_modalities(load_local("test")[:6], 0.5, seed=0)
+    records = [next(r for r in rows if r.get("images")), next(r for r in rows if not r.get("images"))]
+    q4, mmproj = exported["files"]["Q4_K_M"], exported["files"]["mmproj"]
+    local_details, served_details = [], []
+    llm = ex.open_gguf(q4, mmproj=mmproj, n_ctx=2048)
+    try:
+        local = ex.gguf_replies(llm, records, max_new_tokens=12, progress=False, details=local_details)
+    finally:
+        llm.close()
+    served = ex.served_replies(q4, records, mmproj=mmproj, max_new_tokens=12, progress=False, details=served_details)
+    # greedy, same file, same template, same threads: the server process gives the same text, image row included
+    assert served == local and served[0]
+    assert served_details == local_details
+    assert all(d["finish_reason"] in ("stop", "length") and d["completion_tokens"] <= 12 for d in served_details)

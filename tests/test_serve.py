@@ -114,6 +114,8 @@ def test_a_failing_server_reports_its_log_and_is_gone(tmp_path):
     with pytest.raises(serve.ServeError, match="exited with code"):
         server.start(timeout=60)
     assert server.process.poll() is not None
+    assert "missing.gguf" in server.log_path.read_text()  # the post-mortem stays on disk
+    server.log_path.unlink()
 
 
 def test_server_is_stopped_by_pid_even_when_the_code_fails(exported):
@@ -123,6 +125,7 @@ def test_server_is_stopped_by_pid_even_when_the_code_fails(exported):
             assert server.url.startswith("http://127.0.0.1:")
             raise RuntimeError("boom")
     assert _dead(server.pid)
+    assert not server.log_path.exists()  # stopped while healthy: no log file left in the temp folder
 
 
 def test_api_key_is_required_when_set(exported, monkeypatch):
