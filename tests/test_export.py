@@ -36,6 +36,7 @@ def test_modelfile_fields_and_stop_tokens(processor):
     assert froms == ["./receipts-Q4_K_M.gguf", "./receipts-mmproj-f16.gguf"]
     assert re.findall(r'^PARAMETER stop "(.+)"$', text, re.M) == ["</s>", "[INST]"]
     assert "PARAMETER temperature 0.15" in text and "PARAMETER num_ctx 4096" in text
+    assert "PARAMETER repeat_penalty 1.0" in text  # Ollama's default 1.1 is not what was evaluated
     assert f'SYSTEM """{SYSTEM_PROMPT}"""' in text
     template = re.search(r'TEMPLATE """(.*?)"""', text, re.S).group(1)
     # the Go template holds exactly the pieces derived from the training template
@@ -265,7 +266,12 @@ def test_served_replies_equal_in_process_replies_and_report_why_they_ended(expor
     finally:
         llm.close()
     served = ex.served_replies(q4, records, mmproj=mmproj, max_new_tokens=12, progress=False, details=served_details)
-    # greedy, same file, same template, same threads: the server process gives the same text, image row included
-    assert served == local and served[0]
+    # greedy, same file, same template, same threads: the server process gives the same tokens, image row
+    # included (the stand-in's replies may be control tokens only, which read as "": compare the counts too)
+    assert served == local
     assert served_details == local_details
     assert all(d["finish_reason"] in ("stop", "length") and d["completion_tokens"] <= 12 for d in served_details)
+    text_only = [dict(m, content=[part for part in m["content"] if part.get("type") != "image"])
+                 if isinstance(m["content"], list) else m for m in records[0]["messages"][:-1]]
+    n_text = len(exported["processor"].apply_chat_template(text_only, tokenize=True, return_dict=True)["input_ids"])
+    assert served_details[0]["prompt_tokens"] > n_text + 50  # the image's embeddings are in the prompt

@@ -243,6 +243,9 @@ where runaway generations come from. `template_parts` renders the *training* tem
 strings and cuts out the literal pieces (BOS, `[SYSTEM_PROMPT]`, `[INST]`, `[/INST]`, `</s>`); the
 Modelfile's TEMPLATE is assembled from exactly those pieces (tests check the pieces re-create the
 training template on many conversations). The stop tokens come from the same pieces.
+`PARAMETER repeat_penalty 1.0` matters too: Ollama (like llama-cpp-python's server) penalises repeated
+tokens by 1.1 unless told otherwise — not how the model was evaluated, and JSON is full of repeated quotes
+and braces.
 """),
     code("""
 # NBVAL_CHECK_OUTPUT

@@ -25,6 +25,10 @@ matter: it binds **127.0.0.1** (reachable only from this machine — use an SSH 
 with TLS to share it), it **queues** concurrent requests instead of cutting off the one streaming, and it
 is stopped **by its process id** when the `with` block ends, even after an error.
 
+One server default to know: `repeat_penalty` is 1.1 (Ollama's too), while lesson 05 and lesson 06's
+task check decode without it. For the same replies as the evaluation, send `repeat_penalty: 1.0` — with
+the OpenAI client, `extra_body={"repeat_penalty": 1.0}`; the Modelfile from lesson 06 sets it for Ollama.
+
 If lesson 06 has not run, the files are exported now (≈ 1 minute on `cpu-tiny`).
 """),
     code("""
