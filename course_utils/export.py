@@ -291,6 +291,31 @@ def fallback_count(quantize_log: str) -> int:
     return int(match.group(1)) if match else 0
 
 
+_LOG_CALLBACK = None  # kept referenced while llama.cpp holds it
+
+
+def _tolerant_llama_log(on: bool) -> None:
+    """While on, llama.cpp's log lines go to ``sys.stderr`` decoded with ``errors="replace"``.
+
+    llama-cpp-python's own callback decodes strictly, and llama.cpp cuts long metadata values (the chat
+    template) at a byte count — sometimes inside a UTF-8 character, which raises inside a ctypes callback
+    ("Exception ignored on calling ctypes callback function").
+    """
+    global _LOG_CALLBACK
+    import ctypes
+
+    import llama_cpp
+    from llama_cpp import _logger
+
+    if on and _LOG_CALLBACK is None:
+        @llama_cpp.llama_log_callback
+        def callback(level, text, user_data):
+            print(text.decode("utf-8", "replace"), end="", file=sys.stderr)
+
+        _LOG_CALLBACK = callback
+    llama_cpp.llama_log_set(_LOG_CALLBACK if on else _logger.llama_log_callback, ctypes.c_void_p(0))
+
+
 class _captured_fds:
     """Capture what llama.cpp writes: to file descriptors 1 and 2 (C code) and, through
     llama-cpp-python's log callback, to ``sys.stderr``."""
@@ -308,9 +333,11 @@ class _captured_fds:
         for fd in (1, 2):
             os.dup2(self._file.fileno(), fd)
         self.text = ""
+        _tolerant_llama_log(True)
         return self
 
     def __exit__(self, *exc):
+        _tolerant_llama_log(False)
         for fd, saved in zip((1, 2), self._saved):
             os.dup2(saved, fd)
             os.close(saved)
