@@ -149,7 +149,7 @@ Three checks, each catching a different failure:
    server does), must give the same token ids as transformers — including `<s>`, which is easy to lose.
 3. **Task.** Lesson 05's metric on the test split, through llama.cpp (images via the projector). Each
    file is served by its own llama.cpp server process (`export.served_replies`) and asked over the
-   OpenAI-compatible API — exactly how lesson 07 serves it. One process per file also means no C state
+   OpenAI-compatible API, as lesson 07 serves it (decoding plain greedy). One process per file also means no C state
    of one model (its projector context above all) is left behind for the next: evaluated one after
    another in a single Python process, image replies of the last file sometimes came back empty on fresh
    CI machines (llama-cpp-python 0.3.36).
