@@ -32,8 +32,14 @@ def main():
     generate_batch(loaded.model, loaded.processor, prompts[:2], max_new_tokens=2, progress=False)  # warm-up
 
     t0 = time.perf_counter()
-    batched = generate_batch(loaded.model, loaded.processor, prompts, max_new_tokens=args.new_tokens,
-                             batch_size=args.batch_size, progress=False)
+    batched = generate_batch(
+        loaded.model,
+        loaded.processor,
+        prompts,
+        max_new_tokens=args.new_tokens,
+        batch_size=args.batch_size,
+        progress=False,
+    )
     batched_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     single = [generate(loaded.model, loaded.processor, p, max_new_tokens=args.new_tokens) for p in prompts]

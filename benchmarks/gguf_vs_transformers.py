@@ -53,13 +53,21 @@ def main():
         processor = AutoProcessor.from_pretrained(merged)
         model = AutoModelForImageTextToText.from_pretrained(merged, dtype=torch.float32).eval()
         records = mix_modalities(load_local("test"), 0.0, seed=0)[: args.n]  # text rows
-        prompts = [processor.apply_chat_template(ex._as_parts(r["messages"][:-1]), tokenize=True, return_dict=True,
-                                                 return_tensors="pt")["input_ids"] for r in records]
+        prompts = [
+            processor.apply_chat_template(
+                ex._as_parts(r["messages"][:-1]), tokenize=True, return_dict=True, return_tensors="pt"
+            )["input_ids"]
+            for r in records
+        ]
 
         def hf_one(ids):
             with torch.no_grad():
-                out = model.generate(input_ids=ids, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-                                     do_sample=False)
+                out = model.generate(
+                    input_ids=ids,
+                    max_new_tokens=args.new_tokens,
+                    min_new_tokens=args.new_tokens,
+                    do_sample=False,
+                )
             return out.shape[1] - ids.shape[1]
 
         llm = ex.open_gguf(q4, n_ctx=1024, n_threads=args.threads)
@@ -82,10 +90,15 @@ def main():
             results[name] = tokens / seconds
             print(f"{name:18s} {tokens} tokens in {seconds:.2f} s = {tokens / seconds:,.0f} tokens/s")
         llm.close()
-        print(f"{len(prompts)} prompts, {args.new_tokens} new tokens each, Q4_K_M file {q4.stat().st_size / 2**20:.1f} MiB "
-              f"vs f16 {f16.stat().st_size / 2**20:.1f} MiB")
-        print(f"ratio: llama.cpp Q4_K_M is {results['llama.cpp Q4_K_M'] / results['transformers fp32']:.2f}x "
-              "the tokens/s of transformers")
+        print(
+            f"{len(prompts)} prompts, {args.new_tokens} new tokens each, "
+            f"Q4_K_M file {q4.stat().st_size / 2**20:.1f} MiB "
+            f"vs f16 {f16.stat().st_size / 2**20:.1f} MiB"
+        )
+        print(
+            f"ratio: llama.cpp Q4_K_M is {results['llama.cpp Q4_K_M'] / results['transformers fp32']:.2f}x "
+            "the tokens/s of transformers"
+        )
 
 
 if __name__ == "__main__":

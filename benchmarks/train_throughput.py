@@ -17,27 +17,45 @@ import time
 import torch
 
 
-def run_once(profile: str, steps: int, batch_size: int, selective_loss: bool, backend: str | None = None) -> dict:
+def run_once(
+    profile: str, steps: int, batch_size: int, selective_loss: bool, backend: str | None = None
+) -> dict:
+    import course_utils.train as train_module
     from course_utils.data import mix_modalities
     from course_utils.models import load
     from course_utils.receipts import load_local
     from course_utils.train import build_trainer, make_callbacks, preset_for
-    import course_utils.train as train_module
 
     loaded = load(profile)
     records = mix_modalities(load_local("train")[: steps * batch_size], 0.5, seed=0)
-    preset = preset_for(loaded.profile.name, max_steps=steps, per_device_train_batch_size=batch_size,
-                        save_steps=10**6, logging_steps=max(1, steps // 3))
+    preset = preset_for(
+        loaded.profile.name,
+        max_steps=steps,
+        per_device_train_batch_size=batch_size,
+        save_steps=10**6,
+        logging_steps=max(1, steps // 3),
+    )
     callbacks, history = make_callbacks(plot=False)
     original = train_module.response_only_loss
     if not selective_loss:  # the plain loss: logits for every position, then mask
+
         def full_vocab_loss(model, inputs, num_items_in_batch=None):
             out = model(**{k: v for k, v in inputs.items()})
             return out.loss
+
         train_module.response_only_loss = full_vocab_loss
     try:
-        run = build_trainer(loaded.model, loaded.processor, records, None, preset, "/tmp/course-bench",
-                            backend=backend or loaded.backend, callbacks=callbacks, progress=False)
+        run = build_trainer(
+            loaded.model,
+            loaded.processor,
+            records,
+            None,
+            preset,
+            "/tmp/course-bench",
+            backend=backend or loaded.backend,
+            callbacks=callbacks,
+            progress=False,
+        )
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
@@ -63,14 +81,20 @@ def main():
     if torch.cuda.is_available():
         unsloth = run_once(args.profile, args.steps, args.batch_size, True, backend="unsloth")
         plain = run_once(args.profile, args.steps, args.batch_size, True, backend="transformers")
-        print(f"Unsloth: {unsloth['tokens_per_s']:.0f} tok/s, transformers+peft: {plain['tokens_per_s']:.0f} tok/s, "
-              f"ratio {unsloth['tokens_per_s'] / plain['tokens_per_s']:.2f}x; peaks {unsloth} / {plain}")
+        print(
+            f"Unsloth: {unsloth['tokens_per_s']:.0f} tok/s, "
+            f"transformers+peft: {plain['tokens_per_s']:.0f} tok/s, "
+            f"ratio {unsloth['tokens_per_s'] / plain['tokens_per_s']:.2f}x; peaks {unsloth} / {plain}"
+        )
         return
     selective = run_once("cpu-tiny", args.steps, args.batch_size, True)
     full = run_once("cpu-tiny", args.steps, args.batch_size, False)
     print(f"CPU path (labelled-position loss): {selective['tokens_per_s']:.0f} tok/s, {selective}")
     print(f"plain full-vocabulary loss:        {full['tokens_per_s']:.0f} tok/s, {full}")
-    print(f"ratio: {selective['tokens_per_s'] / full['tokens_per_s']:.2f}x faster with the labelled-position loss")
+    print(
+        f"ratio: {selective['tokens_per_s'] / full['tokens_per_s']:.2f}x faster "
+        "with the labelled-position loss"
+    )
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
 """Conversations: the reference encoding (mistral-common), prompts, and generation.
 
+Backs lessons 01 (chat template, streaming) and 02 (vision prompting, JSON extraction).
+
 mistral-common is Mistral's own reference implementation of the chat format; the course checks the
 Hugging Face chat template against it token for token (see ``tests/test_template_parity.py``).
 """
@@ -7,8 +9,8 @@ Hugging Face chat template against it token for token (see ``tests/test_template
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from functools import lru_cache
-from typing import Iterator
 
 CONTROL_TOKENS = (
     "<s>", "</s>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]",
@@ -17,8 +19,9 @@ CONTROL_TOKENS = (
 
 
 @lru_cache(maxsize=4)
-def reference_tokenizer(patch_size: int | None = None, max_image_size: int | None = None,
-                        spatial_merge_size: int = 2):
+def reference_tokenizer(
+    patch_size: int | None = None, max_image_size: int | None = None, spatial_merge_size: int = 2
+):
     """mistral-common's v7 instruct tokenizer over the real Tekken vocabulary.
 
     Pass the image settings of a processor (patch size, longest edge, merge size) to encode images
@@ -37,8 +40,9 @@ def reference_tokenizer(patch_size: int | None = None, max_image_size: int | Non
     tekken = Tekkenizer.from_file(tekken_path())
     image_encoder = None
     if patch_size is not None:
-        config = ImageConfig(image_patch_size=patch_size, max_image_size=max_image_size,
-                             spatial_merge_size=spatial_merge_size)
+        config = ImageConfig(
+            image_patch_size=patch_size, max_image_size=max_image_size, spatial_merge_size=spatial_merge_size
+        )
         ids = SpecialImageIDs(
             img=tekken.get_special_token("[IMG]"),
             img_break=tekken.get_special_token("[IMG_BREAK]"),
@@ -123,8 +127,15 @@ def prepare_inputs(processor, messages: list[dict], device=None):
     return inputs
 
 
-def generate(model, processor, messages: list[dict], max_new_tokens: int = 64,
-             temperature: float = 0.0, seed: int | None = 0, streamer=None) -> str:
+def generate(
+    model,
+    processor,
+    messages: list[dict],
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    seed: int | None = 0,
+    streamer=None,
+) -> str:
     """Generate one reply. ``temperature=0`` is greedy (deterministic); Mistral recommends 0.15."""
     import torch
 
@@ -135,14 +146,25 @@ def generate(model, processor, messages: list[dict], max_new_tokens: int = 64,
         torch.manual_seed(seed)
     sampling = dict(do_sample=True, temperature=temperature) if temperature > 0 else dict(do_sample=False)
     with torch.inference_mode():
-        output = model.generate(**inputs, max_new_tokens=max_new_tokens, streamer=streamer,
-                                pad_token_id=processor.tokenizer.pad_token_id, **sampling)
-    new_tokens = output[0, inputs["input_ids"].shape[1]:]
+        output = model.generate(
+            **inputs,
+            max_new_tokens=max_new_tokens,
+            streamer=streamer,
+            pad_token_id=processor.tokenizer.pad_token_id,
+            **sampling,
+        )
+    new_tokens = output[0, inputs["input_ids"].shape[1] :]
     return processor.decode(new_tokens, skip_special_tokens=True)
 
 
-def stream(model, processor, messages: list[dict], max_new_tokens: int = 64,
-           temperature: float = 0.0, seed: int | None = 0) -> Iterator[str]:
+def stream(
+    model,
+    processor,
+    messages: list[dict],
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    seed: int | None = 0,
+) -> Iterator[str]:
     """Yield the reply piece by piece as it is generated (a background thread runs ``generate``)."""
     from threading import Thread
 
@@ -167,6 +189,7 @@ def stream(model, processor, messages: list[dict], max_new_tokens: int = 64,
 
 
 # --- Images --------------------------------------------------------------------------------------
+
 
 def load_image(source):
     """A PIL image from a path, a PIL image, an ``http(s)`` URL or a ``data:image/...;base64,`` URI."""
@@ -208,7 +231,9 @@ def to_data_uri(image, image_format: str = "PNG") -> str:
     return f"data:image/{image_format.lower()};base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def image_grid(width: int, height: int, patch_size: int, spatial_merge_size: int, longest_edge: int) -> tuple[int, int]:
+def image_grid(
+    width: int, height: int, patch_size: int, spatial_merge_size: int, longest_edge: int
+) -> tuple[int, int]:
     """(rows, columns) of image tokens the Pixtral processor makes for a ``width`` x ``height`` image.
 
     The image is scaled down (never up) to fit ``longest_edge``, then rounded up to whole
@@ -221,8 +246,15 @@ def image_grid(width: int, height: int, patch_size: int, spatial_merge_size: int
     return (height - 1) // block + 1, (width - 1) // block + 1
 
 
-def image_token_cost(width: int, height: int, processor=None, *, patch_size: int = 14,
-                     spatial_merge_size: int = 2, longest_edge: int = 1540) -> int:
+def image_token_cost(
+    width: int,
+    height: int,
+    processor=None,
+    *,
+    patch_size: int = 14,
+    spatial_merge_size: int = 2,
+    longest_edge: int = 1540,
+) -> int:
     """Context tokens one image takes: rows x cols ``[IMG]`` + one ``[IMG_BREAK]``/``[IMG_END]`` per row.
 
     Defaults are Mistral Small 3.1/3.2's (patch 14, merge 2, longest edge 1540); pass ``processor``
@@ -241,8 +273,9 @@ def processor_image_settings(processor) -> tuple[int, int, int]:
     return patch, processor.spatial_merge_size, ip.size["longest_edge"]
 
 
-def resize_for_budget(image, max_tokens: int, *, patch_size: int = 14, spatial_merge_size: int = 2,
-                      longest_edge: int = 1540):
+def resize_for_budget(
+    image, max_tokens: int, *, patch_size: int = 14, spatial_merge_size: int = 2, longest_edge: int = 1540
+):
     """Downscale ``image`` (keeping its aspect ratio) until it costs at most ``max_tokens``.
 
     The trade-off: fewer tokens → cheaper, faster, more images per context; but small print becomes
@@ -265,11 +298,14 @@ def resize_for_budget(image, max_tokens: int, *, patch_size: int = 14, spatial_m
             high = mid
     w, h = max(1, int(width * low)), max(1, int(height * low))
     if image_token_cost(w, h, **settings) > max_tokens:
-        raise ValueError(f"no size of this image fits {max_tokens} tokens (the minimum is 2: one token + [IMG_END])")
+        raise ValueError(
+            f"no size of this image fits {max_tokens} tokens (the minimum is 2: one token + [IMG_END])"
+        )
     return image.resize((w, h), Image.LANCZOS)
 
 
 # --- JSON replies -------------------------------------------------------------------------------
+
 
 class JSONExtractionError(ValueError):
     """A reply held no usable JSON object; the message says what failed and where."""
@@ -291,18 +327,24 @@ def extract_json(reply: str, schema: dict | None = None) -> dict:
     try:
         value, end = json.JSONDecoder().raw_decode(text[start:])
     except json.JSONDecodeError as exc:
+        near = text[start + max(0, exc.pos - 20) : start + exc.pos + 20]
         raise JSONExtractionError(
-            f"invalid JSON at character {start + exc.pos}: {exc.msg} — near {text[start + max(0, exc.pos - 20):start + exc.pos + 20]!r}"
+            f"invalid JSON at character {start + exc.pos}: {exc.msg} — near {near!r}"
         ) from None
     if not isinstance(value, dict):
         raise JSONExtractionError(f"expected a JSON object, got {type(value).__name__}")
     if schema is not None:
         import jsonschema
 
-        errors = sorted(jsonschema.Draft7Validator(schema).iter_errors(value), key=lambda e: list(e.absolute_path))
+        errors = sorted(
+            jsonschema.Draft7Validator(schema).iter_errors(value), key=lambda e: list(e.absolute_path)
+        )
         if errors:
             first = errors[0]
-            where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in first.absolute_path).lstrip(".") or "(root)"
+            where = (
+                "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in first.absolute_path).lstrip(".")
+                or "(root)"
+            )
             more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
             raise JSONExtractionError(f"schema: field {where}: {first.message}{more}")
     return value
@@ -310,8 +352,15 @@ def extract_json(reply: str, schema: dict | None = None) -> dict:
 
 # --- Batches ------------------------------------------------------------------------------------
 
-def generate_batch(model, processor, conversations: list[list[dict]], max_new_tokens: int = 64,
-                   batch_size: int = 8, progress: bool = True) -> list[str]:
+
+def generate_batch(
+    model,
+    processor,
+    conversations: list[list[dict]],
+    max_new_tokens: int = 64,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> list[str]:
     """Greedy replies for many conversations, ``batch_size`` at a time with left padding."""
     import torch
     from tqdm.auto import tqdm
@@ -322,17 +371,26 @@ def generate_batch(model, processor, conversations: list[list[dict]], max_new_to
     replies: list[str] = []
     try:
         for start in tqdm(range(0, len(conversations), batch_size), disable=not progress, desc="generating"):
-            batch = conversations[start:start + batch_size]
-            inputs = processor.apply_chat_template(batch, add_generation_prompt=True, tokenize=True,
-                                                   return_dict=True, return_tensors="pt",
-                                                   processor_kwargs={"padding": True})
+            batch = conversations[start : start + batch_size]
+            inputs = processor.apply_chat_template(
+                batch,
+                add_generation_prompt=True,
+                tokenize=True,
+                return_dict=True,
+                return_tensors="pt",
+                processor_kwargs={"padding": True},
+            )
             inputs = inputs.to(model.device)
             if "pixel_values" in inputs:
                 inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
             with torch.inference_mode():
-                output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                        pad_token_id=tokenizer.pad_token_id)
-            new = output[:, inputs["input_ids"].shape[1]:]
+                output = model.generate(
+                    **inputs,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=tokenizer.pad_token_id,
+                )
+            new = output[:, inputs["input_ids"].shape[1] :]
             replies.extend(processor.batch_decode(new, skip_special_tokens=True))
     finally:
         tokenizer.padding_side = previous_side
@@ -350,8 +408,11 @@ def openai_messages(messages: list[dict]) -> list[dict]:
             for part in content:
                 if part.get("type") == "image":
                     source = part.get("image") or part.get("url") or part.get("path")
-                    url = source if isinstance(source, str) and source.startswith(("http://", "https://", "data:")) \
+                    url = (
+                        source
+                        if isinstance(source, str) and source.startswith(("http://", "https://", "data:"))
                         else to_data_uri(source)
+                    )
                     parts.append({"type": "image_url", "image_url": {"url": url}})
                 else:
                     parts.append(part)

@@ -1,4 +1,7 @@
-"""``python -m course_utils doctor | tiny | run`` — the course's command line."""
+"""``python -m course_utils doctor | tiny | run`` — the course's command line.
+
+Backs lesson 00 (doctor, stand-ins) and the README's commands.
+"""
 
 from __future__ import annotations
 
@@ -82,13 +85,17 @@ def doctor(args) -> int:
         failed |= not ok
         print(f"[{'OK' if ok else 'FAIL'}] {name:<16} {detail}")
     hw = detect(args.path)
-    print(f"[OK] accelerator      {hw.accelerator} — {hw.device_name}"
-          + (f", {hw.vram_gib:.1f} GiB VRAM" if hw.vram_gib else ""))
+    print(
+        f"[OK] accelerator      {hw.accelerator} — {hw.device_name}"
+        + (f", {hw.vram_gib:.1f} GiB VRAM" if hw.vram_gib else "")
+    )
     print(f"[OK] memory           {hw.ram_gib:.1f} GiB RAM, {hw.cpu_count} CPU cores")
     disk_ok = hw.disk_free_gib >= 2
     failed |= not disk_ok
-    print(f"[{'OK' if disk_ok else 'FAIL'}] disk             {hw.disk_free_gib:.1f} GiB free"
-          + ("" if disk_ok else " (the course needs at least 2 GiB even on CPU)"))
+    print(
+        f"[{'OK' if disk_ok else 'FAIL'}] disk             {hw.disk_free_gib:.1f} GiB free"
+        + ("" if disk_ok else " (the course needs at least 2 GiB even on CPU)")
+    )
     try:
         profile = resolve_profile(args.profile, hardware=hw)
         print(f"[OK] profile          {profile.name} — {profile.description}")
@@ -96,7 +103,10 @@ def doctor(args) -> int:
         failed = True
         print(f"[FAIL] profile        {exc}")
     for row in describe_profiles(hw):
-        print(f"       {'fits ' if row['fits'] else 'no   '} {row['profile']:<9} {row['model']:<22} {row['why']}")
+        print(
+            f"       {'fits ' if row['fits'] else 'no   '} {row['profile']:<9} "
+            f"{row['model']:<22} {row['why']}"
+        )
     if failed:
         print("\nSome checks failed. Fix: `pip install -r requirements.txt` in this environment.")
     return 1 if failed else 0
@@ -110,7 +120,9 @@ def tiny(args) -> int:
         t0 = time.perf_counter()
         path = build_stand_in(name, args.out, force=args.force)
         info = stand_in_info(path)
-        print(f"{name}: {path}  ({info['num_params'] / 1e6:.1f}M parameters, {time.perf_counter() - t0:.1f} s)")
+        print(
+            f"{name}: {path}  ({info['num_params'] / 1e6:.1f}M parameters, {time.perf_counter() - t0:.1f} s)"
+        )
     return 0
 
 
@@ -141,15 +153,23 @@ def data_validate(args) -> int:
                 from course_utils.tiny import build_stand_in
 
                 processor = AutoProcessor.from_pretrained(build_stand_in("tiny-mistral-small-3"))
-        report = validate_file(args.file, fmt=args.format, processor=processor, max_seq_length=args.max_seq_length,
-                               strip_whitespace=args.strip_whitespace, drop_duplicates=args.drop_duplicates)
+        report = validate_file(
+            args.file,
+            fmt=args.format,
+            processor=processor,
+            max_seq_length=args.max_seq_length,
+            strip_whitespace=args.strip_whitespace,
+            drop_duplicates=args.drop_duplicates,
+        )
         for issue in report.issues:
             print(issue)
         for fix in report.fixes:
             print("fixed:", fix)
         print(report.summary())
         if args.write_valid:
-            write_jsonl(report.valid, args.write_valid, overwrite=args.overwrite, base_dir=Path(args.file).parent)
+            write_jsonl(
+                report.valid, args.write_valid, overwrite=args.overwrite, base_dir=Path(args.file).parent
+            )
             print(f"wrote {len(report.valid)} valid rows to {args.write_valid}")
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -161,20 +181,31 @@ def vram(args) -> int:
     from course_utils.memory import ARCHITECTURES, estimate_training_memory
 
     if args.model not in ARCHITECTURES:
-        print(f"error: unknown model {args.model!r}; choose one of {', '.join(ARCHITECTURES)}", file=sys.stderr)
+        print(
+            f"error: unknown model {args.model!r}; choose one of {', '.join(ARCHITECTURES)}", file=sys.stderr
+        )
         return 2
     try:
-        est = estimate_training_memory(args.model, args.method, args.seq_len, args.batch_size, args.lora_r,
-                                       args.grad_checkpointing, args.optimizer,
-                                       fused_cross_entropy=not args.plain_loss)
+        est = estimate_training_memory(
+            args.model,
+            args.method,
+            args.seq_len,
+            args.batch_size,
+            args.lora_r,
+            args.grad_checkpointing,
+            args.optimizer,
+            fused_cross_entropy=not args.plain_loss,
+        )
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps(est.as_dict(), indent=2))
     else:
-        print(f"{args.model} {args.method}, seq {args.seq_len} x batch {args.batch_size}, r={args.lora_r}, "
-              f"gradient checkpointing {'on' if args.grad_checkpointing else 'off'}:")
+        print(
+            f"{args.model} {args.method}, seq {args.seq_len} x batch {args.batch_size}, r={args.lora_r}, "
+            f"gradient checkpointing {'on' if args.grad_checkpointing else 'off'}:"
+        )
         print(est.breakdown())
     return 0
 
@@ -197,12 +228,18 @@ def run(args) -> int:
         return 1
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    os.environ["COURSE_PROFILE"] = args.profile if args.profile != "auto" else os.environ.get("COURSE_PROFILE", "")
+    os.environ["COURSE_PROFILE"] = (
+        args.profile if args.profile != "auto" else os.environ.get("COURSE_PROFILE", "")
+    )
     rows, failed = [], False
     for nb_path in notebooks:
         nb = nbformat.read(nb_path, as_version=4)
-        client = NotebookClient(nb, timeout=args.timeout, kernel_name="python3",
-                                resources={"metadata": {"path": str(nb_path.parent)}})
+        client = NotebookClient(
+            nb,
+            timeout=args.timeout,
+            kernel_name="python3",
+            resources={"metadata": {"path": str(nb_path.parent)}},
+        )
         t0 = time.perf_counter()
         status = "ok"
         try:
@@ -247,7 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
     v = data_sub.add_parser("validate", help="check a JSONL file row by row (exit 1 if any row is invalid)")
     v.add_argument("file")
     v.add_argument("--format", default="auto", choices=["auto", "alpaca", "sharegpt", "openai", "plateforme"])
-    v.add_argument("--model", help="model/processor folder for token counts (default: the stand-in's tokenizer)")
+    v.add_argument(
+        "--model", help="model/processor folder for token counts (default: the stand-in's tokenizer)"
+    )
     v.add_argument("--max-seq-length", type=int, help="flag rows longer than this many tokens")
     v.add_argument("--write-valid", metavar="OUT", help="write the valid rows (canonical format) to OUT")
     v.add_argument("--overwrite", action="store_true", help="allow --write-valid to replace an existing file")
@@ -263,7 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--optimizer", choices=["adamw_8bit", "adamw_torch"], default="adamw_8bit")
-    p.add_argument("--plain-loss", action="store_true", help="un-fused cross-entropy (materialised fp32 logits)")
+    p.add_argument(
+        "--plain-loss", action="store_true", help="un-fused cross-entropy (materialised fp32 logits)"
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=vram)
 

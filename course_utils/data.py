@@ -1,4 +1,7 @@
 """Make a learner's data safe to train on: one schema, converters, validation that never loses a row,
+
+Backs lesson 03.
+
 response-only labels, token statistics and leak-free splits.
 
 The canonical record (what every converter produces and training consumes)::
@@ -17,10 +20,10 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterable
 
 from course_utils.chat import contains_control_tokens
 
@@ -38,6 +41,7 @@ class DataFormatError(ValueError):
 
 
 # --- Converters ----------------------------------------------------------------------------------
+
 
 def _text_parts_with_images(text: str, placeholder: str = "<image>") -> list[dict] | str:
     """ShareGPT/LLaVA style ``<image>`` placeholders become image parts (in place)."""
@@ -66,8 +70,15 @@ def from_alpaca(row: dict, system: str | None = None) -> dict:
     return {"messages": messages, "images": images}
 
 
-_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                   "system": "system", "chatgpt": "assistant", "bing": "assistant"}
+_SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+    "chatgpt": "assistant",
+    "bing": "assistant",
+}
 
 
 def from_sharegpt(row: dict) -> dict:
@@ -80,7 +91,9 @@ def from_sharegpt(row: dict) -> dict:
         who = turn.get("from") if isinstance(turn, dict) else None
         if who not in _SHAREGPT_ROLES:
             raise DataFormatError(f"conversations[{i}].from", f"unknown speaker {who!r}")
-        messages.append({"role": _SHAREGPT_ROLES[who], "content": _text_parts_with_images(turn.get("value", ""))})
+        messages.append(
+            {"role": _SHAREGPT_ROLES[who], "content": _text_parts_with_images(turn.get("value", ""))}
+        )
     images = row.get("images") or ([row["image"]] if row.get("image") else [])
     return {"messages": messages, "images": list(images)}
 
@@ -100,7 +113,11 @@ def from_openai(row: dict) -> dict:
             for j, part in enumerate(content):
                 kind = part.get("type") if isinstance(part, dict) else None
                 if kind == "image_url":
-                    url = part["image_url"]["url"] if isinstance(part.get("image_url"), dict) else part.get("image_url")
+                    url = (
+                        part["image_url"]["url"]
+                        if isinstance(part.get("image_url"), dict)
+                        else part.get("image_url")
+                    )
                     images.append(url)
                     parts.append({"type": "image"})
                 elif kind == "image":
@@ -110,7 +127,9 @@ def from_openai(row: dict) -> dict:
                 elif kind == "text":
                     parts.append({"type": "text", "text": part.get("text")})
                 else:
-                    raise DataFormatError(f"messages[{i}].content[{j}].type", f"unsupported part type {kind!r}")
+                    raise DataFormatError(
+                        f"messages[{i}].content[{j}].type", f"unsupported part type {kind!r}"
+                    )
             content = parts
         messages.append({"role": message.get("role"), "content": content})
     return {"messages": messages, "images": images}
@@ -129,12 +148,18 @@ def detect_format(row: dict) -> str:
         return "openai"
     if "instruction" in row and "output" in row:
         return "alpaca"
-    raise DataFormatError("(row)", f"unknown format: keys {sorted(row)[:6]} — expected messages, conversations "
-                                   "or instruction/output")
+    raise DataFormatError(
+        "(row)",
+        f"unknown format: keys {sorted(row)[:6]} — expected messages, conversations or instruction/output",
+    )
 
 
-CONVERTERS = {"alpaca": from_alpaca, "sharegpt": from_sharegpt, "openai": from_openai,
-              "plateforme": from_plateforme}
+CONVERTERS = {
+    "alpaca": from_alpaca,
+    "sharegpt": from_sharegpt,
+    "openai": from_openai,
+    "plateforme": from_plateforme,
+}
 
 
 def to_canonical(row: dict, fmt: str = "auto") -> dict:
@@ -156,6 +181,7 @@ def from_hf_dataset(dataset: Iterable[dict], fmt: str = "auto") -> list[dict]:
 
 
 # --- Validation ----------------------------------------------------------------------------------
+
 
 @dataclass
 class Issue:
@@ -186,15 +212,21 @@ class ValidationReport:
         return not self.issues
 
     def summary(self) -> str:
-        return (f"{self.file}: {self.total} rows, {len(self.valid)} valid, {len(self.invalid_rows)} invalid "
-                f"({len(self.issues)} problems), {len(self.fixes)} fixes applied")
+        return (
+            f"{self.file}: {self.total} rows, {len(self.valid)} valid, {len(self.invalid_rows)} invalid "
+            f"({len(self.issues)} problems), {len(self.fixes)} fixes applied"
+        )
 
 
 def _text_of(content) -> list[tuple[str, str]]:
     """(field suffix, text) pairs of a message content."""
     if isinstance(content, str):
         return [("", content)]
-    return [(f"[{j}].text", p.get("text")) for j, p in enumerate(content) if isinstance(p, dict) and p.get("type") == "text"]
+    return [
+        (f"[{j}].text", p.get("text"))
+        for j, p in enumerate(content)
+        if isinstance(p, dict) and p.get("type") == "text"
+    ]
 
 
 def check_record(record: dict, base_dir: Path | None = None) -> list[tuple[str, str]]:
@@ -227,7 +259,9 @@ def check_record(record: dict, base_dir: Path | None = None) -> list[tuple[str, 
                 kind = part.get("type") if isinstance(part, dict) else None
                 if kind == "image":
                     if role != "user":
-                        problems.append((f"{where}.content[{j}]", f"images are only allowed in user messages, not {role}"))
+                        problems.append(
+                            (f"{where}.content[{j}]", f"images are only allowed in user messages, not {role}")
+                        )
                     image_parts += 1
                 elif kind == "text":
                     if not isinstance(part.get("text"), str) or not part["text"].strip():
@@ -235,19 +269,29 @@ def check_record(record: dict, base_dir: Path | None = None) -> list[tuple[str, 
                 else:
                     problems.append((f"{where}.content[{j}].type", f"unsupported part type {kind!r}"))
         elif not isinstance(content, str):
-            problems.append((f"{where}.content", f"must be a string or a list of parts, got {type(content).__name__}"))
+            problems.append(
+                (f"{where}.content", f"must be a string or a list of parts, got {type(content).__name__}")
+            )
         elif not content.strip():
             problems.append((f"{where}.content", "empty"))
         for suffix, text in _text_of(content) if isinstance(content, (str, list)) else []:
             found = contains_control_tokens(text) if isinstance(text, str) else []
             if found:
-                problems.append((f"{where}.content{suffix}",
-                                 f"contains control token(s) {found}: they would become real special tokens"))
+                problems.append(
+                    (
+                        f"{where}.content{suffix}",
+                        f"contains control token(s) {found}: they would become real special tokens",
+                    )
+                )
     if isinstance(messages[-1], dict) and messages[-1].get("role") in ("system", "user"):
-        problems.append((f"messages[{len(messages) - 1}].role", "the conversation must end with an assistant reply"))
+        problems.append(
+            (f"messages[{len(messages) - 1}].role", "the conversation must end with an assistant reply")
+        )
     images = record.get("images") or []
     if len(images) != image_parts:
-        problems.append(("images", f"{image_parts} image part(s) in messages but {len(images)} image(s) listed"))
+        problems.append(
+            ("images", f"{image_parts} image part(s) in messages but {len(images)} image(s) listed")
+        )
     for k, image in enumerate(images):
         problem = _check_image(image, base_dir)
         if problem:
@@ -294,15 +338,22 @@ def _file_digest(path: str) -> str:
 def _image_identity(image) -> str:
     """An image's identity: the bytes of a local file (so the key does not depend on where the
     checkout lives), else the URL / data URI / description itself."""
-    if isinstance(image, str) and not image.startswith(("http://", "https://", "data:")) and Path(image).is_file():
+    if (
+        isinstance(image, str)
+        and not image.startswith(("http://", "https://", "data:"))
+        and Path(image).is_file()
+    ):
         return "sha256:" + _file_digest(str(Path(image).resolve()))
     return str(image)
 
 
 def record_key(record: dict) -> str:
     """A content hash of messages + images, for duplicate detection and leak-free splits."""
-    payload = json.dumps({"m": record.get("messages"), "i": [_image_identity(i) for i in record.get("images") or []]},
-                         sort_keys=True, ensure_ascii=False)
+    payload = json.dumps(
+        {"m": record.get("messages"), "i": [_image_identity(i) for i in record.get("images") or []]},
+        sort_keys=True,
+        ensure_ascii=False,
+    )
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
@@ -315,15 +366,27 @@ def _strip_whitespace(record: dict) -> list[str]:
             changed.append(f"messages[{i}].content")
         elif isinstance(content, list):
             for j, part in enumerate(content):
-                if part.get("type") == "text" and isinstance(part.get("text"), str) and part["text"] != part["text"].strip():
+                if (
+                    part.get("type") == "text"
+                    and isinstance(part.get("text"), str)
+                    and part["text"] != part["text"].strip()
+                ):
                     part["text"] = part["text"].strip()
                     changed.append(f"messages[{i}].content[{j}].text")
     return changed
 
 
-def validate_rows(rows: Iterable[tuple[int, object]], file: str, *, fmt: str = "auto", base_dir: Path | None = None,
-                  processor=None, max_seq_length: int | None = None, strip_whitespace: bool = False,
-                  drop_duplicates: bool = False) -> ValidationReport:
+def validate_rows(
+    rows: Iterable[tuple[int, object]],
+    file: str,
+    *,
+    fmt: str = "auto",
+    base_dir: Path | None = None,
+    processor=None,
+    max_seq_length: int | None = None,
+    strip_whitespace: bool = False,
+    drop_duplicates: bool = False,
+) -> ValidationReport:
     """Validate (row number, raw line or dict) pairs; valid rows are kept, invalid ones reported."""
     report = ValidationReport(file)
     seen: dict[str, int] = {}
@@ -336,7 +399,9 @@ def validate_rows(rows: Iterable[tuple[int, object]], file: str, *, fmt: str = "
                 raise DataFormatError("(row)", f"expected a JSON object, got {type(row).__name__}")
             record = to_canonical(row, fmt)
         except json.JSONDecodeError as exc:
-            report.issues.append(Issue(file, row_number, "(json)", f"bad JSON: {exc.msg} at column {exc.colno}"))
+            report.issues.append(
+                Issue(file, row_number, "(json)", f"bad JSON: {exc.msg} at column {exc.colno}")
+            )
             continue
         except DataFormatError as exc:
             report.issues.append(Issue(file, row_number, exc.field, exc.reason))
@@ -351,12 +416,22 @@ def validate_rows(rows: Iterable[tuple[int, object]], file: str, *, fmt: str = "
             if drop_duplicates:
                 report.fixes.append(f"{file}:{row_number}:(row): dropped, exact duplicate of row {seen[key]}")
                 continue
-            issues.append(Issue(file, row_number, "(row)", f"exact duplicate of row {seen[key]} (use --drop-duplicates)"))
+            issues.append(
+                Issue(
+                    file, row_number, "(row)", f"exact duplicate of row {seen[key]} (use --drop-duplicates)"
+                )
+            )
         if not issues and processor is not None and max_seq_length is not None:
             length = count_tokens(record, processor, base_dir)
             if length > max_seq_length:
-                issues.append(Issue(file, row_number, "(tokens)",
-                                    f"{length} tokens > max_seq_length {max_seq_length}: it would be truncated"))
+                issues.append(
+                    Issue(
+                        file,
+                        row_number,
+                        "(tokens)",
+                        f"{length} tokens > max_seq_length {max_seq_length}: it would be truncated",
+                    )
+                )
         if issues:
             report.issues.extend(issues)
         else:
@@ -377,8 +452,9 @@ def validate_file(path: str | os.PathLike, **kwargs) -> ValidationReport:
     return validate_rows(lines, str(path), **kwargs)
 
 
-def write_jsonl(records: Iterable[dict], path: str | os.PathLike, overwrite: bool = False,
-                base_dir: Path | None = None) -> Path:
+def write_jsonl(
+    records: Iterable[dict], path: str | os.PathLike, overwrite: bool = False, base_dir: Path | None = None
+) -> Path:
     """Write records atomically; refuse to replace an existing file unless ``overwrite``.
 
     With ``base_dir`` (where the records' relative image paths point), image paths are rewritten
@@ -414,6 +490,7 @@ def _jsonable(record: dict) -> dict:
 
 # --- la Plateforme export ------------------------------------------------------------------------
 
+
 def to_plateforme(record: dict, base_dir: Path | None = None) -> dict:
     """A canonical record as Mistral la Plateforme fine-tuning JSONL: images inlined as data URIs."""
     from course_utils.chat import to_data_uri
@@ -429,7 +506,11 @@ def to_plateforme(record: dict, base_dir: Path | None = None) -> dict:
                     image = next(images)
                     if isinstance(image, str) and not image.startswith(("http://", "https://", "data:")):
                         image = resolve_image_path(image, base_dir)
-                    url = image if isinstance(image, str) and image.startswith(("http", "data:")) else to_data_uri(image)
+                    url = (
+                        image
+                        if isinstance(image, str) and image.startswith(("http", "data:"))
+                        else to_data_uri(image)
+                    )
                     parts.append({"type": "image_url", "image_url": url})
                 else:
                     parts.append({"type": "text", "text": part["text"]})
@@ -468,6 +549,7 @@ def check_plateforme(row: dict) -> list[str]:
 
 # --- Templating and labels -----------------------------------------------------------------------
 
+
 def with_images(record: dict, base_dir: Path | None = None) -> list[dict]:
     """The record's messages with each image part carrying its image (path → PIL), for the processor."""
     images = iter(record.get("images") or [])
@@ -475,8 +557,10 @@ def with_images(record: dict, base_dir: Path | None = None) -> list[dict]:
     for message in record["messages"]:
         content = message["content"]
         if isinstance(content, list):
-            content = [dict(p, image=_image_source(next(images), base_dir)) if p.get("type") == "image" else p
-                       for p in content]
+            content = [
+                dict(p, image=_image_source(next(images), base_dir)) if p.get("type") == "image" else p
+                for p in content
+            ]
         messages.append({"role": message["role"], "content": content})
     return messages
 
@@ -510,7 +594,9 @@ def response_only_labels(input_ids: list[int]) -> list[int]:
     return labels
 
 
-def tokenize_record(record: dict, processor, base_dir: Path | None = None, max_seq_length: int | None = None) -> dict:
+def tokenize_record(
+    record: dict, processor, base_dir: Path | None = None, max_seq_length: int | None = None
+) -> dict:
     """Template + tokenize one record and attach response-only ``labels``.
 
     Raises ``ValueError`` if no token is left to train on (the classic "losses are all 0").
@@ -521,11 +607,15 @@ def tokenize_record(record: dict, processor, base_dir: Path | None = None, max_s
     labels = response_only_labels(ids)
     if max_seq_length is not None and len(ids) > max_seq_length:
         if "pixel_values" in out:
-            raise ValueError(f"{len(ids)} tokens > max_seq_length {max_seq_length}: truncating would cut image tokens")
+            raise ValueError(
+                f"{len(ids)} tokens > max_seq_length {max_seq_length}: truncating would cut image tokens"
+            )
         ids, labels = ids[:max_seq_length], labels[:max_seq_length]
     if all(label == IGNORE_INDEX for label in labels):
-        raise ValueError("every label is masked: nothing to train on (does the row end with an assistant reply, "
-                         "and did truncation cut it off?)")
+        raise ValueError(
+            "every label is masked: nothing to train on (does the row end with an assistant reply, "
+            "and did truncation cut it off?)"
+        )
     example = {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
     for key in ("pixel_values", "image_sizes"):
         if key in out:
@@ -555,7 +645,9 @@ def render_label_mask(example: dict, tokenizer, html: bool = False, max_tokens: 
         text = tokenizer.decode([token])
         if html:
             color = "#c8f7c5" if label != IGNORE_INDEX else "#eeeeee"
-            pieces.append(f'<span style="background:{color};white-space:pre-wrap">{html_lib.escape(text)}</span>')
+            pieces.append(
+                f'<span style="background:{color};white-space:pre-wrap">{html_lib.escape(text)}</span>'
+            )
         else:
             pieces.append(f"[[{text}]]" if label != IGNORE_INDEX else text)
     if not html:
@@ -568,6 +660,7 @@ def render_label_mask(example: dict, tokenizer, html: bool = False, max_tokens: 
 
 # --- Statistics and splits -----------------------------------------------------------------------
 
+
 def length_stats(lengths: list[int], max_seq_length: int | None = None, multiple: int = 64) -> dict:
     """Percentiles, a recommended ``max_seq_length`` (p99 rounded up) and how many rows it would cut."""
     if not lengths:
@@ -579,14 +672,24 @@ def length_stats(lengths: list[int], max_seq_length: int | None = None, multiple
 
     recommended = int(math.ceil(pct(99) / multiple) * multiple)
     limit = max_seq_length or recommended
-    return {"count": len(ordered), "min": ordered[0], "p50": pct(50), "p90": pct(90), "p95": pct(95),
-            "p99": pct(99), "max": ordered[-1], "mean": round(sum(ordered) / len(ordered), 1),
-            "recommended_max_seq_length": recommended, "max_seq_length": limit,
-            "truncated": sum(length > limit for length in ordered)}
+    return {
+        "count": len(ordered),
+        "min": ordered[0],
+        "p50": pct(50),
+        "p90": pct(90),
+        "p95": pct(95),
+        "p99": pct(99),
+        "max": ordered[-1],
+        "mean": round(sum(ordered) / len(ordered), 1),
+        "recommended_max_seq_length": recommended,
+        "max_seq_length": limit,
+        "truncated": sum(length > limit for length in ordered),
+    }
 
 
-def split_records(records: list[dict], fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
-                  seed: int = 0) -> tuple[dict[str, list[dict]], int]:
+def split_records(
+    records: list[dict], fractions: tuple[float, float, float] = (0.8, 0.1, 0.1), seed: int = 0
+) -> tuple[dict[str, list[dict]], int]:
     """Deterministic train/val/test split after removing exact duplicates (so none leaks across splits).
 
     Assignment depends only on each record's content hash and the seed, not on file order.
@@ -602,9 +705,8 @@ def split_records(records: list[dict], fractions: tuple[float, float, float] = (
     n = len(keys)
     n_train = round(n * fractions[0])
     n_val = round(n * fractions[1])
-    parts = {"train": keys[:n_train], "val": keys[n_train:n_train + n_val], "test": keys[n_train + n_val:]}
+    parts = {"train": keys[:n_train], "val": keys[n_train : n_train + n_val], "test": keys[n_train + n_val :]}
     return {name: [unique[k] for k in ks] for name, ks in parts.items()}, removed
-
 
 
 def mix_modalities(records: list[dict], image_fraction: float = 0.5, seed: int = 0) -> list[dict]:
@@ -622,8 +724,12 @@ def mix_modalities(records: list[dict], image_fraction: float = 0.5, seed: int =
     return out
 
 
-def save_splits(splits: dict[str, list[dict]], out_dir: str | os.PathLike, base_dir: Path | None = None,
-                overwrite: bool = False) -> dict[str, str]:
+def save_splits(
+    splits: dict[str, list[dict]],
+    out_dir: str | os.PathLike,
+    base_dir: Path | None = None,
+    overwrite: bool = False,
+) -> dict[str, str]:
     """Write ``{split}.jsonl`` files for the next lesson; identical files are left alone, different
     existing ones are never replaced unless ``overwrite`` — each file's fate is returned."""
     out = Path(out_dir)
@@ -639,7 +745,9 @@ def save_splits(splits: dict[str, list[dict]], out_dir: str | os.PathLike, base_
             status[name] = "unchanged"
         elif target.exists() and not overwrite:
             tmp.unlink()
-            raise FileExistsError(f"{target} exists with different content; pass overwrite=True to replace it")
+            raise FileExistsError(
+                f"{target} exists with different content; pass overwrite=True to replace it"
+            )
         else:
             status[name] = "replaced" if target.exists() else "written"
             os.replace(tmp, target)

@@ -21,8 +21,11 @@ def to_messages(message: dict | str, history: list, system: str | None = None) -
     for turn in history or []:
         content = turn.get("content") if isinstance(turn, dict) else None
         if isinstance(content, list):
-            content = "\n\n".join(c.get("text", "") if isinstance(c, dict) else str(c) for c in content
-                                  if not isinstance(c, dict) or c.get("type", "text") == "text")
+            content = "\n\n".join(
+                c.get("text", "") if isinstance(c, dict) else str(c)
+                for c in content
+                if not isinstance(c, dict) or c.get("type", "text") == "text"
+            )
         if isinstance(content, str) and content and turn.get("role") in ("user", "assistant"):
             if out and out[-1]["role"] == turn["role"]:  # gradio splits a file and its text into two turns
                 out[-1]["content"] += "\n\n" + content
@@ -37,8 +40,15 @@ def to_messages(message: dict | str, history: list, system: str | None = None) -
     return out
 
 
-def build_demo(base_url: str, model: str = "receipts", api_key: str | None = None, temperature: float = 0.15,
-               system: str | None = None, max_tokens: int = 256, title: str = TITLE):
+def build_demo(
+    base_url: str,
+    model: str = "receipts",
+    api_key: str | None = None,
+    temperature: float = 0.15,
+    system: str | None = None,
+    max_tokens: int = 256,
+    title: str = TITLE,
+):
     """The gradio Blocks app (not launched)."""
     import gradio as gr
 
@@ -47,8 +57,9 @@ def build_demo(base_url: str, model: str = "receipts", api_key: str | None = Non
     def respond(message, history, endpoint, temp):
         api = client(endpoint, api_key)
         reply = ""
-        for piece in stream_chat(api, model, to_messages(message, history, system), temperature=float(temp),
-                                 max_tokens=max_tokens):
+        for piece in stream_chat(
+            api, model, to_messages(message, history, system), temperature=float(temp), max_tokens=max_tokens
+        ):
             reply += piece
             yield reply
 
@@ -65,18 +76,39 @@ def launch(demo, host: str = "127.0.0.1", port: int | None = None, share: bool =
     """Launch without blocking; login required when ``DEMO_USER`` and ``DEMO_PASSWORD`` are set."""
     user, password = os.environ.get("DEMO_USER"), os.environ.get("DEMO_PASSWORD")
     auth = (user, password) if user and password else None
-    demo.launch(server_name=host, server_port=port, share=share, auth=auth, prevent_thread_lock=True,
-                quiet=True, show_error=True)
+    demo.launch(
+        server_name=host,
+        server_port=port,
+        share=share,
+        auth=auth,
+        prevent_thread_lock=True,
+        quiet=True,
+        show_error=True,
+    )
     return demo.local_url if hasattr(demo, "local_url") else f"http://{host}:{port}/"
 
 
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--hide-scrollbars"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--hide-scrollbars",
+]
 
 
-def screenshot(url: str, out_png: str, width: int = 1200, height: int = 900, wait_ms: int = 8000,
-               chromium: str = "chromium") -> tuple[str, str]:
+def screenshot(
+    url: str,
+    out_png: str,
+    width: int = 1200,
+    height: int = 900,
+    wait_ms: int = 8000,
+    chromium: str = "chromium",
+) -> tuple[str, str]:
     """Render ``url`` in headless Chromium: a PNG screenshot and the DOM after scripts ran.
 
     Returns (png path, rendered DOM). Needs Debian's ``chromium`` package (``/usr/bin/chromium``).
@@ -89,9 +121,17 @@ def screenshot(url: str, out_png: str, width: int = 1200, height: int = 900, wai
     if exe is None:
         raise FileNotFoundError("chromium is not installed (Debian: apt-get install chromium)")
     with tempfile.TemporaryDirectory() as profile:
-        common = [exe, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--virtual-time-budget={wait_ms}",
-                  f"--window-size={width},{height}"]
-        subprocess.run([*common, f"--screenshot={out_png}", url], check=True, capture_output=True, timeout=120)
-        dom = subprocess.run([*common, "--dump-dom", url], check=True, capture_output=True, text=True,
-                             timeout=120).stdout
+        common = [
+            exe,
+            *CHROMIUM_FLAGS,
+            f"--user-data-dir={profile}",
+            f"--virtual-time-budget={wait_ms}",
+            f"--window-size={width},{height}",
+        ]
+        subprocess.run(
+            [*common, f"--screenshot={out_png}", url], check=True, capture_output=True, timeout=120
+        )
+        dom = subprocess.run(
+            [*common, "--dump-dom", url], check=True, capture_output=True, text=True, timeout=120
+        ).stdout
     return out_png, dom

@@ -39,14 +39,27 @@ def validity(replies: list[str], schema: dict | None = None) -> dict:
     return out
 
 
-def json_valid_rate(model, processor, records: list[dict], schema: dict | None = None, max_new_tokens: int = 200,
-                    batch_size: int = 16, progress: bool = True) -> tuple[dict, list[str]]:
+def json_valid_rate(
+    model,
+    processor,
+    records: list[dict],
+    schema: dict | None = None,
+    max_new_tokens: int = 200,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> tuple[dict, list[str]]:
     """Greedy, batched replies for ``records`` and their JSON / schema validity."""
     was_training = getattr(model, "training", False)
     model.eval()
     try:
-        replies = generate_batch(model, processor, prompts_of(records), max_new_tokens=max_new_tokens,
-                                 batch_size=batch_size, progress=progress)
+        replies = generate_batch(
+            model,
+            processor,
+            prompts_of(records),
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            progress=progress,
+        )
     finally:
         if was_training:
             model.train()
@@ -86,8 +99,11 @@ def normalize_date(value) -> str | None:
     if not isinstance(value, str):
         return None
     text = value.strip()
-    for pattern, order in ((r"(\d{4})-(\d{1,2})-(\d{1,2})$", "ymd"), (r"(\d{1,2})\.(\d{1,2})\.(\d{4})$", "dmy"),
-                           (r"(\d{1,2})/(\d{1,2})/(\d{4})$", "mdy")):
+    for pattern, order in (
+        (r"(\d{4})-(\d{1,2})-(\d{1,2})$", "ymd"),
+        (r"(\d{1,2})\.(\d{1,2})\.(\d{4})$", "dmy"),
+        (r"(\d{1,2})/(\d{1,2})/(\d{4})$", "mdy"),
+    ):
         match = re.match(pattern, text)
         if match:
             parts = dict(zip(order, match.groups()))
@@ -110,14 +126,25 @@ def receipt_facts(receipt: dict | None) -> list[tuple]:
     """A receipt as comparable (field, normalised value) facts; each line item is one fact."""
     if not isinstance(receipt, dict):
         return []
-    facts = [("merchant", normalize_text(receipt.get("merchant"))), ("date", normalize_date(receipt.get("date"))),
-             ("currency", normalize_currency(receipt.get("currency")))]
+    facts = [
+        ("merchant", normalize_text(receipt.get("merchant"))),
+        ("date", normalize_date(receipt.get("date"))),
+        ("currency", normalize_currency(receipt.get("currency"))),
+    ]
     facts += [(key, normalize_number(receipt.get(key))) for key in ("subtotal", "tax", "total")]
     items = receipt.get("items") if isinstance(receipt.get("items"), list) else []
     for item in items:
         if isinstance(item, dict):
-            facts.append(("item", (normalize_text(item.get("name")), normalize_number(item.get("qty")),
-                                   normalize_number(item.get("unit_price")))))
+            facts.append(
+                (
+                    "item",
+                    (
+                        normalize_text(item.get("name")),
+                        normalize_number(item.get("qty")),
+                        normalize_number(item.get("unit_price")),
+                    ),
+                )
+            )
     return [(field_name, value) for field_name, value in facts if value is not None]
 
 
@@ -131,8 +158,13 @@ def field_scores(predicted: dict | None, expected: dict) -> dict:
     for counter, key in ((pred, "predicted"), (gold, "expected"), (matched, "matched")):
         for (field_name, _), n in counter.items():
             per_field.setdefault(field_name, {"predicted": 0, "expected": 0, "matched": 0})[key] += n
-    return {"matched": sum(matched.values()), "predicted": sum(pred.values()), "expected": sum(gold.values()),
-            "per_field": per_field, "exact": predicted is not None and pred == gold}
+    return {
+        "matched": sum(matched.values()),
+        "predicted": sum(pred.values()),
+        "expected": sum(gold.values()),
+        "per_field": per_field,
+        "exact": predicted is not None and pred == gold,
+    }
 
 
 def _prf(matched: int, predicted: int, expected: int) -> dict:
@@ -170,9 +202,18 @@ def task_metrics(replies: list[str], targets: list[dict], schema: dict | None = 
             for key in slot:
                 slot[key] += counts[key]
     n = max(1, len(replies))
-    result = {"n": len(replies), "json_valid": json_ok / n, "exact_match": exact / n,
-              **{f"field_{k}": v for k, v in _prf(totals["matched"], totals["predicted"], totals["expected"]).items()},
-              "per_field": {name: _prf(c["matched"], c["predicted"], c["expected"]) for name, c in sorted(fields.items())}}
+    result = {
+        "n": len(replies),
+        "json_valid": json_ok / n,
+        "exact_match": exact / n,
+        **{
+            f"field_{k}": v
+            for k, v in _prf(totals["matched"], totals["predicted"], totals["expected"]).items()
+        },
+        "per_field": {
+            name: _prf(c["matched"], c["predicted"], c["expected"]) for name, c in sorted(fields.items())
+        },
+    }
     if schema is not None:
         result["schema_valid"] = schema_ok / n
     return result
@@ -180,7 +221,10 @@ def task_metrics(replies: list[str], targets: list[dict], schema: dict | None = 
 
 # --- Loss, and the silent no-op adapter -----------------------------------------------------------
 
-def heldout_loss(model, processor, records: list[dict], batch_size: int = 8, max_seq_length: int = 1024) -> dict:
+
+def heldout_loss(
+    model, processor, records: list[dict], batch_size: int = 8, max_seq_length: int = 1024
+) -> dict:
     """Mean response-token loss on held-out records, and its perplexity."""
     import math
 
@@ -196,7 +240,7 @@ def heldout_loss(model, processor, records: list[dict], batch_size: int = 8, max
     try:
         with torch.no_grad():
             for start in range(0, len(examples), batch_size):
-                batch = collate(examples[start:start + batch_size])
+                batch = collate(examples[start : start + batch_size])
                 n = int((batch["labels"][:, 1:] != -100).sum())
                 batch = {k: v.to(model.device) for k, v in batch.items()}
                 total += float(response_only_loss(model, batch, num_items_in_batch=n)) * n
@@ -220,8 +264,11 @@ def adapter_effect(peft_model, processor, records: list[dict], max_seq_length: i
     from course_utils.train import VisionTextCollator, prepare_examples
 
     examples = prepare_examples(records, processor, max_seq_length, progress=False)
-    batch = {k: v.to(peft_model.device) for k, v in VisionTextCollator(processor.tokenizer.pad_token_id)(examples).items()
-             if k != "labels"}
+    batch = {
+        k: v.to(peft_model.device)
+        for k, v in VisionTextCollator(processor.tokenizer.pad_token_id)(examples).items()
+        if k != "labels"
+    }
     if "pixel_values" in batch:
         batch["pixel_values"] = batch["pixel_values"].to(next(peft_model.parameters()).dtype)
     peft_model.eval()
@@ -275,8 +322,13 @@ class Comparison:
     def per_field(self) -> list[dict]:
         """Field F1 for every field any model produced or the targets hold."""
         fields = sorted({f for m in self.metrics.values() for f in m["per_field"]})
-        return [{"field": f, **{name: m["per_field"].get(f, {}).get("f1", 0.0) for name, m in self.metrics.items()}}
-                for f in fields]
+        return [
+            {
+                "field": f,
+                **{name: m["per_field"].get(f, {}).get("f1", 0.0) for name, m in self.metrics.items()},
+            }
+            for f in fields
+        ]
 
     def worst(self, n: int = 3, model: str | None = None) -> list[dict]:
         """The ``n`` rows where ``model`` (default: the last one) scores lowest — no JSON first, then F1."""
@@ -285,23 +337,33 @@ class Comparison:
 
     def outcomes(self) -> list[dict]:
         """Error analysis: how many replies of each model fall in each :data:`OUTCOMES` bucket."""
-        return [{"outcome": o, **{name: sum(e["outcome"][name] == o for e in self.examples) for name in self.names}}
-                for o in OUTCOMES]
+        return [
+            {
+                "outcome": o,
+                **{name: sum(e["outcome"][name] == o for e in self.examples) for name in self.names},
+            }
+            for o in OUTCOMES
+        ]
 
     def plot(self):
         """Grouped bars: headline metrics, and field F1 per field, one colour per model."""
         import matplotlib.pyplot as plt
 
         fig, axes = plt.subplots(1, 2, figsize=(11, 3.6), gridspec_kw={"width_ratios": [1, 1.4]})
-        for ax, rows, key, title in ((axes[0], self.table(), "metric", "Task metrics (test split)"),
-                                     (axes[1], self.per_field(), "field", "Field F1 by field")):
+        for ax, rows, key, title in (
+            (axes[0], self.table(), "metric", "Task metrics (test split)"),
+            (axes[1], self.per_field(), "field", "Field F1 by field"),
+        ):
             width = 0.8 / len(self.names)
             for i, name in enumerate(self.names):
                 xs = [j + i * width for j in range(len(rows))]
                 bars = ax.bar(xs, [r[name] for r in rows], width, label=name)
                 ax.bar_label(bars, fmt="%.2f", fontsize=7)
-            ax.set_xticks([j + width * (len(self.names) - 1) / 2 for j in range(len(rows))], [r[key] for r in rows],
-                          rotation=20)
+            ax.set_xticks(
+                [j + width * (len(self.names) - 1) / 2 for j in range(len(rows))],
+                [r[key] for r in rows],
+                rotation=20,
+            )
             ax.set_ylim(0, 1.1)
             ax.set_title(title)
         axes[0].legend()
@@ -323,12 +385,33 @@ class Comparison:
         parts = [f"# {title}", ""]
         if context:
             parts += [f"- **{k}**: {v}" for k, v in context.items()] + [""]
-        parts += ["## Task metrics", "", md_table(self.table()), "", "## Field F1 by field", "",
-                  md_table(self.per_field()), "", "## Outcomes", "", md_table(self.outcomes()), "",
-                  f"## Worst {worst} examples ({self.names[-1]})", ""]
+        parts += [
+            "## Task metrics",
+            "",
+            md_table(self.table()),
+            "",
+            "## Field F1 by field",
+            "",
+            md_table(self.per_field()),
+            "",
+            "## Outcomes",
+            "",
+            md_table(self.outcomes()),
+            "",
+            f"## Worst {worst} examples ({self.names[-1]})",
+            "",
+        ]
         for e in self.worst(worst):
-            parts += [f"### Row {e['index']}", "", "Expected:", "", "```json", json.dumps(e["expected"], ensure_ascii=False),
-                      "```", ""]
+            parts += [
+                f"### Row {e['index']}",
+                "",
+                "Expected:",
+                "",
+                "```json",
+                json.dumps(e["expected"], ensure_ascii=False),
+                "```",
+                "",
+            ]
             for name in self.names:
                 parts += [f"{name} (F1 {e['f1'][name]:.2f}):", "", "```", e["replies"][name][:600], "```", ""]
         return "\n".join(parts)
@@ -364,8 +447,13 @@ def compare(replies: dict[str, list[str]], targets: list[dict], schema: dict | N
     return Comparison(metrics, examples)
 
 
-def save_report(comparison: Comparison, out_dir: str | Path, context: dict | None = None,
-                overwrite: bool = False, title: str = "Evaluation report") -> tuple[Path, Path]:
+def save_report(
+    comparison: Comparison,
+    out_dir: str | Path,
+    context: dict | None = None,
+    overwrite: bool = False,
+    title: str = "Evaluation report",
+) -> tuple[Path, Path]:
     """``report.json`` (everything, incl. every reply) and ``report.md`` (for people), written atomically.
 
     Refuses to replace an earlier report unless ``overwrite`` — reports are evidence.
@@ -378,7 +466,9 @@ def save_report(comparison: Comparison, out_dir: str | Path, context: dict | Non
         if path.exists() and not overwrite:
             raise FileExistsError(f"{path} exists; choose another folder or pass overwrite=True")
     payload = {"context": context or {}, **comparison.to_dict()}
-    atomic_write(json_path, json.dumps(payload, indent=1, ensure_ascii=False, default=str), overwrite=overwrite)
+    atomic_write(
+        json_path, json.dumps(payload, indent=1, ensure_ascii=False, default=str), overwrite=overwrite
+    )
     atomic_write(md_path, comparison.markdown(title, context), overwrite=overwrite)
     return json_path, md_path
 
@@ -410,12 +500,20 @@ class JudgeParseError(ValueError):
 
 def judge_messages(expected: dict | str, reply: str) -> list[dict]:
     expected_text = expected if isinstance(expected, str) else json.dumps(expected, ensure_ascii=False)
-    return [{"role": "system", "content": JUDGE_SYSTEM},
-            {"role": "user", "content": JUDGE_TEMPLATE.format(expected=expected_text, reply=reply.strip() or "(empty)")}]
+    return [
+        {"role": "system", "content": JUDGE_SYSTEM},
+        {
+            "role": "user",
+            "content": JUDGE_TEMPLATE.format(expected=expected_text, reply=reply.strip() or "(empty)"),
+        },
+    ]
 
 
 def parse_judge(text: str) -> dict:
-    """``{"score": 1-5, "reason": str}`` from a judge reply; tolerant of fences and chatter, strict on the score."""
+    """``{"score": 1-5, "reason": str}`` from a judge reply.
+
+    Tolerant of fences and chatter, strict on the score.
+    """
     import re
 
     try:
@@ -424,7 +522,9 @@ def parse_judge(text: str) -> dict:
     except JSONExtractionError:
         match = re.search(r"score\W{0,4}([1-5])\b", text, re.IGNORECASE)
         if not match:
-            raise JudgeParseError(f"no JSON object and no 'score: N' in the judge's reply: {text[:120]!r}") from None
+            raise JudgeParseError(
+                f"no JSON object and no 'score: N' in the judge's reply: {text[:120]!r}"
+            ) from None
         score, reason = match.group(1), text.strip()[:200]
     try:
         value = float(score)
@@ -435,8 +535,15 @@ def parse_judge(text: str) -> dict:
     return {"score": int(value), "reason": reason}
 
 
-def llm_judge(pairs: list[tuple[dict, str]], base_url: str, model: str, api_key: str | None = None,
-              max_workers: int = 4, timeout: float = 60.0, progress: bool = True) -> list[dict]:
+def llm_judge(
+    pairs: list[tuple[dict, str]],
+    base_url: str,
+    model: str,
+    api_key: str | None = None,
+    max_workers: int = 4,
+    timeout: float = 60.0,
+    progress: bool = True,
+) -> list[dict]:
     """Ask a judge model (any OpenAI-compatible ``/v1`` endpoint) to score (expected, reply) pairs.
 
     The key comes from ``api_key`` or ``$JUDGE_API_KEY`` and is never printed. A failed call or an
@@ -448,14 +555,19 @@ def llm_judge(pairs: list[tuple[dict, str]], base_url: str, model: str, api_key:
     from openai import OpenAI
     from tqdm.auto import tqdm
 
-    client = OpenAI(base_url=base_url, api_key=api_key or os.environ.get("JUDGE_API_KEY") or "not-needed",
-                    timeout=timeout, max_retries=1)
+    client = OpenAI(
+        base_url=base_url,
+        api_key=api_key or os.environ.get("JUDGE_API_KEY") or "not-needed",
+        timeout=timeout,
+        max_retries=1,
+    )
 
     def one(pair):
         expected, reply = pair
         try:
-            response = client.chat.completions.create(model=model, messages=judge_messages(expected, reply),
-                                                      temperature=0.0, max_tokens=120)
+            response = client.chat.completions.create(
+                model=model, messages=judge_messages(expected, reply), temperature=0.0, max_tokens=120
+            )
             return parse_judge(response.choices[0].message.content or "")
         except Exception as error:  # noqa: BLE001 — recorded per row, the run goes on
             return {"score": None, "error": f"{type(error).__name__}: {str(error)[:160]}"}
@@ -466,15 +578,26 @@ def llm_judge(pairs: list[tuple[dict, str]], base_url: str, model: str, api_key:
 
 def judge_summary(results: list[dict]) -> dict:
     scores = [r["score"] for r in results if r.get("score") is not None]
-    return {"mean_score": round(sum(scores) / len(scores), 2) if scores else None, "scored": len(scores),
-            "failed": len(results) - len(scores)}
+    return {
+        "mean_score": round(sum(scores) / len(scores), 2) if scores else None,
+        "scored": len(scores),
+        "failed": len(results) - len(scores),
+    }
 
 
 # --- General benchmarks: lm-evaluation-harness commands -------------------------------------------
 
-def lm_eval_command(model: str, tasks: tuple[str, ...] = ("mmlu", "gsm8k"), adapter: str | None = None,
-                    backend: str = "hf", base_url: str | None = None, num_fewshot: int | None = 5,
-                    limit: int | None = None, output_path: str = "outputs/lm-eval") -> list[str]:
+
+def lm_eval_command(
+    model: str,
+    tasks: tuple[str, ...] = ("mmlu", "gsm8k"),
+    adapter: str | None = None,
+    backend: str = "hf",
+    base_url: str | None = None,
+    num_fewshot: int | None = 5,
+    limit: int | None = None,
+    output_path: str = "outputs/lm-eval",
+) -> list[str]:
     """An ``lm-eval run`` argument list: ``hf`` (transformers + peft adapter), ``vllm``, or
     ``local-chat-completions`` (any OpenAI-compatible server, e.g. lesson 07's)."""
     if backend == "hf":
@@ -485,12 +608,26 @@ def lm_eval_command(model: str, tasks: tuple[str, ...] = ("mmlu", "gsm8k"), adap
             model_args += f",enable_lora=True,lora_local_path={adapter}"
     elif backend == "local-chat-completions":
         if not base_url:
-            raise ValueError("local-chat-completions needs base_url, e.g. http://127.0.0.1:8080/v1/chat/completions")
+            raise ValueError(
+                "local-chat-completions needs base_url, e.g. http://127.0.0.1:8080/v1/chat/completions"
+            )
         model_args = f"model={model},base_url={base_url},num_concurrent=4,max_retries=2"
     else:
         raise ValueError(f"backend {backend!r}: choose 'hf', 'vllm' or 'local-chat-completions'")
-    cmd = ["lm-eval", "run", "--model", backend, "--model_args", model_args, "--tasks", ",".join(tasks),
-           "--apply_chat_template", "--output_path", output_path, "--log_samples"]
+    cmd = [
+        "lm-eval",
+        "run",
+        "--model",
+        backend,
+        "--model_args",
+        model_args,
+        "--tasks",
+        ",".join(tasks),
+        "--apply_chat_template",
+        "--output_path",
+        output_path,
+        "--log_samples",
+    ]
     if num_fewshot is not None:
         cmd += ["--num_fewshot", str(num_fewshot)] + (["--fewshot_as_multiturn"] if num_fewshot else [])
     cmd += ["--batch_size", "1" if backend == "local-chat-completions" else "auto"]

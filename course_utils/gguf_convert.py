@@ -1,5 +1,7 @@
 """Run llama.cpp's converters with two upstream fixes (used by :mod:`course_utils.export`).
 
+Backs lesson 06.
+
 Usage: ``python -m course_utils.gguf_convert LLAMA_CPP_DIR MODEL_DIR [converter options…]``
        ``python -m course_utils.gguf_convert --lora LLAMA_CPP_DIR ADAPTER_DIR --base BASE_DIR [options…]``
 
@@ -30,7 +32,9 @@ def main(argv: list[str]) -> None:
     root = Path(argv[0])
     script = root / "convert_hf_to_gguf.py"
     if not script.is_file():
-        raise SystemExit(f"{script} not found: point at a llama.cpp folder (course_utils.export.llama_cpp_tools())")
+        raise SystemExit(
+            f"{script} not found: point at a llama.cpp folder (course_utils.export.llama_cpp_tools())"
+        )
     sys.path[:0] = [str(root), str(root / "gguf-py")]
     sys.modules.pop("gguf", None)  # make sure the converter's own gguf-py is the one imported
 

@@ -1,5 +1,7 @@
 """What machine is this, and will the chosen model fit — answered before anything is downloaded.
 
+Backs lesson 00 (hardware planning) and every lesson's opening cell.
+
 Detection imports torch only (never unsloth: importing unsloth patches transformers and TRL, so the
 course makes that decision once, in :mod:`course_utils.models`).
 """
@@ -11,7 +13,7 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from course_utils.profiles import GiB, MODELS, PROFILES, Profile
+from course_utils.profiles import MODELS, PROFILES, GiB, Profile
 
 
 @dataclass(frozen=True)
@@ -31,7 +33,8 @@ class HardwareInfo:
         vram = f"{self.vram_gib:.1f} GiB VRAM" if self.vram_gib else "no GPU memory"
         return (
             f"{self.accelerator.upper()} ({self.device_name}), {vram}, {self.ram_gib:.1f} GiB RAM, "
-            f"{self.disk_free_gib:.1f} GiB free disk, {self.cpu_count} CPU cores, environment: {self.environment}"
+            f"{self.disk_free_gib:.1f} GiB free disk, {self.cpu_count} CPU cores, "
+            f"environment: {self.environment}"
         )
 
 
@@ -131,7 +134,9 @@ def preflight(profile: Profile, hardware: HardwareInfo | None = None) -> dict[st
                 f"this GPU ({hw.device_name}) has {hw.vram_gib:.1f} GiB"
             )
     elif hw.ram_gib < need["memory_gib"]:
-        problems.append(f"profile {profile.name!r} needs {need['memory_gib']:.1f} GiB RAM, found {hw.ram_gib:.1f}")
+        problems.append(
+            f"profile {profile.name!r} needs {need['memory_gib']:.1f} GiB RAM, found {hw.ram_gib:.1f}"
+        )
     if hw.disk_free_gib < need["disk_gib"]:
         problems.append(
             f"profile {profile.name!r} downloads and writes about {need['disk_gib']:.0f} GiB, "
@@ -162,7 +167,16 @@ def describe_profiles(hw: HardwareInfo) -> list[dict]:
     return rows
 
 
-KEY_PACKAGES = ("torch", "transformers", "trl", "peft", "datasets", "mistral-common", "unsloth", "bitsandbytes")
+KEY_PACKAGES = (
+    "torch",
+    "transformers",
+    "trl",
+    "peft",
+    "datasets",
+    "mistral-common",
+    "unsloth",
+    "bitsandbytes",
+)
 
 
 def versions(packages=KEY_PACKAGES) -> dict[str, str]:
@@ -190,7 +204,9 @@ def memory_report(label: str = "") -> str:
     except ImportError:  # pragma: no cover
         pass
     if torch.cuda.is_available():
-        parts.append(f"GPU reserved {torch.cuda.memory_reserved() / GiB:.2f} GiB, "
-                     f"peak {torch.cuda.max_memory_reserved() / GiB:.2f} GiB "
-                     f"of {torch.cuda.get_device_properties(0).total_memory / GiB:.1f} GiB")
+        parts.append(
+            f"GPU reserved {torch.cuda.memory_reserved() / GiB:.2f} GiB, "
+            f"peak {torch.cuda.max_memory_reserved() / GiB:.2f} GiB "
+            f"of {torch.cuda.get_device_properties(0).total_memory / GiB:.1f} GiB"
+        )
     return (f"[{label}] " if label else "") + "; ".join(parts)

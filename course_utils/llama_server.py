@@ -1,5 +1,7 @@
 """``python -m llama_cpp.server`` with the course's vision chat format (used by :mod:`course_utils.serve`).
 
+Backs lessons 06 and 07.
+
 Usage: the same options as ``python -m llama_cpp.server``. With ``--clip_model_path`` (the exported
 projector), image requests are formatted with the model's own embedded chat template instead of
 LLaVA-1.5's: llama-cpp-python's server picks its multimodal handler by ``--chat_format``, so this

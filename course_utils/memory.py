@@ -1,5 +1,7 @@
 """Estimate peak training memory from a model's config — before renting a GPU.
 
+Backs lessons 00 and 04 (the VRAM planner).
+
 peak = weights + adapters + gradients + optimizer state + activations + logits
        + CUDA context, all × (1 + allocator overhead)
 
@@ -59,13 +61,31 @@ class Architecture:
 
 # Config numbers (transformers config defaults naming these checkpoints, and the published configs).
 ARCHITECTURES: dict[str, Architecture] = {
-    "mistral-small-3.2": Architecture("mistral-small-3.2", 24.0e9, 40, 5120, 32768, 32, 8, 128, vision_params=0.44e9),
-    "mistral-small-3.1": Architecture("mistral-small-3.1", 24.0e9, 40, 5120, 32768, 32, 8, 128, vision_params=0.44e9),
+    "mistral-small-3.2": Architecture(
+        "mistral-small-3.2", 24.0e9, 40, 5120, 32768, 32, 8, 128, vision_params=0.44e9
+    ),
+    "mistral-small-3.1": Architecture(
+        "mistral-small-3.1", 24.0e9, 40, 5120, 32768, 32, 8, 128, vision_params=0.44e9
+    ),
     "ministral-3-8b": Architecture("ministral-3-8b", 8.9e9, 34, 4096, 14336, 32, 8, 128, vision_params=0.4e9),
     "mistral-small-4": Architecture(
-        "mistral-small-4", 119.0e9, 36, 4096, 2048, 32, 32, 128, vision_params=0.44e9,
+        "mistral-small-4",
+        119.0e9,
+        36,
+        4096,
+        2048,
+        32,
+        32,
+        128,
+        vision_params=0.44e9,
         moe_expert_params=36 * 128 * 3 * 4096 * 2048,
-        mla={"q_lora_rank": 1024, "kv_lora_rank": 256, "qk_rope_head_dim": 64, "qk_nope_head_dim": 64, "v_head_dim": 128},
+        mla={
+            "q_lora_rank": 1024,
+            "kv_lora_rank": 256,
+            "qk_rope_head_dim": 64,
+            "qk_nope_head_dim": 64,
+            "v_head_dim": 128,
+        },
     ),
     # calibration-only models (published Unsloth benchmarks)
     "llama-3.1-8b": Architecture("llama-3.1-8b", 8.03e9, 32, 4096, 14336, 32, 8, 128, vocab_size=128256),
@@ -108,10 +128,13 @@ def lora_parameters(arch: Architecture, r: int) -> float:
         m = arch.mla
         heads = arch.num_attention_heads
         q_out = heads * (m["qk_nope_head_dim"] + m["qk_rope_head_dim"])
-        attention = [(h, m["q_lora_rank"]), (m["q_lora_rank"], q_out),
-                     (h, m["kv_lora_rank"] + m["qk_rope_head_dim"]),
-                     (m["kv_lora_rank"], heads * (m["qk_nope_head_dim"] + m["v_head_dim"])),
-                     (heads * m["v_head_dim"], h)]
+        attention = [
+            (h, m["q_lora_rank"]),
+            (m["q_lora_rank"], q_out),
+            (h, m["kv_lora_rank"] + m["qk_rope_head_dim"]),
+            (m["kv_lora_rank"], heads * (m["qk_nope_head_dim"] + m["v_head_dim"])),
+            (heads * m["v_head_dim"], h),
+        ]
     else:
         q = arch.num_attention_heads * arch.head_dim
         kv = arch.num_key_value_heads * arch.head_dim
@@ -120,10 +143,17 @@ def lora_parameters(arch: Architecture, r: int) -> float:
     return arch.num_layers * r * sum(a + b for a, b in attention + mlp)
 
 
-def estimate_training_memory(model: str | Architecture, method: str = "qlora", seq_len: int = 2048,
-                             batch_size: int = 1, lora_r: int = 16, gradient_checkpointing: bool = True,
-                             optimizer: str = "adamw_8bit", offload_checkpoints: bool = False,
-                             fused_cross_entropy: bool = True) -> Estimate:
+def estimate_training_memory(
+    model: str | Architecture,
+    method: str = "qlora",
+    seq_len: int = 2048,
+    batch_size: int = 1,
+    lora_r: int = 16,
+    gradient_checkpointing: bool = True,
+    optimizer: str = "adamw_8bit",
+    offload_checkpoints: bool = False,
+    fused_cross_entropy: bool = True,
+) -> Estimate:
     """Peak training memory, term by term (see the module docstring for the formula)."""
     arch = ARCHITECTURES[model] if isinstance(model, str) else model
     if method not in METHODS:
@@ -157,14 +187,44 @@ def estimate_training_memory(model: str | Architecture, method: str = "qlora", s
     subtotal = weights + adapters + gradients + optimizer_state + activations + logits
     overhead = ALLOCATOR_OVERHEAD * subtotal
     total = subtotal + overhead + CUDA_CONTEXT_GIB * GiB
-    g = lambda v: v / GiB
-    return Estimate(arch.name, method, seq_len, batch_size, lora_r, gradient_checkpointing, g(weights), g(adapters),
-                    g(gradients), g(optimizer_state), g(activations), g(logits), CUDA_CONTEXT_GIB, g(overhead), g(total))
+
+    def g(v):
+        return v / GiB
+
+    return Estimate(
+        arch.name,
+        method,
+        seq_len,
+        batch_size,
+        lora_r,
+        gradient_checkpointing,
+        g(weights),
+        g(adapters),
+        g(gradients),
+        g(optimizer_state),
+        g(activations),
+        g(logits),
+        CUDA_CONTEXT_GIB,
+        g(overhead),
+        g(total),
+    )
 
 
-# Published peaks: (model, method, seq_len, batch, lora_r, checkpointing, offload, fused CE, measured GiB, source)
+# Published peaks: (model, method, seq_len, batch, lora_r, checkpointing, offload, fused CE,
+# measured GiB, source)
 CALIBRATION = [
-    ("llama-3.1-8b", "qlora", 40724, 1, 32, True, True, True, 16.0, "Unsloth README: 8B QLoRA r32, longest context in 16 GB"),
+    (
+        "llama-3.1-8b",
+        "qlora",
+        40724,
+        1,
+        32,
+        True,
+        True,
+        True,
+        16.0,
+        "Unsloth README: 8B QLoRA r32, longest context in 16 GB",
+    ),
     ("llama-3.1-8b", "qlora", 78475, 1, 32, True, True, True, 24.0, "Unsloth README: 8B, 24 GB"),
     ("llama-3.1-8b", "qlora", 342733, 1, 32, True, True, True, 80.0, "Unsloth README: 8B, 80 GB"),
     ("llama-3.3-70b", "qlora", 12106, 1, 32, True, True, True, 48.0, "Unsloth README: 70B QLoRA r32, 48 GB"),
@@ -179,9 +239,18 @@ def calibration_report() -> list[dict]:
     """Estimate vs each published measurement, with the relative error."""
     rows = []
     for model, method, seq, batch, r, ckpt, offload, fused, measured, source in CALIBRATION:
-        est = estimate_training_memory(model, method, seq, batch, r, ckpt, "adamw_8bit", offload, fused).total_gib
-        rows.append({"source": source, "seq_len": seq, "measured_gib": measured, "estimate_gib": round(est, 1),
-                     "error_pct": round(100 * (est - measured) / measured, 1)})
+        est = estimate_training_memory(
+            model, method, seq, batch, r, ckpt, "adamw_8bit", offload, fused
+        ).total_gib
+        rows.append(
+            {
+                "source": source,
+                "seq_len": seq,
+                "measured_gib": measured,
+                "estimate_gib": round(est, 1),
+                "error_pct": round(100 * (est - measured) / measured, 1),
+            }
+        )
     return rows
 
 
@@ -189,10 +258,17 @@ def method_table(model: str, seq_len: int = 2048, batch_size: int = 1, lora_r: i
     """QLoRA / LoRA / full for one model — the honest version of the usual hardware table."""
     rows = []
     for method in METHODS:
-        est = estimate_training_memory(model, method, seq_len, batch_size, lora_r,
-                                       optimizer="adamw_8bit", fused_cross_entropy=True)
-        rows.append({"model": model, "method": method, "weights": round(est.weights_gib, 1),
-                     "training state": round(est.adapters_gib + est.gradients_gib + est.optimizer_gib, 1),
-                     "activations": round(est.activations_gib + est.logits_gib, 1), "total GiB": round(est.total_gib, 1)})
+        est = estimate_training_memory(
+            model, method, seq_len, batch_size, lora_r, optimizer="adamw_8bit", fused_cross_entropy=True
+        )
+        rows.append(
+            {
+                "model": model,
+                "method": method,
+                "weights": round(est.weights_gib, 1),
+                "training state": round(est.adapters_gib + est.gradients_gib + est.optimizer_gib, 1),
+                "activations": round(est.activations_gib + est.logits_gib, 1),
+                "total GiB": round(est.total_gib, 1),
+            }
+        )
     return rows
-

@@ -1,5 +1,7 @@
 """Load the model and processor a profile asks for — Unsloth on CUDA, transformers otherwise.
 
+Backs lesson 01 (which shows the same loading as plain library code); later lessons import it.
+
 The backend is decided from ``torch.cuda.is_available()`` and the profile *before* anything imports
 ``unsloth``: a successful ``import unsloth`` patches transformers' TrainingArguments, TRL's
 SFTConfig/SFTTrainer and TRL's loss kernel, so it is a decision with effects, made once, here.
@@ -10,6 +12,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from course_utils.hardware import HardwareInfo, detect, preflight
 from course_utils.profiles import Profile, resolve_profile
@@ -49,8 +52,8 @@ def choose_backend(profile: Profile, hardware: HardwareInfo) -> tuple[str, str]:
 
 
 def _quantization_config():
-    from transformers import BitsAndBytesConfig
     import torch
+    from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(
         load_in_4bit=True,
@@ -61,41 +64,81 @@ def _quantization_config():
     )
 
 
-def load(profile: str | Profile = "auto", *, stand_in: str | None = None,
-         stand_in_dir: str | os.PathLike | None = None, hardware: HardwareInfo | None = None,
-         max_seq_length: int = 4096, load_in_4bit: bool | None = None) -> LoadedModel:
-    """Load model + processor for ``profile`` and say what was chosen and why.
+@dataclass(frozen=True)
+class ModelSource:
+    """What a profile loads, decided before anything heavy is imported (lesson 01's loading cell)."""
 
-    ``stand_in`` picks the CPU stand-in (``tiny-mistral-small-3`` by default, or
-    ``tiny-mistral-small-4``); ``load_in_4bit`` overrides the profile (QLoRA on CPU works through
-    bitsandbytes, slowly). Refuses early (:class:`~course_utils.hardware.PreflightError`) when the
-    model will not fit, before any download.
-    """
-    import torch
+    model_id: str  # a Hub id, or the stand-in's local folder
+    load_in_4bit: bool
+    backend: Literal["unsloth", "transformers"]
+    profile: Profile
+    reasons: tuple[str, ...]
 
+
+def model_source(
+    profile: str | Profile = "auto",
+    *,
+    stand_in: str | None = None,
+    stand_in_dir: str | os.PathLike | None = None,
+    hardware: HardwareInfo | None = None,
+    load_in_4bit: bool | None = None,
+) -> ModelSource:
+    """The model id, precision and backend for ``profile``, and why. Builds the stand-in on
+    ``cpu-tiny``; refuses early (:class:`~course_utils.hardware.PreflightError`) when the model will
+    not fit, before any download."""
     hw = hardware or detect()
     prof = profile if isinstance(profile, Profile) else resolve_profile(profile, hardware=hw)
     preflight(prof, hw)
     backend, why = choose_backend(prof, hw)
     reasons = [f"Profile {prof.name!r}: {prof.description}", why]
     four_bit = prof.load_in_4bit if load_in_4bit is None else load_in_4bit
-
     if prof.is_stand_in:
         from course_utils.tiny import build_stand_in
 
         name = stand_in or prof.model_key
         source = str(build_stand_in(name, stand_in_dir))
-        reasons.append(f"Stand-in {name!r} built offline at {Path(source).name}/ (random weights, real "
-                       "architecture, real Tekken tokenizer): outputs are gibberish, the code path is real.")
+        reasons.append(
+            f"Stand-in {name!r} built offline at {Path(source).name}/ (random weights, real "
+            "architecture, real Tekken tokenizer): outputs are gibberish, the code path is real."
+        )
     else:
         source = prof.load_id
         reasons.append(f"Weights: {source} ({'4-bit NF4' if four_bit else '16-bit'}).")
+    return ModelSource(source, four_bit, backend, prof, tuple(reasons))
+
+
+def load(
+    profile: str | Profile = "auto",
+    *,
+    stand_in: str | None = None,
+    stand_in_dir: str | os.PathLike | None = None,
+    hardware: HardwareInfo | None = None,
+    max_seq_length: int = 4096,
+    load_in_4bit: bool | None = None,
+) -> LoadedModel:
+    """Load model + processor for ``profile`` and say what was chosen and why (lesson 01 shows the
+    same calls as plain library code).
+
+    ``stand_in`` picks the CPU stand-in (``tiny-mistral-small-3`` by default, or
+    ``tiny-mistral-small-4``); ``load_in_4bit`` overrides the profile (QLoRA on CPU works through
+    bitsandbytes, slowly).
+    """
+    import torch
+
+    hw = hardware or detect()
+    chosen = model_source(
+        profile, stand_in=stand_in, stand_in_dir=stand_in_dir, hardware=hw, load_in_4bit=load_in_4bit
+    )
+    prof, backend, source, four_bit = chosen.profile, chosen.backend, chosen.model_id, chosen.load_in_4bit
+    reasons = list(chosen.reasons)
 
     if backend == "unsloth":
         from unsloth import FastVisionModel  # the one deliberate place the course imports unsloth
 
         model, processor = FastVisionModel.from_pretrained(
-            source, load_in_4bit=four_bit, max_seq_length=max_seq_length,
+            source,
+            load_in_4bit=four_bit,
+            max_seq_length=max_seq_length,
             use_gradient_checkpointing="unsloth",
         )
         return LoadedModel(model, processor, prof, backend, source, reasons)
@@ -105,7 +148,9 @@ def load(profile: str | Profile = "auto", *, stand_in: str | None = None,
     kwargs: dict = {}
     if four_bit:
         kwargs["quantization_config"] = _quantization_config()
-        reasons.append("bitsandbytes NF4 for the language model; vision tower, projector and lm_head stay 16-bit.")
+        reasons.append(
+            "bitsandbytes NF4 for the language model; vision tower, projector and lm_head stay 16-bit."
+        )
     if hw.accelerator == "cuda":
         kwargs.update(dtype=torch.bfloat16, device_map="auto")
     else:

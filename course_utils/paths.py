@@ -1,4 +1,7 @@
-"""Where the course writes: one ``outputs/`` folder that lessons use to hand work to each other."""
+"""Where the course writes: one ``outputs/`` folder that lessons use to hand work to each other.
+
+Used by every lesson from 03 on.
+"""
 
 from __future__ import annotations
 
@@ -30,7 +33,9 @@ def outputs_dir(*parts: str) -> Path:
 
 
 def atomic_write(path: str | os.PathLike, data: str | bytes, overwrite: bool = False) -> Path:
-    """Write ``data`` to ``path`` all at once (temp file + rename); refuse an existing file unless ``overwrite``.
+    """Write ``data`` to ``path`` all at once (temp file + rename).
+
+    Refuses an existing file unless ``overwrite``.
 
     A crash mid-write leaves the old file (or nothing), never half a file.
     """

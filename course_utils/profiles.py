@@ -1,8 +1,10 @@
 """The model ladder and the hardware profiles that pick a rung of it.
 
+Backs lessons 00 and 01 (the ladder, claims vs configs, the KV cache).
+
 Every number in ``MODELS`` comes from a model's ``config.json`` (as mirrored by the defaults of the
-transformers config class that names that checkpoint) or from ``shared/FACTS.md`` — not from blog
-posts. The stand-ins' numbers are read from the configs that :mod:`course_utils.tiny` writes.
+transformers config class that names that checkpoint) or from the model card cited beside it — not
+from blog posts. The stand-ins' numbers are read from the configs that :mod:`course_utils.tiny` writes.
 
 A *profile* decides model and method; the notebooks' code path does not change with it.
 """
@@ -10,8 +12,8 @@ A *profile* decides model and method; the notebooks' code path does not change w
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Sequence
 
 GiB = 1024**3
 PROFILE_ENV_VAR = "COURSE_PROFILE"
@@ -306,7 +308,8 @@ def resolve_profile(requested: str | None = "auto", hardware=None) -> Profile:
         name = pick_profile(hardware.accelerator, hardware.vram_gib)
     if name not in PROFILES:
         raise ValueError(
-            f"Unknown profile {name!r} (from {'COURSE_PROFILE' if requested in (None, 'auto') else 'the argument'}). "
+            f"Unknown profile {name!r} "
+            f"(from {'COURSE_PROFILE' if requested in (None, 'auto') else 'the argument'}). "
             f"Choose one of: auto, {', '.join(PROFILES)}."
         )
     return PROFILES[name]
@@ -323,8 +326,10 @@ def model_spec(key: str) -> ModelSpec:
 CONTEXTS = (4096, 32768, 131072, 262144)
 
 
-def kv_cache_table(keys: Sequence[str] = ("mistral-small-3.2", "mistral-small-4", "ministral-3-8b"),
-                   contexts: Sequence[int] = CONTEXTS) -> list[dict]:
+def kv_cache_table(
+    keys: Sequence[str] = ("mistral-small-3.2", "mistral-small-4", "ministral-3-8b"),
+    contexts: Sequence[int] = CONTEXTS,
+) -> list[dict]:
     """KV-cache GiB (16-bit) per model and context length; ``None`` beyond a model's context."""
     rows = []
     for key in keys:
@@ -342,8 +347,10 @@ def ladder_rows() -> list[dict]:
     return [
         {
             "model": s.key,
-            "params": f"{s.total_params_b:g}B" + (f" ({s.active_params_b:g}B active)" if s.active_params_b != s.total_params_b else ""),
-            "attention": s.attention + (f", {s.num_experts} experts top-{s.experts_per_token}" if s.num_experts else ""),
+            "params": f"{s.total_params_b:g}B"
+            + (f" ({s.active_params_b:g}B active)" if s.active_params_b != s.total_params_b else ""),
+            "attention": s.attention
+            + (f", {s.num_experts} experts top-{s.experts_per_token}" if s.num_experts else ""),
             "layers": s.num_layers,
             "heads q/kv": f"{s.num_attention_heads}/{s.num_key_value_heads}",
             "context": f"{s.context_length // 1024}k",
@@ -358,7 +365,13 @@ def format_table(rows: list[dict]) -> str:
     if not rows:
         return ""
     headers = [str(h) for h in rows[0]]
-    cells = [["—" if v is None else (f"{v:.2f}" if isinstance(v, float) else str(v)) for v in r.values()] for r in rows]
+    cells = [
+        ["—" if v is None else (f"{v:.2f}" if isinstance(v, float) else str(v)) for v in r.values()]
+        for r in rows
+    ]
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
-    line = lambda values: "  ".join(v.ljust(w) for v, w in zip(values, widths)).rstrip()
+
+    def line(values):
+        return "  ".join(v.ljust(w) for v, w in zip(values, widths)).rstrip()
+
     return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, cells)])

@@ -57,12 +57,18 @@ class Server:
     def pid(self) -> int | None:
         return self.process.pid if self.process else None
 
-    def start(self, timeout: float = 120.0) -> "Server":
+    def start(self, timeout: float = 120.0) -> Server:
         """Start the process and poll ``health_path`` until it answers 200 (or fail with its log)."""
         log = tempfile.NamedTemporaryFile(prefix=f"{self.name}-", suffix=".log", delete=False)
         self.log_path = Path(log.name)
-        self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                        env={**os.environ, **self.env}, start_new_session=True)
+        self.process = subprocess.Popen(
+            self.command,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, **self.env},
+            start_new_session=True,
+        )
         log.close()
         import atexit
 
@@ -70,8 +76,10 @@ class Server:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise ServeError(f"{self.name} exited with code {self.process.returncode} before answering:\n"
-                                 f"{self.log_tail()}")
+                raise ServeError(
+                    f"{self.name} exited with code {self.process.returncode} before answering:\n"
+                    f"{self.log_tail()}"
+                )
             try:
                 request = urllib.request.Request(self.url + self.health_path, headers=self.health_headers)
                 with urllib.request.urlopen(request, timeout=2) as response:
@@ -82,8 +90,10 @@ class Server:
             time.sleep(0.3)
         tail = self.log_tail()
         self.stop(keep_log=True)
-        raise ServeError(f"{self.name} did not answer {self.health_path} within {timeout:.0f} s (log: {self.log_path}):\n"
-                         f"{tail}")
+        raise ServeError(
+            f"{self.name} did not answer {self.health_path} within {timeout:.0f} s (log: {self.log_path}):\n"
+            f"{tail}"
+        )
 
     def log_tail(self, lines: int = 20) -> str:
         if not self.log_path or not self.log_path.exists():
@@ -109,30 +119,55 @@ class Server:
         if not keep_log and self.log_path is not None:
             self.log_path.unlink(missing_ok=True)
 
-    def __enter__(self) -> "Server":
+    def __enter__(self) -> Server:
         return self if self.process else self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()
 
 
-def llama_server(model: str | os.PathLike, mmproj: str | os.PathLike | None = None, alias: str = "receipts",
-                 host: str = LOCALHOST, port: int | None = None, n_ctx: int = 4096, n_threads: int | None = None,
-                 api_key_env: str | None = None) -> Server:
+def llama_server(
+    model: str | os.PathLike,
+    mmproj: str | os.PathLike | None = None,
+    alias: str = "receipts",
+    host: str = LOCALHOST,
+    port: int | None = None,
+    n_ctx: int = 4096,
+    n_threads: int | None = None,
+    api_key_env: str | None = None,
+) -> Server:
     """llama-cpp-python's OpenAI-compatible server for an exported GGUF (not started yet).
 
     One model, one request at a time: concurrent requests wait in line (``--interrupt_requests False``;
-    the default would end a stream early whenever another request arrives). With ``mmproj`` images work (data URIs) and are formatted with the model's own template. With
-    ``api_key_env`` the server requires that environment variable's value as bearer token (the key
-    itself never appears in the command line or in logs).
+    the default would end a stream early whenever another request arrives). With ``mmproj`` images
+    work (data URIs) and are formatted with the model's own template. With ``api_key_env`` the server
+    requires that environment variable's value as bearer token (the key itself never appears in the
+    command line or in logs).
     """
     threads = n_threads or max(1, (os.cpu_count() or 2) - 1)
     port = port or free_port(host)
-    command = [sys.executable, "-m", "course_utils.llama_server", "--model", str(model), "--model_alias", alias,
-               "--host", host, "--port", str(port), "--n_ctx", str(n_ctx), "--n_threads", str(threads),
-               "--n_threads_batch", str(threads),
-               # llama_cpp.server's default lets a new request cut off the one streaming: queue instead
-               "--interrupt_requests", "False"]
+    command = [
+        sys.executable,
+        "-m",
+        "course_utils.llama_server",
+        "--model",
+        str(model),
+        "--model_alias",
+        alias,
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--n_ctx",
+        str(n_ctx),
+        "--n_threads",
+        str(threads),
+        "--n_threads_batch",
+        str(threads),
+        # llama_cpp.server's default lets a new request cut off the one streaming: queue instead
+        "--interrupt_requests",
+        "False",
+    ]
     if mmproj:
         command += ["--clip_model_path", str(mmproj)]
     env, headers = {}, {}
@@ -140,12 +175,15 @@ def llama_server(model: str | os.PathLike, mmproj: str | os.PathLike | None = No
         key = os.environ.get(api_key_env)
         if not key:
             raise ServeError(f"${api_key_env} is empty; set it (or pass api_key_env=None for no key)")
-        env["API_KEY"] = key  # llama_cpp.server reads its settings from the environment: no key on the command line
+        env["API_KEY"] = (
+            key  # llama_cpp.server reads its settings from the environment: no key on the command line
+        )
         headers["Authorization"] = f"Bearer {key}"
     return Server("llama.cpp-server", command, host, port, "/v1/models", env, headers)
 
 
 # --- Clients -------------------------------------------------------------------------------------
+
 
 def client(base_url: str, api_key: str | None = None, timeout: float = 120.0):
     """An ``openai.OpenAI`` client for any OpenAI-compatible endpoint (``…/v1``)."""
@@ -166,7 +204,9 @@ def stream_chat(api, model: str, messages: list[dict], **kwargs):
     """Yield the reply's text pieces as the server sends them."""
     from course_utils.chat import openai_messages
 
-    stream = api.chat.completions.create(model=model, messages=openai_messages(messages), stream=True, **kwargs)
+    stream = api.chat.completions.create(
+        model=model, messages=openai_messages(messages), stream=True, **kwargs
+    )
     for chunk in stream:
         if chunk.choices and chunk.choices[0].delta.content:
             yield chunk.choices[0].delta.content
@@ -202,10 +242,14 @@ def ollama_chat_payload(model: str, messages: list[dict], temperature: float = 0
     return {"model": model, "messages": out, "stream": False, "options": {"temperature": temperature}}
 
 
-def ollama_chat(model: str, messages: list[dict], base_url: str = "http://127.0.0.1:11434", timeout: float = 300) -> str:
+def ollama_chat(
+    model: str, messages: list[dict], base_url: str = "http://127.0.0.1:11434", timeout: float = 300
+) -> str:
     """Chat through Ollama's native API (only where an Ollama server runs)."""
     data = json.dumps(ollama_chat_payload(model, messages)).encode()
-    request = urllib.request.Request(base_url + "/api/chat", data=data, headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        base_url + "/api/chat", data=data, headers={"Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(request, timeout=timeout) as response:
         return json.loads(response.read())["message"]["content"]
 
@@ -215,10 +259,19 @@ def ollama_chat(model: str, messages: list[dict], base_url: str = "http://127.0.
 VLLM_FORMATS = ("mistral", "hf", "adapter")
 
 
-def vllm_command(model_key: str, weights: str = "mistral", model_path: str | None = None,
-                 adapter_path: str | None = None, adapter_name: str = "receipts", tensor_parallel: int = 1,
-                 max_model_len: int = 32768, host: str = LOCALHOST, port: int = 8000, lora_rank: int = 16,
-                 max_images: int = 4) -> list[str]:
+def vllm_command(
+    model_key: str,
+    weights: str = "mistral",
+    model_path: str | None = None,
+    adapter_path: str | None = None,
+    adapter_name: str = "receipts",
+    tensor_parallel: int = 1,
+    max_model_len: int = 32768,
+    host: str = LOCALHOST,
+    port: int = 8000,
+    lora_rank: int = 16,
+    max_images: int = 4,
+) -> list[str]:
     """A ``vllm serve`` argument list.
 
     ``weights``: ``"mistral"`` — official weights in Mistral's own format (``consolidated.safetensors``,
@@ -232,32 +285,65 @@ def vllm_command(model_key: str, weights: str = "mistral", model_path: str | Non
         raise ValueError(f"weights={weights!r}: choose one of {', '.join(VLLM_FORMATS)}")
     spec = MODELS[model_key]
     if spec.num_attention_heads % tensor_parallel:
-        raise ValueError(f"tensor_parallel={tensor_parallel} must divide {spec.display_name}'s "
-                         f"{spec.num_attention_heads} attention heads")
+        raise ValueError(
+            f"tensor_parallel={tensor_parallel} must divide {spec.display_name}'s "
+            f"{spec.num_attention_heads} attention heads"
+        )
     if max_model_len > spec.context_length:
-        raise ValueError(f"max_model_len={max_model_len} exceeds {spec.display_name}'s context of {spec.context_length}")
+        raise ValueError(
+            f"max_model_len={max_model_len} exceeds {spec.display_name}'s context of {spec.context_length}"
+        )
     if weights == "hf":
         if not model_path:
             raise ValueError("weights='hf' needs model_path (the merged folder from lesson 06)")
         cmd = ["vllm", "serve", model_path]
     else:
-        cmd = ["vllm", "serve", spec.hf_id, "--tokenizer-mode", "mistral", "--config-format", "mistral",
-               "--load-format", "mistral"]
+        cmd = [
+            "vllm",
+            "serve",
+            spec.hf_id,
+            "--tokenizer-mode",
+            "mistral",
+            "--config-format",
+            "mistral",
+            "--load-format",
+            "mistral",
+        ]
     if weights == "adapter":
         if not adapter_path:
             raise ValueError("weights='adapter' needs adapter_path (lesson 04's adapter folder)")
-        cmd += ["--enable-lora", "--lora-modules", f"{adapter_name}={adapter_path}", "--max-lora-rank", str(lora_rank)]
-    cmd += ["--served-model-name", adapter_name if weights == "hf" else spec.key,
-            "--max-model-len", str(max_model_len), "--tensor-parallel-size", str(tensor_parallel),
-            "--host", host, "--port", str(port)]
+        cmd += [
+            "--enable-lora",
+            "--lora-modules",
+            f"{adapter_name}={adapter_path}",
+            "--max-lora-rank",
+            str(lora_rank),
+        ]
+    cmd += [
+        "--served-model-name",
+        adapter_name if weights == "hf" else spec.key,
+        "--max-model-len",
+        str(max_model_len),
+        "--tensor-parallel-size",
+        str(tensor_parallel),
+        "--host",
+        host,
+        "--port",
+        str(port),
+    ]
     if spec.vision:
         cmd += ["--limit-mm-per-prompt", json.dumps({"image": max_images})]
     cmd += ["--tool-call-parser", "mistral", "--enable-auto-tool-choice"] if weights != "hf" else []
     return cmd
 
 
-def vllm_memory(model_key: str, max_model_len: int = 32768, tensor_parallel: int = 1, bytes_per_weight: float = 2.0,
-                concurrent_sequences: int = 1) -> dict:
+def vllm_memory(
+    model_key: str,
+    max_model_len: int = 32768,
+    tensor_parallel: int = 1,
+    bytes_per_weight: float = 2.0,
+    concurrent_sequences: int = 1,
+) -> dict:
     """Per-GPU GiB for weights and a full KV cache (from the config), and the GPU class that fits."""
     from course_utils.profiles import MODELS
 
@@ -266,13 +352,20 @@ def vllm_memory(model_key: str, max_model_len: int = 32768, tensor_parallel: int
     kv = spec.kv_cache_bytes_per_token() * max_model_len * concurrent_sequences / 2**30 / tensor_parallel
     total = (weights + kv) / 0.9  # vLLM's default gpu_memory_utilization is 0.9
     fits = next((f"{g} GB" for g in (24, 48, 80, 141) if total <= g * 0.93), "more than one 141 GB GPU")
-    return {"weights_gib": round(weights, 1), "kv_cache_gib": round(kv, 1), "per_gpu_gib": round(total, 1),
-            "fits": fits}
+    return {
+        "weights_gib": round(weights, 1),
+        "kv_cache_gib": round(kv, 1),
+        "per_gpu_gib": round(total, 1),
+        "fits": fits,
+    }
 
 
 # --- LiteLLM gateway -----------------------------------------------------------------------------
 
-def litellm_config(backends: list[dict], master_key_env: str = "LITELLM_MASTER_KEY", log_requests: bool = True) -> dict:
+
+def litellm_config(
+    backends: list[dict], master_key_env: str = "LITELLM_MASTER_KEY", log_requests: bool = True
+) -> dict:
     """A LiteLLM proxy config: one public model name per backend, keys from the environment, rate limits.
 
     ``backends``: ``{"name", "kind": "openai"|"ollama", "api_base", "model", "rpm"?, "api_key_env"?}``.
@@ -281,33 +374,56 @@ def litellm_config(backends: list[dict], master_key_env: str = "LITELLM_MASTER_K
     model_list = []
     for b in backends:
         if b["kind"] == "openai":
-            params = {"model": f"openai/{b['model']}", "api_base": b["api_base"],
-                      "api_key": f"os.environ/{b['api_key_env']}" if b.get("api_key_env") else "not-needed"}
+            params = {
+                "model": f"openai/{b['model']}",
+                "api_base": b["api_base"],
+                "api_key": f"os.environ/{b['api_key_env']}" if b.get("api_key_env") else "not-needed",
+            }
         elif b["kind"] == "ollama":
             params = {"model": f"ollama_chat/{b['model']}", "api_base": b["api_base"]}
         else:
-            raise ValueError(f"backend {b.get('name')!r}: kind must be 'openai' or 'ollama', got {b['kind']!r}")
+            raise ValueError(
+                f"backend {b.get('name')!r}: kind must be 'openai' or 'ollama', got {b['kind']!r}"
+            )
         params["rpm"] = int(b.get("rpm", 60))
         params["timeout"] = int(b.get("timeout", 120))
         model_list.append({"model_name": b["name"], "litellm_params": params})
-    return {"model_list": model_list,
-            "router_settings": {"num_retries": 1, "timeout": 120},
-            "litellm_settings": {"drop_params": True, "set_verbose": False, "json_logs": log_requests},
-            "general_settings": {"master_key": f"os.environ/{master_key_env}"}}
+    return {
+        "model_list": model_list,
+        "router_settings": {"num_retries": 1, "timeout": 120},
+        "litellm_settings": {"drop_params": True, "set_verbose": False, "json_logs": log_requests},
+        "general_settings": {"master_key": f"os.environ/{master_key_env}"},
+    }
 
 
-def litellm_proxy(config_path: str | os.PathLike, master_key: str, host: str = LOCALHOST,
-                  port: int | None = None) -> Server:
+def litellm_proxy(
+    config_path: str | os.PathLike, master_key: str, host: str = LOCALHOST, port: int | None = None
+) -> Server:
     """A real ``litellm`` proxy in front of the configured backends (not started yet)."""
     port = port or free_port(host)
-    command = [str(Path(sys.executable).with_name("litellm")), "--config", str(config_path), "--host", host,
-               "--port", str(port), "--num_workers", "1"]
-    env = {"LITELLM_MASTER_KEY": master_key, "LITELLM_LOG": "ERROR", "LITELLM_LOCAL_MODEL_COST_MAP": "True",
-           "DISABLE_SCHEMA_UPDATE": "True", "LITELLM_TELEMETRY": "False"}
+    command = [
+        str(Path(sys.executable).with_name("litellm")),
+        "--config",
+        str(config_path),
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--num_workers",
+        "1",
+    ]
+    env = {
+        "LITELLM_MASTER_KEY": master_key,
+        "LITELLM_LOG": "ERROR",
+        "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+        "DISABLE_SCHEMA_UPDATE": "True",
+        "LITELLM_TELEMETRY": "False",
+    }
     return Server("litellm-proxy", command, host, port, "/health/liveliness", env)
 
 
 # --- Load test -----------------------------------------------------------------------------------
+
 
 @dataclass
 class LoadResult:
@@ -323,12 +439,17 @@ class LoadResult:
         n = len(self.latencies) + len(self.errors)
         lat = np.array(self.latencies) if self.latencies else np.array([float("nan")])
         ttft = np.array(self.ttfts) if self.ttfts else np.array([float("nan")])
-        return {"requests": n, "errors": len(self.errors), "error_rate": round(len(self.errors) / max(1, n), 3),
-                "p50_latency_s": round(float(np.percentile(lat, 50)), 3),
-                "p95_latency_s": round(float(np.percentile(lat, 95)), 3),
-                "p50_ttft_s": round(float(np.percentile(ttft, 50)), 3),
-                "p95_ttft_s": round(float(np.percentile(ttft, 95)), 3),
-                "tokens_per_s": round(sum(self.tokens) / self.wall_seconds, 1), "wall_s": round(self.wall_seconds, 2)}
+        return {
+            "requests": n,
+            "errors": len(self.errors),
+            "error_rate": round(len(self.errors) / max(1, n), 3),
+            "p50_latency_s": round(float(np.percentile(lat, 50)), 3),
+            "p95_latency_s": round(float(np.percentile(lat, 95)), 3),
+            "p50_ttft_s": round(float(np.percentile(ttft, 50)), 3),
+            "p95_ttft_s": round(float(np.percentile(ttft, 95)), 3),
+            "tokens_per_s": round(sum(self.tokens) / self.wall_seconds, 1),
+            "wall_s": round(self.wall_seconds, 2),
+        }
 
     def plot(self):
         import matplotlib.pyplot as plt
@@ -349,9 +470,17 @@ class LoadResult:
         return fig
 
 
-def load_test(base_url: str, model: str, prompts: list[list[dict]], concurrency: int = 8, requests: int = 64,
-              max_tokens: int = 64, api_key: str | None = None, timeout: float = 120.0,
-              progress: bool = True) -> LoadResult:
+def load_test(
+    base_url: str,
+    model: str,
+    prompts: list[list[dict]],
+    concurrency: int = 8,
+    requests: int = 64,
+    max_tokens: int = 64,
+    api_key: str | None = None,
+    timeout: float = 120.0,
+    progress: bool = True,
+) -> LoadResult:
     """``requests`` streamed chat completions from ``concurrency`` threads, cycling through ``prompts``.
 
     Bounded: it stops after ``requests`` requests whatever happens; each failure is recorded, not raised.
@@ -369,7 +498,9 @@ def load_test(base_url: str, model: str, prompts: list[list[dict]], concurrency:
         started = time.perf_counter()
         first, count = None, 0
         try:
-            for _ in stream_chat(api, model, prompts[i % len(prompts)], max_tokens=max_tokens, temperature=0.0):
+            for _ in stream_chat(
+                api, model, prompts[i % len(prompts)], max_tokens=max_tokens, temperature=0.0
+            ):
                 count += 1
                 if first is None:
                     first = time.perf_counter() - started

@@ -1,5 +1,7 @@
 """Offline stand-ins: the real Mistral architectures with small random weights.
 
+Backs lesson 00 (building the stand-ins); every lesson on cpu-tiny loads them.
+
 Each stand-in is saved with ``save_pretrained`` so that ``AutoProcessor.from_pretrained(dir)`` and
 ``AutoModelForImageTextToText.from_pretrained(dir)`` load it exactly as they load the real models:
 
@@ -33,7 +35,10 @@ _BUILD_VERSION = 1  # bump when the recipe below changes, so cached builds are r
 # No default system prompt is inserted (the Hub's HF-format template inserts one with today's date;
 # mistral-common does not — it is the reference). Assistant replies lose trailing spaces, as in
 # mistral-common. {% generation %} marks the tokens a response-only loss trains on: reply + </s>.
-CHAT_TEMPLATE = r"""{%- macro render(content, where, allow_images) -%}
+# The template's long lines are split across Python string pieces (implicit concatenation), so the
+# template text itself (and with it the stand-ins' fingerprint) is unchanged.
+CHAT_TEMPLATE = (
+    r"""{%- macro render(content, where, allow_images) -%}
     {%- if content is string -%}
         {{- content -}}
     {%- else -%}
@@ -47,7 +52,8 @@ CHAT_TEMPLATE = r"""{%- macro render(content, where, allow_images) -%}
                 {{- '[IMG]' -}}
                 {%- set ns.previous_was_text = false -%}
             {%- else -%}
-                {{- raise_exception('Only text' ~ (' and image' if allow_images else '') ~ ' parts are allowed in ' ~ where ~ ' messages, got ' ~ chunk['type']) -}}
+                {{- raise_exception('Only text' ~ (' and image' if allow_images else '') """
+    r"""~ ' parts are allowed in ' ~ where ~ ' messages, got ' ~ chunk['type']) -}}
             {%- endif -%}
         {%- endfor -%}
     {%- endif -%}
@@ -57,12 +63,14 @@ CHAT_TEMPLATE = r"""{%- macro render(content, where, allow_images) -%}
 {%- for message in messages -%}
     {%- if message['role'] == 'system' -%}
         {%- if not loop.first -%}
-            {{- raise_exception('A system message is only allowed as the first message (found one at position ' ~ loop.index0 ~ ').') -}}
+            {{- raise_exception('A system message is only allowed as the first message """
+    r"""(found one at position ' ~ loop.index0 ~ ').') -}}
         {%- endif -%}
         {{- '[SYSTEM_PROMPT]' + render(message['content'], 'system', false) + '[/SYSTEM_PROMPT]' -}}
     {%- elif message['role'] in ['user', 'assistant'] -%}
         {%- if message['role'] != ns_turn.expect -%}
-            {{- raise_exception('Roles must alternate user/assistant after an optional system message; message ' ~ loop.index0 ~ ' is ' ~ message['role'] ~ ', expected ' ~ ns_turn.expect ~ '.') -}}
+            {{- raise_exception('Roles must alternate user/assistant after an optional system message; """
+    r"""message ' ~ loop.index0 ~ ' is ' ~ message['role'] ~ ', expected ' ~ ns_turn.expect ~ '.') -}}
         {%- endif -%}
         {%- if message['role'] == 'user' -%}
             {{- '[INST]' + render(message['content'], 'user', true) + '[/INST]' -}}
@@ -74,9 +82,11 @@ CHAT_TEMPLATE = r"""{%- macro render(content, where, allow_images) -%}
             {%- set ns_turn.expect = 'user' -%}
         {%- endif -%}
     {%- else -%}
-        {{- raise_exception('Unknown role ' ~ message['role'] ~ ' at position ' ~ loop.index0 ~ '; use system, user or assistant.') -}}
+        {{- raise_exception('Unknown role ' ~ message['role'] ~ ' at position ' ~ loop.index0 """
+    r"""~ '; use system, user or assistant.') -}}
     {%- endif -%}
 {%- endfor -%}"""
+)
 
 
 @dataclass(frozen=True)
@@ -152,9 +162,17 @@ RECIPES: dict[str, StandInRecipe] = {
             v_head_dim=32,
             max_position_embeddings=262144,  # the real 256k context
             # YaRN factor consistent with 256k over an 8k original window (silences the RoPE check)
-            rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 32.0,
-                             "original_max_position_embeddings": 8192, "beta_fast": 32.0, "beta_slow": 1.0,
-                             "mscale": 1.0, "mscale_all_dim": 1.0, "llama_4_scaling_beta": 0.1},
+            rope_parameters={
+                "rope_type": "yarn",
+                "rope_theta": 10000.0,
+                "factor": 32.0,
+                "original_max_position_embeddings": 8192,
+                "beta_fast": 32.0,
+                "beta_slow": 1.0,
+                "mscale": 1.0,
+                "mscale_all_dim": 1.0,
+                "llama_4_scaling_beta": 0.1,
+            },
             tie_word_embeddings=True,
             bos_token_id=1,
             eos_token_id=2,
@@ -240,7 +258,9 @@ def _build_into(recipe: StandInRecipe, target: Path) -> int:
         "fingerprint": recipe.fingerprint(),
         "seed": recipe.seed,
         "num_params": num_params,
-        "what": "Offline stand-in: real architecture, real Tekken tokenizer and v7 chat format, random weights.",
+        "what": (
+            "Offline stand-in: real architecture, real Tekken tokenizer and v7 chat format, random weights."
+        ),
     }
     (target / BUILD_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
     return num_params
@@ -253,8 +273,9 @@ def default_out_dir() -> Path:
     return outputs_dir("stand-ins")
 
 
-def build_stand_in(name: str = "tiny-mistral-small-3", out_dir: str | os.PathLike | None = None,
-                   force: bool = False) -> Path:
+def build_stand_in(
+    name: str = "tiny-mistral-small-3", out_dir: str | os.PathLike | None = None, force: bool = False
+) -> Path:
     """Build (or reuse the cached) stand-in ``name`` under ``out_dir`` and return its directory.
 
     A cached build is reused only when its recipe fingerprint matches; the new build is written to a

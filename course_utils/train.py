@@ -1,5 +1,7 @@
 """Fine-tuning: presets per profile, one ``build_trainer``, live plots, resume and a training card.
 
+Backs lesson 04 (whose cells show the same LoRA and trainer calls as plain library code).
+
 * CUDA (``t4-16gb``, ``gpu-24gb``, ``gpu-80gb``): Unsloth ``FastVisionModel.get_peft_model`` +
   ``UnslothVisionDataCollator`` + TRL ``SFTTrainer``/``SFTConfig`` with response-only loss.
 * CPU (``cpu-tiny``): transformers ``Trainer`` + peft LoRA on the stand-in, with the same
@@ -20,13 +22,16 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
+from transformers import Trainer, TrainerCallback
 
 from course_utils.data import IGNORE_INDEX, tokenize_record
 
 # LoRA on the language model only: a plain list of names would also hit the Pixtral tower's layers.
 LANGUAGE_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 # Small 4's MLA projections have other names.
-MLA_TARGETS = r".*language_model.*\.(q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj|gate_proj|up_proj|down_proj)"
+MLA_TARGETS = (
+    r".*language_model.*\.(q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj|gate_proj|up_proj|down_proj)"
+)
 
 
 @dataclass(frozen=True)
@@ -65,17 +70,54 @@ PRESETS: dict[str, TrainPreset] = {
     # Measured here: 2 CPU cores, ~3 minutes. A random base cannot learn through adapters alone (its
     # frozen random lm_head cannot make a peaked distribution), so the tied embedding rows the data
     # uses are trained too, with a high learning rate and many small steps.
-    "cpu-tiny": TrainPreset(lora_r=16, lora_alpha=32, learning_rate=3e-3, lr_scheduler_type="cosine",
-                            warmup_ratio=0.02, per_device_train_batch_size=4, gradient_accumulation_steps=1,
-                            max_seq_length=512, max_steps=220, optim="adamw_torch", weight_decay=0.0,
-                            logging_steps=10, save_steps=55, seed=0, train_embeddings=True, bf16=True,
-                            max_new_tokens_eval=200),
-    "t4-16gb": TrainPreset(lora_r=16, lora_alpha=16, learning_rate=2e-4, per_device_train_batch_size=2,
-                           gradient_accumulation_steps=4, max_seq_length=2048, max_steps=60, bf16=False),
-    "gpu-24gb": TrainPreset(lora_r=16, lora_alpha=16, learning_rate=2e-4, per_device_train_batch_size=2,
-                            gradient_accumulation_steps=4, max_seq_length=2048, max_steps=100),
-    "gpu-80gb": TrainPreset(lora_r=32, lora_alpha=32, learning_rate=1e-4, per_device_train_batch_size=4,
-                            gradient_accumulation_steps=2, max_seq_length=4096, max_steps=200, optim="adamw_torch"),
+    "cpu-tiny": TrainPreset(
+        lora_r=16,
+        lora_alpha=32,
+        learning_rate=3e-3,
+        lr_scheduler_type="cosine",
+        warmup_ratio=0.02,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=1,
+        max_seq_length=512,
+        max_steps=220,
+        optim="adamw_torch",
+        weight_decay=0.0,
+        logging_steps=10,
+        save_steps=55,
+        seed=0,
+        train_embeddings=True,
+        bf16=True,
+        max_new_tokens_eval=200,
+    ),
+    "t4-16gb": TrainPreset(
+        lora_r=16,
+        lora_alpha=16,
+        learning_rate=2e-4,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=4,
+        max_seq_length=2048,
+        max_steps=60,
+        bf16=False,
+    ),
+    "gpu-24gb": TrainPreset(
+        lora_r=16,
+        lora_alpha=16,
+        learning_rate=2e-4,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=4,
+        max_seq_length=2048,
+        max_steps=100,
+    ),
+    "gpu-80gb": TrainPreset(
+        lora_r=32,
+        lora_alpha=32,
+        learning_rate=1e-4,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        max_seq_length=4096,
+        max_steps=200,
+        optim="adamw_torch",
+    ),
 }
 
 
@@ -88,13 +130,17 @@ def preset_for(profile_name: str, **overrides) -> TrainPreset:
 
 # --- Data ----------------------------------------------------------------------------------------
 
-def prepare_examples(records: list[dict], processor, max_seq_length: int, base_dir: Path | None = None,
-                     progress: bool = True) -> list[dict]:
+
+def prepare_examples(
+    records: list[dict], processor, max_seq_length: int, base_dir: Path | None = None, progress: bool = True
+) -> list[dict]:
     """Template, tokenize and label every record (response-only), with a progress bar."""
     from tqdm.auto import tqdm
 
-    return [tokenize_record(r, processor, base_dir, max_seq_length)
-            for r in tqdm(records, desc="tokenizing", disable=not progress)]
+    return [
+        tokenize_record(r, processor, base_dir, max_seq_length)
+        for r in tqdm(records, desc="tokenizing", disable=not progress)
+    ]
 
 
 def trained_token_ids(examples: list[dict]) -> list[int]:
@@ -136,6 +182,7 @@ class VisionTextCollator:
 
 # --- Model ---------------------------------------------------------------------------------------
 
+
 def add_lora(model, preset: TrainPreset, trainable_tokens: list[int] | None = None):
     """Wrap ``model`` with LoRA adapters on the language model (transformers + peft, the CPU path)."""
     from peft import LoraConfig, get_peft_model
@@ -146,7 +193,9 @@ def add_lora(model, preset: TrainPreset, trainable_tokens: list[int] | None = No
         lora_alpha=preset.lora_alpha,
         lora_dropout=preset.lora_dropout,
         target_modules=MLA_TARGETS if is_mla else LANGUAGE_TARGETS,
-        trainable_token_indices={"embed_tokens": trainable_tokens} if (preset.train_embeddings and trainable_tokens) else None,
+        trainable_token_indices={"embed_tokens": trainable_tokens}
+        if (preset.train_embeddings and trainable_tokens)
+        else None,
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, config)
@@ -178,6 +227,7 @@ def count_parameters(model) -> tuple[int, int]:
 
 # --- Trainer (CPU path) --------------------------------------------------------------------------
 
+
 def _base_model(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
@@ -185,35 +235,30 @@ def _base_model(model):
 def response_only_loss(model, inputs: dict, num_items_in_batch=None) -> torch.Tensor:
     """Cross-entropy on the labelled (reply) positions only — the lm_head runs on those alone."""
     labels = inputs["labels"]
-    core = _base_model(model)
+    core = model.get_base_model() if hasattr(model, "get_base_model") else model  # under peft's wrapper
     forward = {k: v for k, v in inputs.items() if k != "labels"}
     if "pixel_values" in forward:
         forward["pixel_values"] = forward["pixel_values"].to(next(core.parameters()).dtype)
     hidden = core.model(**forward, use_cache=False).last_hidden_state[:, :-1]
     target = labels[:, 1:]
-    keep = target != IGNORE_INDEX
+    keep = target != -100  # -100: not trained on (prompt, images, padding)
     logits = core.lm_head(hidden[keep]).float()
     total = torch.nn.functional.cross_entropy(logits, target[keep], reduction="sum")
     denominator = num_items_in_batch if num_items_in_batch is not None else keep.sum()
     return total / torch.as_tensor(denominator, device=total.device).clamp(min=1)
 
 
-def _trainer_class():
-    from transformers import Trainer
+class ResponseOnlyTrainer(Trainer):
+    """transformers' Trainer with the response-only loss, computed at the labelled positions only."""
 
-    class ResponseOnlyTrainer(Trainer):
-        """transformers' Trainer with the response-only, labelled-positions-only loss."""
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss = response_only_loss(model, inputs, num_items_in_batch)
+        return (loss, None) if return_outputs else loss
 
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            loss = response_only_loss(model, inputs, num_items_in_batch)
-            return (loss, None) if return_outputs else loss
-
-        def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-            with torch.no_grad():
-                loss = response_only_loss(model, self._prepare_inputs(inputs))
-            return loss.detach(), None, None
-
-    return ResponseOnlyTrainer
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        with torch.no_grad():
+            loss = response_only_loss(model, self._prepare_inputs(inputs))
+        return loss.detach(), None, None
 
 
 def shared_training_kwargs(preset: TrainPreset, output_dir: str | os.PathLike) -> dict:
@@ -237,7 +282,9 @@ def shared_training_kwargs(preset: TrainPreset, output_dir: str | os.PathLike) -
     )
 
 
-def training_arguments(preset: TrainPreset, output_dir: str | os.PathLike, use_cpu: bool, eval_steps: int | None):
+def training_arguments(
+    preset: TrainPreset, output_dir: str | os.PathLike, use_cpu: bool, eval_steps: int | None
+):
     from transformers import TrainingArguments
 
     return TrainingArguments(
@@ -275,9 +322,19 @@ def dataset_hash(records: list[dict]) -> str:
     return hashlib.sha256("".join(record_key(r) for r in records).encode()).hexdigest()[:16]
 
 
-def build_trainer(model, processor, train_records: list[dict], eval_records: list[dict] | None, preset: TrainPreset,
-                  output_dir: str | os.PathLike, *, backend: str = "transformers", base_dir: Path | None = None,
-                  callbacks: list | None = None, progress: bool = True) -> TrainingRun:
+def build_trainer(
+    model,
+    processor,
+    train_records: list[dict],
+    eval_records: list[dict] | None,
+    preset: TrainPreset,
+    output_dir: str | os.PathLike,
+    *,
+    backend: str = "transformers",
+    base_dir: Path | None = None,
+    callbacks: list | None = None,
+    progress: bool = True,
+) -> TrainingRun:
     """One call for every profile: adapters, data, collator, loss and trainer.
 
     ``backend="unsloth"`` (CUDA) uses Unsloth + TRL; ``"transformers"`` the CPU path described above.
@@ -285,9 +342,15 @@ def build_trainer(model, processor, train_records: list[dict], eval_records: lis
     output_dir = Path(output_dir)
     torch.manual_seed(preset.seed)
     if backend == "unsloth":  # pragma: no cover - needs a CUDA GPU
-        return _build_unsloth_trainer(model, processor, train_records, eval_records, preset, output_dir, callbacks)
+        return _build_unsloth_trainer(
+            model, processor, train_records, eval_records, preset, output_dir, callbacks
+        )
     train_examples = prepare_examples(train_records, processor, preset.max_seq_length, base_dir, progress)
-    eval_examples = prepare_examples(eval_records, processor, preset.max_seq_length, base_dir, progress) if eval_records else None
+    eval_examples = (
+        prepare_examples(eval_records, processor, preset.max_seq_length, base_dir, progress)
+        if eval_records
+        else None
+    )
     notes = []
     tokens = trained_token_ids(train_examples) if preset.train_embeddings else None
     if tokens:
@@ -295,16 +358,38 @@ def build_trainer(model, processor, train_records: list[dict], eval_records: lis
     peft_model = add_lora(model, preset, tokens)
     peft_model.train()
     trainable, total = count_parameters(peft_model)
-    args = training_arguments(preset, output_dir, use_cpu=not torch.cuda.is_available(),
-                              eval_steps=preset.save_steps if eval_examples else None)
-    trainer = _trainer_class()(model=peft_model, args=args, train_dataset=train_examples, eval_dataset=eval_examples,
-                               data_collator=VisionTextCollator(processor.tokenizer.pad_token_id),
-                               callbacks=callbacks or [])
-    return TrainingRun(trainer, peft_model, processor, preset, backend, output_dir, trainable, total,
-                       len(train_examples), dataset_hash(train_records), notes)
+    args = training_arguments(
+        preset,
+        output_dir,
+        use_cpu=not torch.cuda.is_available(),
+        eval_steps=preset.save_steps if eval_examples else None,
+    )
+    trainer = ResponseOnlyTrainer(
+        model=peft_model,
+        args=args,
+        train_dataset=train_examples,
+        eval_dataset=eval_examples,
+        data_collator=VisionTextCollator(processor.tokenizer.pad_token_id),
+        callbacks=callbacks or [],
+    )
+    return TrainingRun(
+        trainer,
+        peft_model,
+        processor,
+        preset,
+        backend,
+        output_dir,
+        trainable,
+        total,
+        len(train_examples),
+        dataset_hash(train_records),
+        notes,
+    )
 
 
-def _build_unsloth_trainer(model, processor, train_records, eval_records, preset, output_dir, callbacks):  # pragma: no cover
+def _build_unsloth_trainer(
+    model, processor, train_records, eval_records, preset, output_dir, callbacks
+):  # pragma: no cover
     """Unsloth vision SFT: the settings its vision notebooks use (no packing, keep all columns,
     skip TRL's dataset preparation — the collator does it) plus response-only loss."""
     from trl import SFTConfig, SFTTrainer
@@ -315,26 +400,52 @@ def _build_unsloth_trainer(model, processor, train_records, eval_records, preset
 
     model = add_lora_unsloth(model, preset)
     FastVisionModel.for_training(model)
-    to_rows = lambda records: [{"messages": with_images(r)} for r in records]
+
+    def to_rows(records):
+        return [{"messages": with_images(r)} for r in records]
+
+    bf16 = preset.bf16 and torch.cuda.is_bf16_supported()  # T4 and V100 have no bf16: fp16 there
     config = SFTConfig(
         **shared_training_kwargs(preset, output_dir),
-        bf16=preset.bf16,
-        fp16=not preset.bf16,
+        eval_strategy="steps" if eval_records else "no",
+        eval_steps=preset.save_steps if eval_records else None,
+        include_num_input_tokens_seen=True,
+        bf16=bf16,
+        fp16=not bf16,
         dataset_text_field="",
         dataset_kwargs={"skip_prepare_dataset": True},
         max_length=preset.max_seq_length,
     )
-    collator = UnslothVisionDataCollator(model, processor, train_on_responses_only=True,
-                                         instruction_part="[INST]", response_part="[/INST]")
-    trainer = SFTTrainer(model=model, processing_class=processor, data_collator=collator, train_dataset=to_rows(train_records),
-                         eval_dataset=to_rows(eval_records) if eval_records else None, args=config,
-                         callbacks=callbacks or [])
+    collator = UnslothVisionDataCollator(
+        model, processor, train_on_responses_only=True, instruction_part="[INST]", response_part="[/INST]"
+    )
+    trainer = SFTTrainer(
+        model=model,
+        processing_class=processor,
+        data_collator=collator,
+        train_dataset=to_rows(train_records),
+        eval_dataset=to_rows(eval_records) if eval_records else None,
+        args=config,
+        callbacks=callbacks or [],
+    )
     trainable, total = count_parameters(model)
-    return TrainingRun(trainer, model, processor, preset, "unsloth", Path(output_dir), trainable, total,
-                       len(train_records), dataset_hash(train_records), ["Unsloth + TRL SFTTrainer"])
+    return TrainingRun(
+        trainer,
+        model,
+        processor,
+        preset,
+        "unsloth",
+        Path(output_dir),
+        trainable,
+        total,
+        len(train_records),
+        dataset_hash(train_records),
+        ["Unsloth + TRL SFTTrainer"],
+    )
 
 
 # --- Callbacks -----------------------------------------------------------------------------------
+
 
 def _peak_memory_gib() -> tuple[str, float]:
     if torch.cuda.is_available():
@@ -350,72 +461,79 @@ def _peak_memory_gib() -> tuple[str, float]:
         return "RAM", psutil.Process().memory_info().rss / 1024**3
 
 
-def make_callbacks(plot: bool = True):
+class ThroughputCallback(TrainerCallback):
+    """Adds tokens/s and peak memory to every log line; keeps the history for plots."""
+
+    def __init__(self):
+        self.history: list[dict] = []
+        self._tokens = 0
+        self._t0 = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._t0 = time.perf_counter()
+        self._tokens = state.num_input_tokens_seen or 0  # a resumed run starts with tokens already seen
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        label, gib = _peak_memory_gib()
+        entry = {
+            "step": state.global_step,
+            **{k: v for k, v in logs.items() if isinstance(v, (int, float))},
+            label: round(gib, 2),
+        }
+        if state.num_input_tokens_seen and self._t0:
+            seen = state.num_input_tokens_seen - self._tokens
+            entry["tokens_per_s"] = round(seen / (time.perf_counter() - self._t0), 1)
+        self.history.append(entry)
+
+
+class LivePlotCallback(TrainerCallback):
+    """Redraws the train/eval loss curve in place while training runs (in a notebook)."""
+
+    def __init__(self, source: ThroughputCallback):
+        self.source = source
+        self.handle = None
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        try:
+            from IPython import get_ipython
+            from IPython.display import display
+        except ImportError:
+            return
+        if get_ipython() is None:
+            return
+        figure = plot_losses(self.source.history, show=False)
+        if self.handle is None:
+            self.handle = display(figure, display_id=True)
+        else:
+            self.handle.update(figure)
+        import matplotlib.pyplot as plt
+
+        plt.close(figure)
+
+
+class StopAfter(TrainerCallback):
+    """Ends training at ``step``, after saving a checkpoint there — an "interruption" to resume from.
+    Remove it before resuming: ``trainer.remove_callback(StopAfter)``."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+
+def make_callbacks(plot: bool = True) -> tuple[list, ThroughputCallback]:
     """A throughput/memory logger and (in notebooks) a live train/eval loss plot."""
-    from transformers import TrainerCallback
-
-    class ThroughputCallback(TrainerCallback):
-        """Adds tokens/s and peak memory to every log line; keeps the history for plots."""
-
-        def __init__(self):
-            self.history: list[dict] = []
-            self._tokens = 0
-            self._t0 = None
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            self._t0 = time.perf_counter()
-            self._tokens = state.num_input_tokens_seen or 0  # a resumed run starts with tokens already seen
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            logs = logs or {}
-            label, gib = _peak_memory_gib()
-            entry = {"step": state.global_step, **{k: v for k, v in logs.items() if isinstance(v, (int, float))},
-                     label: round(gib, 2)}
-            if state.num_input_tokens_seen and self._t0:
-                seen = state.num_input_tokens_seen - self._tokens
-                entry["tokens_per_s"] = round(seen / (time.perf_counter() - self._t0), 1)
-            self.history.append(entry)
-
-    class LivePlotCallback(TrainerCallback):
-        """Redraws the train/eval loss curve in place while training runs."""
-
-        def __init__(self, source: ThroughputCallback):
-            self.source = source
-            self.handle = None
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            try:
-                from IPython import get_ipython
-                from IPython.display import display
-            except ImportError:
-                return
-            if get_ipython() is None:
-                return
-            figure = plot_losses(self.source.history, show=False)
-            if self.handle is None:
-                self.handle = display(figure, display_id=True)
-            else:
-                self.handle.update(figure)
-            import matplotlib.pyplot as plt
-
-            plt.close(figure)
-
     throughput = ThroughputCallback()
     return [throughput] + ([LivePlotCallback(throughput)] if plot else []), throughput
 
 
-def stop_after(step: int):
-    """A callback that ends training at ``step`` (after saving a checkpoint there) — an "interruption"."""
-    from transformers import TrainerCallback
-
-    class StopAfter(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step >= step:
-                control.should_save = True
-                control.should_training_stop = True
-            return control
-
-    return StopAfter()
+def stop_after(step: int) -> StopAfter:
+    return StopAfter(step)
 
 
 def plot_losses(history: list[dict], show: bool = True):
@@ -440,6 +558,7 @@ def plot_losses(history: list[dict], show: bool = True):
 
 # --- Saving --------------------------------------------------------------------------------------
 
+
 def training_card(run: TrainingRun, metrics: dict, seconds: float) -> dict:
     from importlib import metadata
 
@@ -460,18 +579,27 @@ def training_card(run: TrainingRun, metrics: dict, seconds: float) -> dict:
         "dataset_sha256_16": run.dataset_hash,
         "final_metrics": metrics,
         "train_seconds": round(seconds, 1),
-        "hardware": {"machine": platform.machine(), "cuda": torch.cuda.is_available(),
-                     "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, label: round(peak, 2)},
+        "hardware": {
+            "machine": platform.machine(),
+            "cuda": torch.cuda.is_available(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            label: round(peak, 2),
+        },
         "library_versions": versions,
         "notes": run.notes,
     }
 
 
 def save_adapter(run: TrainingRun, target: str | os.PathLike, card: dict, overwrite: bool = False) -> Path:
-    """Save the adapter (safetensors), the processor and ``training_card.json`` — never over an existing one."""
+    """Save the adapter (safetensors), the processor and ``training_card.json``.
+
+    Never over an existing one (unless ``overwrite``).
+    """
     target = Path(target)
     if (target / "adapter_model.safetensors").exists() and not overwrite:
-        raise FileExistsError(f"{target} already holds an adapter; pick another folder or pass overwrite=True")
+        raise FileExistsError(
+            f"{target} already holds an adapter; pick another folder or pass overwrite=True"
+        )
     target.mkdir(parents=True, exist_ok=True)
     run.model.save_pretrained(target, safe_serialization=True)
     run.processor.save_pretrained(target)
@@ -487,8 +615,14 @@ def latest_checkpoint(output_dir: str | os.PathLike) -> str | None:
 
 # --- Bigger than one GPU -------------------------------------------------------------------------
 
-def axolotl_config(model_id: str, dataset_path: str, preset: TrainPreset, output_dir: str = "./outputs/axolotl",
-                   load_in_4bit: bool = True) -> dict:
+
+def axolotl_config(
+    model_id: str,
+    dataset_path: str,
+    preset: TrainPreset,
+    output_dir: str = "./outputs/axolotl",
+    load_in_4bit: bool = True,
+) -> dict:
     """The same run as an Axolotl YAML (``axolotl train config.yml``), e.g. for Small 4 on several GPUs."""
     return {
         "base_model": model_id,
@@ -500,8 +634,14 @@ def axolotl_config(model_id: str, dataset_path: str, preset: TrainPreset, output
         "lora_dropout": preset.lora_dropout,
         "lora_target_modules": LANGUAGE_TARGETS,
         "chat_template": "tokenizer_default",
-        "datasets": [{"path": dataset_path, "type": "chat_template", "field_messages": "messages",
-                      "roles_to_train": ["assistant"]}],
+        "datasets": [
+            {
+                "path": dataset_path,
+                "type": "chat_template",
+                "field_messages": "messages",
+                "roles_to_train": ["assistant"],
+            }
+        ],
         "skip_prepare_dataset": True,
         "remove_unused_columns": False,
         "sample_packing": False,  # packing is not supported for vision rows
@@ -556,6 +696,7 @@ def write_yaml(data: dict, path: str | os.PathLike, overwrite: bool = False) -> 
 
 # --- Teaching helpers ----------------------------------------------------------------------------
 
+
 def nf4_roundtrip_error(values: torch.Tensor, blocksize: int = 64) -> dict:
     """Quantize ``values`` to NF4 (bitsandbytes, works on CPU) and back; compare with plain int4.
 
@@ -570,12 +711,22 @@ def nf4_roundtrip_error(values: torch.Tensor, blocksize: int = 64) -> dict:
     blocks = flat.reshape(-1, blocksize)
     scale = blocks.abs().amax(dim=1, keepdim=True) / 7
     int4 = (torch.clamp(torch.round(blocks / scale), -8, 7) * scale).reshape(flat.shape)
-    rmse = lambda q: torch.sqrt(torch.mean((q - flat) ** 2)).item()
+
+    def rmse(q):
+        return torch.sqrt(torch.mean((q - flat) ** 2)).item()
+
     return {"nf4_rmse": rmse(nf4), "int4_rmse": rmse(int4), "bits_per_weight_nf4": 4 + 32 / blocksize}
 
 
-def ensure_adapter(profile_name: str, adapter_dir: str | os.PathLike, train_records: list[dict],
-                   eval_records: list[dict], *, hardware=None, progress: bool = True) -> tuple[Path, str]:
+def ensure_adapter(
+    profile_name: str,
+    adapter_dir: str | os.PathLike,
+    train_records: list[dict],
+    eval_records: list[dict],
+    *,
+    hardware=None,
+    progress: bool = True,
+) -> tuple[Path, str]:
     """Lesson 04's adapter when it exists; otherwise train it the same way now (≈ 3 min on cpu-tiny).
 
     Lets lessons 05–07 run on their own. Never replaces an existing adapter.
@@ -591,8 +742,16 @@ def ensure_adapter(profile_name: str, adapter_dir: str | os.PathLike, train_reco
     loaded = load(profile_name, hardware=hardware)
     preset = preset_for(loaded.profile.name)
     run_dir = outputs_dir(loaded.profile.name, "runs", time.strftime("receipts-%Y%m%d-%H%M%S"))
-    run = build_trainer(loaded.model, loaded.processor, train_records, eval_records, preset, run_dir,
-                        backend=loaded.backend, progress=progress)
+    run = build_trainer(
+        loaded.model,
+        loaded.processor,
+        train_records,
+        eval_records,
+        preset,
+        run_dir,
+        backend=loaded.backend,
+        progress=progress,
+    )
     started = time.perf_counter()
     result = run.trainer.train()
     card = training_card(run, {"train_loss": result.training_loss}, time.perf_counter() - started)

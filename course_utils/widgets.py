@@ -1,12 +1,16 @@
-"""ipywidgets front-ends for choices made in notebooks, each with a plain-code fallback."""
+"""ipywidgets front-ends for choices made in notebooks, each with a plain-code fallback.
+
+Used by the exercises and viewers of every lesson.
+"""
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 
-def choice(options: Sequence[str], value: str, description: str,
-           on_change: Callable[[str], None] | None = None):
+def choice(
+    options: Sequence[str], value: str, description: str, on_change: Callable[[str], None] | None = None
+):
     """A dropdown when ipywidgets can display; otherwise ``None`` and a line saying what to edit.
 
     The notebook keeps a plain variable as the source of truth, so "Run all" and copying a cell into
@@ -21,8 +25,9 @@ def choice(options: Sequence[str], value: str, description: str,
     if widgets is None or get_ipython() is None:
         print(f"{description}: {value!r} (edit the variable in the cell above to change it)")
         return None
-    dropdown = widgets.Dropdown(options=list(options), value=value, description=description,
-                                style={"description_width": "initial"})
+    dropdown = widgets.Dropdown(
+        options=list(options), value=value, description=description, style={"description_width": "initial"}
+    )
     if on_change is not None:
         dropdown.observe(lambda change: on_change(change["new"]), names="value")
     display(dropdown)
@@ -54,7 +59,9 @@ def example_viewer(examples: list[dict], images: list | None = None, start: int 
     except ImportError:
         widgets = None
     if widgets is None or get_ipython() is None or not examples:
-        print(render_example(examples[start], images[start] if images else None) if examples else "no examples")
+        print(
+            render_example(examples[start], images[start] if images else None) if examples else "no examples"
+        )
         return None
     import html
     from pathlib import Path
@@ -68,7 +75,9 @@ def example_viewer(examples: list[dict], images: list | None = None, start: int 
         path = images[i] if images else None
         picture.value = Path(path).read_bytes() if path else b""
         picture.layout.display = None if path else "none"
-        text.value = f"<pre style='white-space: pre-wrap'>{html.escape(render_example(examples[i], path))}</pre>"
+        text.value = (
+            f"<pre style='white-space: pre-wrap'>{html.escape(render_example(examples[i], path))}</pre>"
+        )
 
     slider.observe(update, names="value")
     update()
@@ -81,8 +90,10 @@ def render_example(example: dict, image: str | None = None) -> str:
     """One example as text: row, image, expected JSON and every model's reply with its F1."""
     import json
 
-    lines = [f"row {example['index']}" + (f" · image {image}" if image else " · text row"),
-             "expected: " + json.dumps(example["expected"], ensure_ascii=False)]
+    lines = [
+        f"row {example['index']}" + (f" · image {image}" if image else " · text row"),
+        "expected: " + json.dumps(example["expected"], ensure_ascii=False),
+    ]
     for name, reply in example["replies"].items():
         valid = "JSON" if example["json_valid"][name] else "no JSON"
         lines.append(f"{name} ({valid}, F1 {example['f1'][name]:.2f}): {reply[:400]}")

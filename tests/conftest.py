@@ -31,13 +31,17 @@ def processor(stand_in_dir):
 def cpu_hardware():
     from course_utils.hardware import HardwareInfo
 
-    return HardwareInfo("cpu", "test CPU", None, ram_gib=24, disk_free_gib=100, cpu_count=2, environment="local")
+    return HardwareInfo(
+        "cpu", "test CPU", None, ram_gib=24, disk_free_gib=100, cpu_count=2, environment="local"
+    )
 
 
 def gpu(vram, disk=500):
     from course_utils.hardware import HardwareInfo
 
-    return HardwareInfo("cuda", "test GPU", vram, ram_gib=64, disk_free_gib=disk, cpu_count=8, environment="local")
+    return HardwareInfo(
+        "cuda", "test GPU", vram, ram_gib=64, disk_free_gib=disk, cpu_count=8, environment="local"
+    )
 
 
 @pytest.fixture(scope="session")
@@ -61,13 +65,23 @@ def exported(stand_in_dir, tmp_path_factory):  # used by test_export and test_se
     peft_model.save_pretrained(out / "adapter")
     fresh = load("cpu-tiny", stand_in_dir=stand_in_dir)
     merged = ex.merge_adapter(fresh.model, fresh.processor, out / "adapter", out / "merged")
-    files = {"F16": ex.convert_to_gguf(merged, out / "m-f16.gguf", "f16", tools=tools),
-             "mmproj": ex.convert_to_gguf(merged, out / "mmproj-f16.gguf", "f16", mmproj=True, tools=tools)}
+    files = {
+        "F16": ex.convert_to_gguf(merged, out / "m-f16.gguf", "f16", tools=tools),
+        "mmproj": ex.convert_to_gguf(merged, out / "mmproj-f16.gguf", "f16", mmproj=True, tools=tools),
+    }
     log = []
     for q in ("Q8_0", "Q4_K_M"):
         files[q] = ex.quantize(files["F16"], out / f"m-{q}.gguf", q, log=log)
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     model = AutoModelForImageTextToText.from_pretrained(merged, dtype=torch.float32).eval()
-    return {"out": out, "tools": tools, "files": files, "model": model, "quant_log": "".join(log),
-            "processor": AutoProcessor.from_pretrained(merged), "peft": peft_model, "base_dir": stand_in_dir}
+    return {
+        "out": out,
+        "tools": tools,
+        "files": files,
+        "model": model,
+        "quant_log": "".join(log),
+        "processor": AutoProcessor.from_pretrained(merged),
+        "peft": peft_model,
+        "base_dir": stand_in_dir,
+    }

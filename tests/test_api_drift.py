@@ -31,7 +31,9 @@ def unsloth_function(relative_file, class_name, method):
 def arg_defaults(fn):
     args = fn.args.args
     defaults = [None] * (len(args) - len(fn.args.defaults)) + list(fn.args.defaults)
-    return {a.arg: (ast.literal_eval(d) if isinstance(d, ast.Constant) else d) for a, d in zip(args, defaults)}
+    return {
+        a.arg: (ast.literal_eval(d) if isinstance(d, ast.Constant) else d) for a, d in zip(args, defaults)
+    }
 
 
 def test_fast_vision_model_from_pretrained_takes_what_models_load_passes():
@@ -49,7 +51,9 @@ def test_transformers_calls_used_by_the_course():
     from transformers.integrations.mistral.tokenizer import convert_tekken_tokenizer
 
     assert {"tokenizer_file", "chat_template"} <= set(inspect.signature(convert_tekken_tokenizer).parameters)
-    assert {"patch_size", "spatial_merge_size", "chat_template"} <= set(inspect.signature(PixtralProcessor).parameters)
+    assert {"patch_size", "spatial_merge_size", "chat_template"} <= set(
+        inspect.signature(PixtralProcessor).parameters
+    )
     assert "llm_int8_skip_modules" in inspect.signature(BitsAndBytesConfig).parameters
     assert callable(AutoModelForImageTextToText.from_pretrained)
 
@@ -73,9 +77,18 @@ def _find_class_method(package: str, class_name: str, method: str):
 
 def test_unsloth_get_peft_model_takes_the_layer_choices_train_py_passes():
     args = arg_defaults(_find_class_method("unsloth", "FastBaseModel", "get_peft_model"))
-    for name in ("finetune_vision_layers", "finetune_language_layers", "finetune_attention_modules",
-                 "finetune_mlp_modules", "r", "lora_alpha", "lora_dropout", "bias", "random_state",
-                 "use_gradient_checkpointing"):
+    for name in (
+        "finetune_vision_layers",
+        "finetune_language_layers",
+        "finetune_attention_modules",
+        "finetune_mlp_modules",
+        "r",
+        "lora_alpha",
+        "lora_dropout",
+        "bias",
+        "random_state",
+        "use_gradient_checkpointing",
+    ):
         assert name in args, f"FastBaseModel.get_peft_model lost {name!r}"
 
 
@@ -89,19 +102,40 @@ def test_trl_sft_config_and_trainer_take_what_train_py_passes():
     from trl import SFTConfig, SFTTrainer
 
     config_fields = set(inspect.signature(SFTConfig).parameters)
-    for name in ("dataset_text_field", "dataset_kwargs", "remove_unused_columns", "max_length", "optim",
-                 "per_device_train_batch_size", "gradient_accumulation_steps", "save_steps", "bf16", "fp16"):
+    for name in (
+        "dataset_text_field",
+        "dataset_kwargs",
+        "remove_unused_columns",
+        "max_length",
+        "optim",
+        "per_device_train_batch_size",
+        "gradient_accumulation_steps",
+        "save_steps",
+        "bf16",
+        "fp16",
+    ):
         assert name in config_fields, f"SFTConfig lost {name!r}"
     trainer_params = set(inspect.signature(SFTTrainer).parameters)
-    assert {"model", "args", "data_collator", "train_dataset", "eval_dataset", "processing_class", "callbacks"} <= trainer_params
+    assert {
+        "model",
+        "args",
+        "data_collator",
+        "train_dataset",
+        "eval_dataset",
+        "processing_class",
+        "callbacks",
+    } <= trainer_params
 
 
 def test_transformers_trainer_and_peft_calls_used_on_cpu():
     from peft import LoraConfig
     from transformers import Trainer, TrainingArguments
 
-    assert {"trainable_token_indices", "target_modules", "lora_alpha"} <= set(inspect.signature(LoraConfig).parameters)
+    assert {"trainable_token_indices", "target_modules", "lora_alpha"} <= set(
+        inspect.signature(LoraConfig).parameters
+    )
     assert {"use_cpu", "include_num_input_tokens_seen", "save_strategy", "eval_strategy", "data_seed"} <= set(
-        inspect.signature(TrainingArguments).parameters)
+        inspect.signature(TrainingArguments).parameters
+    )
     assert "resume_from_checkpoint" in inspect.signature(Trainer.train).parameters
     assert "num_items_in_batch" in inspect.signature(Trainer.compute_loss).parameters

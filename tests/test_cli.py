@@ -9,7 +9,9 @@ from course_utils.cli import check_packages, main, read_pins
 
 def test_read_pins_normalises_names(tmp_path):
     req = tmp_path / "r.txt"
-    req.write_text("# c\nunsloth_zoo==2026.10.9\nTorch==2.14.1  # cpu too\nmistral-common[opencv]==1.13.1\nloose>=1\n")
+    req.write_text(
+        "# c\nunsloth_zoo==2026.10.9\nTorch==2.14.1  # cpu too\nmistral-common[opencv]==1.13.1\nloose>=1\n"
+    )
     assert read_pins(req) == {"unsloth-zoo": "2026.10.9", "torch": "2.14.1", "mistral-common": "1.13.1"}
 
 
@@ -20,7 +22,10 @@ def test_a_wrong_version_is_a_fail():
 
 
 def test_doctor_passes_here_and_never_imports_unsloth():
-    code = "import sys; from course_utils.cli import main; rc = main(['doctor']); print('UNSLOTH', 'unsloth' in sys.modules); sys.exit(rc)"
+    code = (
+        "import sys; from course_utils.cli import main; rc = main(['doctor']); "
+        "print('UNSLOTH', 'unsloth' in sys.modules); sys.exit(rc)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr[-2000:]
     assert "[FAIL]" not in out.stdout and "[OK] profile" in out.stdout

@@ -5,19 +5,40 @@ import sys
 import pytest
 from PIL import Image
 
-from course_utils.data import (IGNORE_INDEX, DataFormatError, check_plateforme, count_tokens, detect_format,
-                               from_alpaca, from_hf_dataset, from_openai, from_plateforme, from_sharegpt,
-                               length_stats, record_key, render_label_mask, response_only_labels, split_records,
-                               to_canonical, to_plateforme, tokenize_record, validate_file, write_jsonl)
+from course_utils.data import (
+    IGNORE_INDEX,
+    DataFormatError,
+    check_plateforme,
+    count_tokens,
+    detect_format,
+    from_alpaca,
+    from_hf_dataset,
+    from_openai,
+    from_plateforme,
+    from_sharegpt,
+    length_stats,
+    record_key,
+    render_label_mask,
+    response_only_labels,
+    split_records,
+    to_canonical,
+    to_plateforme,
+    tokenize_record,
+    validate_file,
+    write_jsonl,
+)
 
 OK = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
 
 
 # --- converters ---------------------------------------------------------------------------------
 
+
 def test_alpaca_with_and_without_input():
     assert from_alpaca({"instruction": "Add", "input": "2+2", "output": "4"})["messages"] == [
-        {"role": "user", "content": "Add\n\n2+2"}, {"role": "assistant", "content": "4"}]
+        {"role": "user", "content": "Add\n\n2+2"},
+        {"role": "assistant", "content": "4"},
+    ]
     rec = from_alpaca({"instruction": "Say hi", "input": "", "output": "hi"}, system="Be brief.")
     assert [m["role"] for m in rec["messages"]] == ["system", "user", "assistant"]
     with pytest.raises(DataFormatError, match="output: missing"):
@@ -25,8 +46,16 @@ def test_alpaca_with_and_without_input():
 
 
 def test_sharegpt_maps_speakers_and_image_placeholders():
-    rec = from_sharegpt({"conversations": [{"from": "system", "value": "S"}, {"from": "human", "value": "<image>\nWhat is it?"},
-                                           {"from": "gpt", "value": "A cat"}], "image": "cat.png"})
+    rec = from_sharegpt(
+        {
+            "conversations": [
+                {"from": "system", "value": "S"},
+                {"from": "human", "value": "<image>\nWhat is it?"},
+                {"from": "gpt", "value": "A cat"},
+            ],
+            "image": "cat.png",
+        }
+    )
     assert [m["role"] for m in rec["messages"]] == ["system", "user", "assistant"]
     assert rec["messages"][1]["content"] == [{"type": "image"}, {"type": "text", "text": "What is it?"}]
     assert rec["images"] == ["cat.png"]
@@ -35,12 +64,25 @@ def test_sharegpt_maps_speakers_and_image_placeholders():
 
 
 def test_openai_image_url_parts_become_images():
-    rec = from_openai({"messages": [
-        {"role": "user", "content": [{"type": "text", "text": "Read"}, {"type": "image_url", "image_url": {"url": "https://x/y.png"}}]},
-        {"role": "assistant", "content": "ok"}]})
+    rec = from_openai(
+        {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "Read"},
+                        {"type": "image_url", "image_url": {"url": "https://x/y.png"}},
+                    ],
+                },
+                {"role": "assistant", "content": "ok"},
+            ]
+        }
+    )
     assert rec["messages"][0]["content"] == [{"type": "text", "text": "Read"}, {"type": "image"}]
     assert rec["images"] == ["https://x/y.png"]
-    with pytest.raises(DataFormatError, match=r"messages\[0\].content\[0\].type: unsupported part type 'audio'"):
+    with pytest.raises(
+        DataFormatError, match=r"messages\[0\].content\[0\].type: unsupported part type 'audio'"
+    ):
         from_openai({"messages": [{"role": "user", "content": [{"type": "audio"}]}]})
 
 
@@ -57,21 +99,31 @@ def test_plateforme_rows_and_format_detection():
 def test_hf_dataset_rows_convert():
     from datasets import Dataset
 
-    ds = Dataset.from_list([{"instruction": "a", "input": "", "output": "b"}, {"instruction": "c", "input": "d", "output": "e"}])
+    ds = Dataset.from_list(
+        [{"instruction": "a", "input": "", "output": "b"}, {"instruction": "c", "input": "d", "output": "e"}]
+    )
     recs = from_hf_dataset(ds)
     assert [r["messages"][0]["content"] for r in recs] == ["a", "c\n\nd"]
 
 
 def test_export_to_plateforme_inlines_images_and_passes_its_rules(tmp_path):
     Image.new("RGB", (20, 10), "red").save(tmp_path / "r.png")
-    rec = {"messages": [{"role": "system", "content": "S"},
-                        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Colour?"}]},
-                        {"role": "assistant", "content": "red"}], "images": ["r.png"]}
+    rec = {
+        "messages": [
+            {"role": "system", "content": "S"},
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Colour?"}]},
+            {"role": "assistant", "content": "red"},
+        ],
+        "images": ["r.png"],
+    }
     row = to_plateforme(rec, tmp_path)
     part = row["messages"][1]["content"][0]
     assert part["type"] == "image_url" and part["image_url"].startswith("data:image/png;base64,")
     assert check_plateforme(row) == []
-    bad = {"messages": [{"role": "user", "content": "q", "weight": 1}, {"role": "bot", "content": ""}], "extra": 1}
+    bad = {
+        "messages": [{"role": "user", "content": "q", "weight": 1}, {"role": "bot", "content": ""}],
+        "extra": 1,
+    }
     problems = check_plateforme(bad)
     assert any("unexpected top-level keys ['extra']" in p for p in problems)
     assert any("weight" in p for p in problems) and any("'bot'" in p for p in problems)
@@ -80,34 +132,117 @@ def test_export_to_plateforme_inlines_images_and_passes_its_rules(tmp_path):
 
 # --- validation: one bad file per rule ------------------------------------------------------------
 
+
 def write_lines(path, rows):
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
     return path
 
 
-@pytest.mark.parametrize("bad_row, field, reason", [
-    ('{"messages": [', "(json)", "bad JSON"),
-    ({"messages": [{"role": "bot", "content": "x"}, {"role": "assistant", "content": "y"}]}, "messages[0].role", "unknown role 'bot'"),
-    ({"messages": [{"role": "user", "content": "x"}, {"role": "system", "content": "s"}, {"role": "assistant", "content": "y"}]},
-     "messages[1].role", "system message must come first"),
-    ({"messages": [{"role": "user", "content": "x"}, {"role": "user", "content": "y"}, {"role": "assistant", "content": "z"}]},
-     "messages[1].role", "expected assistant"),
-    ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}, {"role": "user", "content": "z"}]},
-     "messages[2].role", "must end with an assistant reply"),
-    ({"messages": [{"role": "user", "content": "   "}, {"role": "assistant", "content": "y"}]}, "messages[0].content", "empty"),
-    ({"messages": [{"role": "user", "content": 42}, {"role": "assistant", "content": "y"}]}, "messages[0].content", "got int"),
-    ({"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "x"}]},
-                   {"role": "assistant", "content": "y"}]}, "images", "1 image part(s) in messages but 0 image(s) listed"),
-    ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}], "images": ["a.png"]},
-     "images", "0 image part(s) in messages but 1 image(s) listed"),
-    ({"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "x"}]},
-                   {"role": "assistant", "content": "y"}], "images": ["missing.png"]}, "images[0]", "file not found: missing.png"),
-    ({"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "x"}]},
-                   {"role": "assistant", "content": "y"}], "images": ["corrupt.png"]}, "images[0]", "cannot be read as an image"),
-    ({"messages": [{"role": "user", "content": "ignore [/INST] this"}, {"role": "assistant", "content": "y"}]},
-     "messages[0].content", "control token"),
-    (OK, "(row)", "exact duplicate of row 1"),
-])
+@pytest.mark.parametrize(
+    "bad_row, field, reason",
+    [
+        ('{"messages": [', "(json)", "bad JSON"),
+        (
+            {"messages": [{"role": "bot", "content": "x"}, {"role": "assistant", "content": "y"}]},
+            "messages[0].role",
+            "unknown role 'bot'",
+        ),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": "x"},
+                    {"role": "system", "content": "s"},
+                    {"role": "assistant", "content": "y"},
+                ]
+            },
+            "messages[1].role",
+            "system message must come first",
+        ),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": "x"},
+                    {"role": "user", "content": "y"},
+                    {"role": "assistant", "content": "z"},
+                ]
+            },
+            "messages[1].role",
+            "expected assistant",
+        ),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": "x"},
+                    {"role": "assistant", "content": "y"},
+                    {"role": "user", "content": "z"},
+                ]
+            },
+            "messages[2].role",
+            "must end with an assistant reply",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "   "}, {"role": "assistant", "content": "y"}]},
+            "messages[0].content",
+            "empty",
+        ),
+        (
+            {"messages": [{"role": "user", "content": 42}, {"role": "assistant", "content": "y"}]},
+            "messages[0].content",
+            "got int",
+        ),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "x"}]},
+                    {"role": "assistant", "content": "y"},
+                ]
+            },
+            "images",
+            "1 image part(s) in messages but 0 image(s) listed",
+        ),
+        (
+            {
+                "messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}],
+                "images": ["a.png"],
+            },
+            "images",
+            "0 image part(s) in messages but 1 image(s) listed",
+        ),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "x"}]},
+                    {"role": "assistant", "content": "y"},
+                ],
+                "images": ["missing.png"],
+            },
+            "images[0]",
+            "file not found: missing.png",
+        ),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "x"}]},
+                    {"role": "assistant", "content": "y"},
+                ],
+                "images": ["corrupt.png"],
+            },
+            "images[0]",
+            "cannot be read as an image",
+        ),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": "ignore [/INST] this"},
+                    {"role": "assistant", "content": "y"},
+                ]
+            },
+            "messages[0].content",
+            "control token",
+        ),
+        (OK, "(row)", "exact duplicate of row 1"),
+    ],
+)
 def test_each_rule_names_row_field_and_reason(tmp_path, bad_row, field, reason):
     (tmp_path / "corrupt.png").write_bytes(b"not an image")
     Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
@@ -121,8 +256,18 @@ def test_each_rule_names_row_field_and_reason(tmp_path, bad_row, field, reason):
 
 
 def test_too_long_rows_are_flagged_with_their_token_count(tmp_path, processor):
-    path = write_lines(tmp_path / "d.jsonl", [OK, {"messages": [{"role": "user", "content": "word " * 200},
-                                                                  {"role": "assistant", "content": "ok"}]}])
+    path = write_lines(
+        tmp_path / "d.jsonl",
+        [
+            OK,
+            {
+                "messages": [
+                    {"role": "user", "content": "word " * 200},
+                    {"role": "assistant", "content": "ok"},
+                ]
+            },
+        ],
+    )
     report = validate_file(path, processor=processor, max_seq_length=64)
     assert report.invalid_rows == [2] and "> max_seq_length 64" in report.issues[0].reason
 
@@ -142,8 +287,13 @@ def test_writing_valid_rows_never_overwrites_and_keeps_images_findable(tmp_path)
     src = tmp_path / "src"
     src.mkdir()
     Image.new("RGB", (8, 8)).save(src / "a.png")
-    row = {"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "x"}]},
-                        {"role": "assistant", "content": "y"}], "images": ["a.png"]}
+    row = {
+        "messages": [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "x"}]},
+            {"role": "assistant", "content": "y"},
+        ],
+        "images": ["a.png"],
+    }
     report = validate_file(write_lines(src / "d.jsonl", [row]))
     out = tmp_path / "clean" / "good.jsonl"
     write_jsonl(report.valid, out, base_dir=src)
@@ -153,27 +303,50 @@ def test_writing_valid_rows_never_overwrites_and_keeps_images_findable(tmp_path)
 
 
 def test_cli_validate_reports_every_bad_row_and_writes_good_ones(tmp_path):
-    path = write_lines(tmp_path / "mixed.jsonl", [OK, "{oops", {"instruction": "i", "output": "o"},
-                                                  {"messages": [{"role": "assistant", "content": "x"}]}])
+    path = write_lines(
+        tmp_path / "mixed.jsonl",
+        [
+            OK,
+            "{oops",
+            {"instruction": "i", "output": "o"},
+            {"messages": [{"role": "assistant", "content": "x"}]},
+        ],
+    )
     out = tmp_path / "good.jsonl"
-    run = subprocess.run([sys.executable, "-m", "course_utils", "data", "validate", str(path), "--write-valid", str(out)],
-                         capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [sys.executable, "-m", "course_utils", "data", "validate", str(path), "--write-valid", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 1
     assert f"{path}:2:(json): bad JSON" in run.stdout
     assert f"{path}:4:messages[0].role: expected user" in run.stdout
     assert "4 rows, 2 valid, 2 invalid" in run.stdout and "Traceback" not in run.stderr
     assert len(out.read_text().splitlines()) == 2
-    missing = subprocess.run([sys.executable, "-m", "course_utils", "data", "validate", str(tmp_path / "nope.jsonl")],
-                             capture_output=True, text=True, timeout=120)
+    missing = subprocess.run(
+        [sys.executable, "-m", "course_utils", "data", "validate", str(tmp_path / "nope.jsonl")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert missing.returncode == 2 and "no such file" in missing.stderr and "Traceback" not in missing.stderr
 
 
 # --- labels ---------------------------------------------------------------------------------------
 
+
 def test_structural_labels_equal_the_templates_generation_mask(processor):
-    messages = [{"role": "system", "content": "S"}, {"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"},
-                {"role": "user", "content": "Q2"}, {"role": "assistant", "content": "A2 done"}]
-    out = processor.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    messages = [
+        {"role": "system", "content": "S"},
+        {"role": "user", "content": "Q1"},
+        {"role": "assistant", "content": "A1"},
+        {"role": "user", "content": "Q2"},
+        {"role": "assistant", "content": "A2 done"},
+    ]
+    out = processor.apply_chat_template(
+        messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )
     ids = out["input_ids"][0].tolist()
     mask = out["assistant_masks"][0]
     assert response_only_labels(ids) == [t if m else IGNORE_INDEX for t, m in zip(ids, mask)]
@@ -181,27 +354,36 @@ def test_structural_labels_equal_the_templates_generation_mask(processor):
 
 def test_vision_rows_train_on_exactly_the_reply_and_eos(processor, tmp_path):
     Image.new("RGB", (100, 70), "white").save(tmp_path / "r.png")
-    record = {"messages": [{"role": "system", "content": "S"},
-                           {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Read"}]},
-                           {"role": "assistant", "content": '{"total": 3}'}], "images": ["r.png"]}
+    record = {
+        "messages": [
+            {"role": "system", "content": "S"},
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Read"}]},
+            {"role": "assistant", "content": '{"total": 3}'},
+        ],
+        "images": ["r.png"],
+    }
     example = tokenize_record(record, processor, tmp_path)
-    trained = [t for t, l in zip(example["input_ids"], example["labels"]) if l != IGNORE_INDEX]
+    trained = [t for t, label in zip(example["input_ids"], example["labels"]) if label != IGNORE_INDEX]
     assert processor.tokenizer.decode(trained) == '{"total": 3}</s>'
     image_positions = [i for i, t in enumerate(example["input_ids"]) if t in (10, 12, 13)]
     assert image_positions and all(example["labels"][i] == IGNORE_INDEX for i in image_positions)
     assert "pixel_values" in example
     assert count_tokens(record, processor, tmp_path) == len(example["input_ids"])
     assert "[[" in render_label_mask(example, processor.tokenizer) and "#c8f7c5" in render_label_mask(
-        example, processor.tokenizer, html=True)
+        example, processor.tokenizer, html=True
+    )
 
 
 def test_an_example_with_nothing_to_train_on_is_refused(processor):
-    record = {"messages": [{"role": "user", "content": "long " * 50}, {"role": "assistant", "content": "short"}]}
+    record = {
+        "messages": [{"role": "user", "content": "long " * 50}, {"role": "assistant", "content": "short"}]
+    }
     with pytest.raises(ValueError, match="every label is masked"):
         tokenize_record(record, processor, max_seq_length=20)  # truncation cut the reply off
 
 
 # --- statistics and splits ------------------------------------------------------------------------
+
 
 def test_length_stats_by_hand():
     stats = length_stats(list(range(1, 101)), max_seq_length=90)
@@ -210,15 +392,23 @@ def test_length_stats_by_hand():
 
 
 def test_split_is_deterministic_order_free_and_leak_free():
-    records = [{"messages": [{"role": "user", "content": f"q{i % 90}"}, {"role": "assistant", "content": "a"}]}
-               for i in range(100)]  # 10 exact duplicates
+    records = [
+        {"messages": [{"role": "user", "content": f"q{i % 90}"}, {"role": "assistant", "content": "a"}]}
+        for i in range(100)
+    ]  # 10 exact duplicates
     splits, removed = split_records(records, seed=3)
     assert removed == 10 and sum(len(v) for v in splits.values()) == 90
     assert (len(splits["train"]), len(splits["val"]), len(splits["test"])) == (72, 9, 9)
     again, _ = split_records(list(reversed(records)), seed=3)
-    assert {k: [record_key(r) for r in v] for k, v in splits.items()} == {k: [record_key(r) for r in v] for k, v in again.items()}
+    assert {k: [record_key(r) for r in v] for k, v in splits.items()} == {
+        k: [record_key(r) for r in v] for k, v in again.items()
+    }
     keys = {k: {record_key(r) for r in v} for k, v in splits.items()}
-    assert not (keys["train"] & keys["val"]) and not (keys["train"] & keys["test"]) and not (keys["val"] & keys["test"])
+    assert (
+        not (keys["train"] & keys["val"])
+        and not (keys["train"] & keys["test"])
+        and not (keys["val"] & keys["test"])
+    )
     other, _ = split_records(records, seed=4)
     assert [record_key(r) for r in other["test"]] != [record_key(r) for r in splits["test"]]
 
@@ -230,8 +420,8 @@ def test_canonical_keeps_ids():
 def test_keys_and_mixing_do_not_depend_on_where_the_checkout_lives(tmp_path):
     import shutil
 
-    from course_utils.receipts import DEFAULT_DIR, load_local
     from course_utils.paths import course_root
+    from course_utils.receipts import DEFAULT_DIR, load_local
 
     rows = load_local("val")[:20]
     copy = tmp_path / "elsewhere"
@@ -240,7 +430,9 @@ def test_keys_and_mixing_do_not_depend_on_where_the_checkout_lives(tmp_path):
     assert [record_key(r) for r in rows] == [record_key(r) for r in moved]
     from course_utils.data import mix_modalities
 
-    assert [bool(r["images"]) for r in mix_modalities(rows, 0.5, 0)] == [bool(r["images"]) for r in mix_modalities(moved, 0.5, 0)]
+    assert [bool(r["images"]) for r in mix_modalities(rows, 0.5, 0)] == [
+        bool(r["images"]) for r in mix_modalities(moved, 0.5, 0)
+    ]
     splits_a, _ = split_records(rows, seed=1)
     splits_b, _ = split_records(moved, seed=1)
     assert [r["id"] for r in splits_a["test"]] == [r["id"] for r in splits_b["test"]]

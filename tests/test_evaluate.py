@@ -2,23 +2,55 @@ import json
 
 import pytest
 
-from course_utils.evaluate import (field_scores, normalize_currency, normalize_date, normalize_number, receipt_facts,
-                                   task_metrics, validity)
+from course_utils.evaluate import (
+    field_scores,
+    normalize_currency,
+    normalize_date,
+    normalize_number,
+    receipt_facts,
+    task_metrics,
+    validity,
+)
 from course_utils.receipts import RECEIPT_SCHEMA
 
-GOLD = {"merchant": "Café Nord", "date": "2024-02-01", "currency": "EUR",
-        "items": [{"name": "Tea", "qty": 2, "unit_price": 1.5}, {"name": "Cake", "qty": 1, "unit_price": 3.2}],
-        "subtotal": 6.2, "tax": 1.18, "total": 7.38}
+GOLD = {
+    "merchant": "Café Nord",
+    "date": "2024-02-01",
+    "currency": "EUR",
+    "items": [{"name": "Tea", "qty": 2, "unit_price": 1.5}, {"name": "Cake", "qty": 1, "unit_price": 3.2}],
+    "subtotal": 6.2,
+    "tax": 1.18,
+    "total": 7.38,
+}
 
 
-@pytest.mark.parametrize("raw, expected", [(7.38, 7.38), ("7.38", 7.38), ("1,234.50", 1234.5), ("12,30 €", 12.3),
-                                           ("$15", 15.0), (3, 3.0), ("n/a", None), (True, None)])
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        (7.38, 7.38),
+        ("7.38", 7.38),
+        ("1,234.50", 1234.5),
+        ("12,30 €", 12.3),
+        ("$15", 15.0),
+        (3, 3.0),
+        ("n/a", None),
+        (True, None),
+    ],
+)
 def test_numbers_normalise(raw, expected):
     assert normalize_number(raw) == expected
 
 
-@pytest.mark.parametrize("raw, expected", [("2024-02-01", "2024-02-01"), ("01.02.2024", "2024-02-01"),
-                                           ("02/01/2024", "2024-02-01"), ("Feb 1", None), (None, None)])
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        ("2024-02-01", "2024-02-01"),
+        ("01.02.2024", "2024-02-01"),
+        ("02/01/2024", "2024-02-01"),
+        ("Feb 1", None),
+        (None, None),
+    ],
+)
 def test_dates_normalise(raw, expected):
     assert normalize_date(raw) == expected
 
@@ -29,8 +61,13 @@ def test_currency_and_text_normalise():
 
 
 def test_perfect_and_partial_predictions_by_hand():
-    assert field_scores(GOLD, GOLD) == {"matched": 8, "predicted": 8, "expected": 8, "exact": True,
-                                        "per_field": field_scores(GOLD, GOLD)["per_field"]}
+    assert field_scores(GOLD, GOLD) == {
+        "matched": 8,
+        "predicted": 8,
+        "expected": 8,
+        "exact": True,
+        "per_field": field_scores(GOLD, GOLD)["per_field"],
+    }
     # wrong merchant, date printed differently (still right), one item missing, total wrong
     partial = dict(GOLD, merchant="Cafe Nord", date="01.02.2024", items=GOLD["items"][:1], total=7.0)
     s = field_scores(partial, GOLD)
@@ -41,13 +78,22 @@ def test_perfect_and_partial_predictions_by_hand():
 
 
 def test_task_metrics_with_malformed_json_by_hand():
-    replies = [json.dumps(GOLD), "```json\n" + json.dumps(dict(GOLD, total=1)) + "\n```", "{broken", "no json here"]
+    replies = [
+        json.dumps(GOLD),
+        "```json\n" + json.dumps(dict(GOLD, total=1)) + "\n```",
+        "{broken",
+        "no json here",
+    ]
     m = task_metrics(replies, [GOLD] * 4, RECEIPT_SCHEMA)
     assert m["json_valid"] == 0.5 and m["schema_valid"] == 0.5 and m["exact_match"] == 0.25
     # matched 8 + 7 = 15; predicted 8 + 8 = 16; expected 32
     assert m["field_precision"] == round(15 / 16, 4) and m["field_recall"] == round(15 / 32, 4)
     assert m["field_f1"] == round(2 * (15 / 16) * (15 / 32) / (15 / 16 + 15 / 32), 4)
-    assert m["per_field"]["total"] == {"precision": 0.5, "recall": 0.25, "f1": round(2 * 0.5 * 0.25 / 0.75, 4)}
+    assert m["per_field"]["total"] == {
+        "precision": 0.5,
+        "recall": 0.25,
+        "f1": round(2 * 0.5 * 0.25 / 0.75, 4),
+    }
     with pytest.raises(ValueError, match="targets"):
         task_metrics(replies, [GOLD])
 
@@ -65,9 +111,15 @@ def test_a_fresh_adapter_is_detected_as_a_no_op_and_training_changes_it(stand_in
 
     records = mix_modalities(load_local("train")[:8], 0.5, 0)
     loaded = load("cpu-tiny", stand_in_dir=stand_in_dir)
-    run = build_trainer(loaded.model, loaded.processor, records, None,
-                        preset_for("cpu-tiny", max_steps=3, save_steps=100, per_device_train_batch_size=4),
-                        tmp_path, progress=False)
+    run = build_trainer(
+        loaded.model,
+        loaded.processor,
+        records,
+        None,
+        preset_for("cpu-tiny", max_steps=3, save_steps=100, per_device_train_batch_size=4),
+        tmp_path,
+        progress=False,
+    )
     assert adapter_effect(run.model, loaded.processor, records[:2]) == 0.0  # LoRA B starts at zero
     before = heldout_loss(run.model, loaded.processor, records[:4])
     run.trainer.train()

@@ -6,13 +6,29 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from course_utils.evaluate import (JudgeParseError, compare, example_f1, judge_messages, judge_summary, llm_judge,
-                                   lm_eval_command, parse_judge, save_report)
+from course_utils.evaluate import (
+    JudgeParseError,
+    compare,
+    example_f1,
+    judge_messages,
+    judge_summary,
+    llm_judge,
+    lm_eval_command,
+    parse_judge,
+    save_report,
+)
 from course_utils.receipts import RECEIPT_SCHEMA
 from course_utils.widgets import render_example
 
-GOLD = {"merchant": "Café Nord", "date": "2024-02-01", "currency": "EUR",
-        "items": [{"name": "Tea", "qty": 2, "unit_price": 1.5}], "subtotal": 3.0, "tax": 0.57, "total": 3.57}
+GOLD = {
+    "merchant": "Café Nord",
+    "date": "2024-02-01",
+    "currency": "EUR",
+    "items": [{"name": "Tea", "qty": 2, "unit_price": 1.5}],
+    "subtotal": 3.0,
+    "tax": 0.57,
+    "total": 3.57,
+}
 HALF = dict(GOLD, merchant="Other", date="2023-01-01", tax=9.0)  # 7 facts, 4 right
 
 
@@ -47,7 +63,9 @@ def test_report_is_saved_atomically_and_never_overwritten(tmp_path):
     json_path, md_path = save_report(c, tmp_path / "eval", {"profile": "cpu-tiny"})
     saved = json.loads(json_path.read_text())
     assert saved["context"] == {"profile": "cpu-tiny"}
-    assert saved["metrics"]["tuned"]["json_valid"] == 1.0 and saved["examples"][0]["replies"]["base"] == "nope"
+    assert (
+        saved["metrics"]["tuned"]["json_valid"] == 1.0 and saved["examples"][0]["replies"]["base"] == "nope"
+    )
     text = md_path.read_text()
     assert "| json_valid | 0.0 | 1.0 | +1.000 |" in text and "**profile**: cpu-tiny" in text
     with pytest.raises(FileExistsError, match="overwrite=True"):
@@ -65,17 +83,28 @@ def test_viewer_text_shows_expected_and_each_reply():
     assert "tuned (JSON, F1 1.00)" in text and "Café Nord" in text
 
 
-@pytest.mark.parametrize("reply, expected", [
-    ('{"score": 4, "reason": "total wrong"}', {"score": 4, "reason": "total wrong"}),
-    ('```json\n{"score": "5", "reason": "all right"}\n```', {"score": 5, "reason": "all right"}),
-    ('Sure! {"score": 2.0, "reason": "values invented"} Hope that helps.', {"score": 2, "reason": "values invented"}),
-    ("Score: 3 - merchant and total right", {"score": 3, "reason": "Score: 3 - merchant and total right"}),
-])
+@pytest.mark.parametrize(
+    "reply, expected",
+    [
+        ('{"score": 4, "reason": "total wrong"}', {"score": 4, "reason": "total wrong"}),
+        ('```json\n{"score": "5", "reason": "all right"}\n```', {"score": 5, "reason": "all right"}),
+        (
+            'Sure! {"score": 2.0, "reason": "values invented"} Hope that helps.',
+            {"score": 2, "reason": "values invented"},
+        ),
+        (
+            "Score: 3 - merchant and total right",
+            {"score": 3, "reason": "Score: 3 - merchant and total right"},
+        ),
+    ],
+)
 def test_judge_replies_parse(reply, expected):
     assert parse_judge(reply) == expected
 
 
-@pytest.mark.parametrize("reply", ['{"score": 7}', '{"score": 3.5}', '{"score": "high"}', "I think it's fine", ""])
+@pytest.mark.parametrize(
+    "reply", ['{"score": 7}', '{"score": 3.5}', '{"score": "high"}', "I think it's fine", ""]
+)
 def test_bad_judge_replies_are_refused(reply):
     with pytest.raises(JudgeParseError):
         parse_judge(reply)
@@ -85,7 +114,9 @@ def test_judge_prompt_holds_reference_and_reply():
     messages = judge_messages(GOLD, '{"merchant": "X"}')
     assert [m["role"] for m in messages] == ["system", "user"]
     assert json.dumps(GOLD, ensure_ascii=False) in messages[1]["content"]
-    assert '{"merchant": "X"}' in messages[1]["content"] and '"score": <integer 1-5>' in messages[1]["content"]
+    assert (
+        '{"merchant": "X"}' in messages[1]["content"] and '"score": <integer 1-5>' in messages[1]["content"]
+    )
     assert "(empty)" in judge_messages(GOLD, "  ")[1]["content"]
 
 
@@ -98,15 +129,32 @@ class _FakeJudge(BaseHTTPRequestHandler):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         _FakeJudge.seen.append((self.path, self.headers.get("Authorization"), body))
         prompt = body["messages"][-1]["content"]
-        content = ('{"score": 5, "reason": "ok"}' if "GOOD" in prompt
-                   else "I refuse to grade" if "WEIRD" in prompt else '{"score": 1, "reason": "bad"}')
+        content = (
+            '{"score": 5, "reason": "ok"}'
+            if "GOOD" in prompt
+            else "I refuse to grade"
+            if "WEIRD" in prompt
+            else '{"score": 1, "reason": "bad"}'
+        )
         if "CRASH" in prompt:
             self.send_response(500)
             self.end_headers()
             return
-        payload = json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
-                              "choices": [{"index": 0, "finish_reason": "stop",
-                                           "message": {"role": "assistant", "content": content}}]}).encode()
+        payload = json.dumps(
+            {
+                "id": "x",
+                "object": "chat.completion",
+                "created": 0,
+                "model": body["model"],
+                "choices": [
+                    {
+                        "index": 0,
+                        "finish_reason": "stop",
+                        "message": {"role": "assistant", "content": content},
+                    }
+                ],
+            }
+        ).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(payload)))
@@ -139,12 +187,23 @@ def test_llm_judge_talks_openai_protocol_and_keeps_failures(monkeypatch):
 def test_lm_eval_commands_per_backend():
     hf = lm_eval_command("mistralai/Ministral-8B-Instruct-2410", adapter="outputs/adapters/x", limit=50)
     assert hf[:4] == ["lm-eval", "run", "--model", "hf"]
-    assert hf[hf.index("--model_args") + 1] == "pretrained=mistralai/Ministral-8B-Instruct-2410,dtype=bfloat16,peft=outputs/adapters/x"
-    assert hf[hf.index("--tasks") + 1] == "mmlu,gsm8k" and "--fewshot_as_multiturn" in hf and hf[-2:] == ["--limit", "50"]
+    assert (
+        hf[hf.index("--model_args") + 1]
+        == "pretrained=mistralai/Ministral-8B-Instruct-2410,dtype=bfloat16,peft=outputs/adapters/x"
+    )
+    assert (
+        hf[hf.index("--tasks") + 1] == "mmlu,gsm8k"
+        and "--fewshot_as_multiturn" in hf
+        and hf[-2:] == ["--limit", "50"]
+    )
     vllm = lm_eval_command("merged", backend="vllm", num_fewshot=0)
     assert "--fewshot_as_multiturn" not in vllm and "enable_lora" not in vllm[vllm.index("--model_args") + 1]
-    api = lm_eval_command("receipts", backend="local-chat-completions", num_fewshot=None,
-                          base_url="http://127.0.0.1:8080/v1/chat/completions")
+    api = lm_eval_command(
+        "receipts",
+        backend="local-chat-completions",
+        num_fewshot=None,
+        base_url="http://127.0.0.1:8080/v1/chat/completions",
+    )
     assert "base_url=http://127.0.0.1:8080/v1/chat/completions" in api[api.index("--model_args") + 1]
     assert "--num_fewshot" not in api
     with pytest.raises(ValueError, match="base_url"):
@@ -155,13 +214,31 @@ def test_lm_eval_commands_per_backend():
 
 def test_outcomes_bucket_every_reply():
     bad_schema = json.dumps({"merchant": "Café Nord"})  # valid JSON, misses required fields
-    c = compare({"tuned": ["nothing", bad_schema, json.dumps(HALF), json.dumps(dict(HALF, merchant="Café Nord")),
-                           json.dumps(GOLD)]}, [GOLD] * 5, RECEIPT_SCHEMA)
-    assert [e["outcome"]["tuned"] for e in c.examples] == ["no JSON", "schema error", "partly right",
-                                                           "partly right", "all right"]
+    c = compare(
+        {
+            "tuned": [
+                "nothing",
+                bad_schema,
+                json.dumps(HALF),
+                json.dumps(dict(HALF, merchant="Café Nord")),
+                json.dumps(GOLD),
+            ]
+        },
+        [GOLD] * 5,
+        RECEIPT_SCHEMA,
+    )
+    assert [e["outcome"]["tuned"] for e in c.examples] == [
+        "no JSON",
+        "schema error",
+        "partly right",
+        "partly right",
+        "all right",
+    ]
     counts = {row["outcome"]: row["tuned"] for row in c.outcomes()}
     assert counts == {"no JSON": 1, "schema error": 1, "wrong values": 0, "partly right": 2, "all right": 1}
-    wrong = json.dumps(dict(GOLD, merchant="X", date="2020-01-01", currency="USD", subtotal=1, tax=1, total=1))
+    wrong = json.dumps(
+        dict(GOLD, merchant="X", date="2020-01-01", currency="USD", subtotal=1, tax=1, total=1)
+    )
     assert compare({"m": [wrong]}, [GOLD], RECEIPT_SCHEMA).examples[0]["outcome"]["m"] == "wrong values"
 
 
@@ -175,8 +252,9 @@ def test_saved_adapter_loads_and_switches_off_to_the_exact_base(stand_in_dir, tm
     from course_utils.train import LANGUAGE_TARGETS
 
     rows = load_local("val")[:2]
-    trained = get_peft_model(load("cpu-tiny", stand_in_dir=stand_in_dir).model,
-                             LoraConfig(r=4, target_modules=LANGUAGE_TARGETS))
+    trained = get_peft_model(
+        load("cpu-tiny", stand_in_dir=stand_in_dir).model, LoraConfig(r=4, target_modules=LANGUAGE_TARGETS)
+    )
     with torch.no_grad():
         for name, param in trained.named_parameters():
             if "lora_B" in name:
@@ -194,8 +272,8 @@ def test_saved_adapter_loads_and_switches_off_to_the_exact_base(stand_in_dir, tm
 
 
 def test_lesson_splits_rebuild_when_lesson_03_did_not_run(tmp_path, monkeypatch):
-    from course_utils.receipts import lesson_splits
     from course_utils.data import write_jsonl
+    from course_utils.receipts import lesson_splits
 
     monkeypatch.setenv("COURSE_OUTPUTS", str(tmp_path))
     train, val, test, message = lesson_splits("cpu-tiny")

@@ -15,27 +15,50 @@ pytestmark = pytest.mark.filterwarnings("error::pytest.PytestUnraisableException
 
 CONVERSATIONS = [
     [{"role": "user", "content": "Héllo wörld ✓"}],
-    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": " two  spaces \n"},
-     {"role": "assistant", "content": "ok "}, {"role": "user", "content": "again\ttab"}],
-    [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": "Extract: Café Nord 2 × tea 1,50 € — 3,00 €"}],
-    [{"role": "user", "content": "日本語のレシート: ¥1,200"}, {"role": "assistant", "content": '{"total": 1200}'},
-     {"role": "user", "content": "and the date?"}],
+    [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": " two  spaces \n"},
+        {"role": "assistant", "content": "ok "},
+        {"role": "user", "content": "again\ttab"},
+    ],
+    [
+        {"role": "system", "content": SYSTEM_PROMPT},
+        {"role": "user", "content": "Extract: Café Nord 2 × tea 1,50 € — 3,00 €"},
+    ],
+    [
+        {"role": "user", "content": "日本語のレシート: ¥1,200"},
+        {"role": "assistant", "content": '{"total": 1200}'},
+        {"role": "user", "content": "and the date?"},
+    ],
 ]
 
 
 # --- Template pieces and the Modelfile (no llama.cpp needed) ----------------------------------------
 
+
 def test_template_parts_rebuild_the_training_template(processor):
     parts = ex.template_parts(processor)
-    assert (parts.bos, parts.user_prefix, parts.user_suffix, parts.assistant_suffix) == ("<s>", "[INST]", "[/INST]", "</s>")
+    assert (parts.bos, parts.user_prefix, parts.user_suffix, parts.assistant_suffix) == (
+        "<s>",
+        "[INST]",
+        "[/INST]",
+        "</s>",
+    )
     for conversation in CONVERSATIONS:
-        assert parts.render(conversation) == processor.apply_chat_template(ex._as_parts(conversation), tokenize=False)
+        assert parts.render(conversation) == processor.apply_chat_template(
+            ex._as_parts(conversation), tokenize=False
+        )
 
 
 def test_modelfile_fields_and_stop_tokens(processor):
     parts = ex.template_parts(processor)
-    text = ex.modelfile("receipts-Q4_K_M.gguf", parts, system=SYSTEM_PROMPT, num_ctx=4096,
-                        projector="receipts-mmproj-f16.gguf")
+    text = ex.modelfile(
+        "receipts-Q4_K_M.gguf",
+        parts,
+        system=SYSTEM_PROMPT,
+        num_ctx=4096,
+        projector="receipts-mmproj-f16.gguf",
+    )
     froms = re.findall(r"^FROM (.+)$", text, re.M)
     assert froms == ["./receipts-Q4_K_M.gguf", "./receipts-mmproj-f16.gguf"]
     assert re.findall(r'^PARAMETER stop "(.+)"$', text, re.M) == ["</s>", "[INST]"]
@@ -48,6 +71,9 @@ def test_modelfile_fields_and_stop_tokens(processor):
     user = re.search(r'eq \.Role "user" }}(.*?){{ \.Content }}(.*?)\n', template)
     assistant = re.search(r'eq \.Role "assistant" }}{{ \.Content }}(.*?)\n', template)
     assert template.startswith(parts.bos + "{{- range")
+    # for a GGUF whose tokenizer adds BOS itself, a literal <s> would double it
+    no_bos = ex.modelfile("m.gguf", parts, bos_in_template=False)
+    assert re.search(r'TEMPLATE """(.*?)"""', no_bos, re.S).group(1).startswith("{{- range")
     assert system.groups() == (parts.system_prefix, parts.system_suffix)
     assert user.groups() == (parts.user_prefix, parts.user_suffix)
     assert assistant.group(1) == parts.assistant_suffix
@@ -67,13 +93,26 @@ def test_serving_template_turns_images_into_urls_and_keeps_bos():
 
     template = ex.serving_template(CHAT_TEMPLATE)
     assert "generation" not in template
-    text = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(template).render(
-        messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAA"}},
-                                               {"type": "text", "text": "What is this?"}]}])
+    text = (
+        ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        .from_string(template)
+        .render(
+            messages=[
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAA"}},
+                        {"type": "text", "text": "What is this?"},
+                    ],
+                }
+            ]
+        )
+    )
     assert text == "<s>[INST]data:image/png;base64,AAAWhat is this?[/INST]"
 
 
 # --- Refusals: disk, existing targets; manifest ------------------------------------------------------
+
 
 def test_disk_preflight_refuses_with_how_much(tmp_path):
     plan = ex.plan_export(24_000_000_000, ("F16", "Q4_K_M"))
@@ -89,8 +128,13 @@ def test_merge_refuses_on_full_disk_before_writing(stand_in_dir, tmp_path):
 
     loaded = load("cpu-tiny", stand_in_dir=stand_in_dir)
     with pytest.raises(ex.DiskSpaceError, match="not enough disk"):
-        ex.merge_adapter(loaded.model, loaded.processor, tmp_path / "no-adapter-needed", tmp_path / "merged",
-                         free_bytes=1024)
+        ex.merge_adapter(
+            loaded.model,
+            loaded.processor,
+            tmp_path / "no-adapter-needed",
+            tmp_path / "merged",
+            free_bytes=1024,
+        )
     assert not (tmp_path / "merged").exists()
 
 
@@ -120,13 +164,19 @@ def test_manifest_checksums_match_and_catch_changes(tmp_path):
     manifest = ex.write_manifest(tmp_path, files, {"base_model": "stand-in"})
     data = json.loads(manifest.read_text())
     assert data["base_model"] == "stand-in"
-    assert data["files"][0] == {"file": "a.gguf", "bytes": 5000,
-                                "sha256": hashlib.sha256(b"\x00GGUF" * 1000).hexdigest()}
+    assert data["files"][0] == {
+        "file": "a.gguf",
+        "bytes": 5000,
+        "sha256": hashlib.sha256(b"\x00GGUF" * 1000).hexdigest(),
+    }
     assert data["files"][1]["file"] == "sub/Modelfile"
     assert ex.verify_manifest(manifest) == []
     files[0].write_bytes(b"\x00GGUF" * 999 + b"\x00GGUX")
     files[1].unlink()
-    assert ex.verify_manifest(manifest) == ["a.gguf: changed (size or sha256 differs)", "sub/Modelfile: missing"]
+    assert ex.verify_manifest(manifest) == [
+        "a.gguf: changed (size or sha256 differs)",
+        "sub/Modelfile: missing",
+    ]
     with pytest.raises(FileExistsError):
         ex.write_manifest(tmp_path, [files[0]])
 
@@ -150,10 +200,12 @@ def test_pinned_llama_cpp_python_matches_requirements():
 
 # --- The real thing: a tuned stand-in through llama.cpp ------------------------------------------------
 
+
 def test_merged_model_equals_the_adapter_model(exported):
     processor = exported["processor"]
-    ids = processor.apply_chat_template(ex._as_parts(CONVERSATIONS[2]), tokenize=True, return_dict=True,
-                                        return_tensors="pt")["input_ids"]
+    ids = processor.apply_chat_template(
+        ex._as_parts(CONVERSATIONS[2]), tokenize=True, return_dict=True, return_tensors="pt"
+    )["input_ids"]
     with torch.no_grad():
         merged = exported["model"](input_ids=ids).logits
         adapter = exported["peft"](input_ids=ids).logits
@@ -168,7 +220,9 @@ def test_gguf_logits_match_transformers_within_tolerance(exported, qtype):
     llm = ex.open_gguf(exported["files"][qtype], logits_all=True, n_ctx=1024)
     try:
         parity = ex.logit_parity(llm, exported["model"], exported["processor"], CONVERSATIONS)
-        reply = llm.create_completion(ex.llama_cpp_prompt_ids(llm, CONVERSATIONS[0]), max_tokens=8, temperature=0)
+        reply = llm.create_completion(
+            ex.llama_cpp_prompt_ids(llm, CONVERSATIONS[0]), max_tokens=8, temperature=0
+        )
     finally:
         llm.close()
     assert parity["positions"] > 100
@@ -187,8 +241,10 @@ def test_embedded_training_template_gives_transformers_token_ids(exported):
     llm = ex.open_gguf(exported["files"]["F16"], n_ctx=512)
     try:
         meta = llm.metadata
-        assert meta["tokenizer.chat_template"] == exported["processor"].tokenizer.chat_template or \
-            meta["tokenizer.chat_template"] == exported["processor"].chat_template
+        assert (
+            meta["tokenizer.chat_template"] == exported["processor"].tokenizer.chat_template
+            or meta["tokenizer.chat_template"] == exported["processor"].chat_template
+        )
         assert ex.template_parity(llm, exported["processor"], CONVERSATIONS) == []
     finally:
         llm.close()
@@ -203,9 +259,19 @@ def test_vision_projector_loads_and_answers_an_image(exported):
     uri = "data:image/png;base64," + base64.b64encode(open(image, "rb").read()).decode()
     llm = ex.open_gguf(exported["files"]["F16"], mmproj=exported["files"]["mmproj"], n_ctx=2048)
     try:
-        out = llm.create_chat_completion(messages=[{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": uri}}, {"type": "text", "text": "Extract."}]}],
-            max_tokens=4, temperature=0)
+        out = llm.create_chat_completion(
+            messages=[
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": uri}},
+                        {"type": "text", "text": "Extract."},
+                    ],
+                }
+            ],
+            max_tokens=4,
+            temperature=0,
+        )
     finally:
         llm.close()
     # the prompt holds the image embeddings: far more tokens than the text alone
@@ -228,17 +294,27 @@ def test_lora_gguf_on_the_base_gguf_equals_the_merged_gguf(exported):
     from llama_cpp import Llama
 
     out, tools = exported["out"], exported["tools"]
-    base = ex.convert_to_gguf(exported["base_dir"] / "tiny-mistral-small-3", out / "base-f16.gguf", "f16", tools=tools)
-    adapter = ex.convert_lora_to_gguf(out / "adapter", exported["base_dir"] / "tiny-mistral-small-3",
-                                      out / "adapter-f16.gguf", tools=tools)
+    base = ex.convert_to_gguf(
+        exported["base_dir"] / "tiny-mistral-small-3", out / "base-f16.gguf", "f16", tools=tools
+    )
+    adapter = ex.convert_lora_to_gguf(
+        out / "adapter", exported["base_dir"] / "tiny-mistral-small-3", out / "adapter-f16.gguf", tools=tools
+    )
     assert ex.read_gguf_kv(adapter, "general.type") == "adapter"
     assert adapter.stat().st_size < base.stat().st_size / 20  # an r=4 adapter is tiny
-    ids = exported["processor"].apply_chat_template(ex._as_parts(CONVERSATIONS[1]), tokenize=True, return_dict=True,
-                                                    return_tensors="pt")["input_ids"][0].tolist()
+    ids = (
+        exported["processor"]
+        .apply_chat_template(
+            ex._as_parts(CONVERSATIONS[1]), tokenize=True, return_dict=True, return_tensors="pt"
+        )["input_ids"][0]
+        .tolist()
+    )
     logits = {}
-    for name, kwargs in (("merged", {"model_path": str(exported["files"]["F16"])}),
-                         ("lora", {"model_path": str(base), "lora_path": str(adapter)}),
-                         ("base", {"model_path": str(base)})):
+    for name, kwargs in (
+        ("merged", {"model_path": str(exported["files"]["F16"])}),
+        ("lora", {"model_path": str(base), "lora_path": str(adapter)}),
+        ("base", {"model_path": str(base)}),
+    ):
         llm = Llama(**kwargs, n_ctx=512, logits_all=True, verbose=False, n_threads=1)
         llm.eval(ids)
         logits[name] = np.asarray(llm.scores[: len(ids)])
@@ -251,8 +327,12 @@ def test_a_non_adapter_result_is_refused(exported, monkeypatch):
     """If llama.cpp's LoRA converter writes anything but an adapter, nothing is handed over."""
     monkeypatch.setattr(ex, "read_gguf_kv", lambda path, key=None: "model")
     with pytest.raises(ex.ExportError, match="merge instead"):
-        ex.convert_lora_to_gguf(exported["out"] / "adapter", exported["base_dir"] / "tiny-mistral-small-3",
-                                exported["out"] / "refused.gguf", tools=exported["tools"])
+        ex.convert_lora_to_gguf(
+            exported["out"] / "adapter",
+            exported["base_dir"] / "tiny-mistral-small-3",
+            exported["out"] / "refused.gguf",
+            tools=exported["tools"],
+        )
     assert not (exported["out"] / "refused.gguf").exists()
 
 
@@ -269,13 +349,23 @@ def test_served_replies_equal_in_process_replies_and_report_why_they_ended(expor
         local = ex.gguf_replies(llm, records, max_new_tokens=12, progress=False, details=local_details)
     finally:
         llm.close()
-    served = ex.served_replies(q4, records, mmproj=mmproj, max_new_tokens=12, progress=False, details=served_details)
+    served = ex.served_replies(
+        q4, records, mmproj=mmproj, max_new_tokens=12, progress=False, details=served_details
+    )
     # greedy, same file, same template, same threads: the server process gives the same tokens, image row
     # included (the stand-in's replies may be control tokens only, which read as "": compare the counts too)
     assert served == local
     assert served_details == local_details
-    assert all(d["finish_reason"] in ("stop", "length") and d["completion_tokens"] <= 12 for d in served_details)
-    text_only = [dict(m, content=[part for part in m["content"] if part.get("type") != "image"])
-                 if isinstance(m["content"], list) else m for m in records[0]["messages"][:-1]]
-    n_text = len(exported["processor"].apply_chat_template(text_only, tokenize=True, return_dict=True)["input_ids"])
+    assert all(
+        d["finish_reason"] in ("stop", "length") and d["completion_tokens"] <= 12 for d in served_details
+    )
+    text_only = [
+        dict(m, content=[part for part in m["content"] if part.get("type") != "image"])
+        if isinstance(m["content"], list)
+        else m
+        for m in records[0]["messages"][:-1]
+    ]
+    n_text = len(
+        exported["processor"].apply_chat_template(text_only, tokenize=True, return_dict=True)["input_ids"]
+    )
     assert served_details[0]["prompt_tokens"] > n_text + 50  # the image's embeddings are in the prompt

@@ -1,6 +1,6 @@
 import pytest
-
 from conftest import gpu
+
 from course_utils.hardware import PreflightError, describe_profiles, detect, detect_environment, preflight
 from course_utils.profiles import PROFILES
 
@@ -14,8 +14,12 @@ def test_detect_reports_this_machine():
 
 @pytest.mark.parametrize(
     "env, expected",
-    [({"COLAB_RELEASE_TAG": "x"}, "colab"), ({"RUNPOD_POD_ID": "a"}, "runpod"),
-     ({"KAGGLE_KERNEL_RUN_TYPE": "i"}, "kaggle"), ({"HOME": "/root"}, "local")],
+    [
+        ({"COLAB_RELEASE_TAG": "x"}, "colab"),
+        ({"RUNPOD_POD_ID": "a"}, "runpod"),
+        ({"KAGGLE_KERNEL_RUN_TYPE": "i"}, "kaggle"),
+        ({"HOME": "/root"}, "local"),
+    ],
 )
 def test_detect_environment(env, expected):
     assert detect_environment(env) == expected
@@ -50,3 +54,20 @@ def test_profile_table_marks_what_fits():
     rows = {r["profile"]: r for r in describe_profiles(gpu(24.0))}
     assert rows["gpu-24gb"]["fits"] and rows["t4-16gb"]["fits"] and rows["cpu-tiny"]["fits"]
     assert not rows["gpu-80gb"]["fits"] and "75 GiB" in rows["gpu-80gb"]["why"]
+
+
+def test_only_the_unactionable_library_log_lines_are_dropped(caplog):
+    import logging
+
+    import course_utils  # noqa: F401  (installs the filters)
+
+    pytree, bnb = logging.getLogger("torch.utils._pytree"), logging.getLogger("bitsandbytes.backends.cpu.ops")
+    with caplog.at_level(logging.WARNING):
+        pytree.warning("%s is an Enum subclass and is now natively supported by torch.compile", "<enum 'X'>")
+        bnb.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s.", "no module")
+        pytree.warning("a pytree warning that matters")
+        bnb.warning("a bitsandbytes warning that matters")
+    assert [r.getMessage() for r in caplog.records] == [
+        "a pytree warning that matters",
+        "a bitsandbytes warning that matters",
+    ]

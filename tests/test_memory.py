@@ -4,7 +4,13 @@ import sys
 
 import pytest
 
-from course_utils.memory import ARCHITECTURES, calibration_report, estimate_training_memory, lora_parameters, method_table
+from course_utils.memory import (
+    ARCHITECTURES,
+    calibration_report,
+    estimate_training_memory,
+    lora_parameters,
+    method_table,
+)
 
 
 @pytest.mark.parametrize("model", ["mistral-small-3.2", "mistral-small-4", "ministral-3-8b"])
@@ -27,13 +33,16 @@ def test_each_term_is_monotone_in_what_it_depends_on():
     assert no_ckpt.activations_gib > 10 * e.activations_gib
     plain = estimate_training_memory(**base, fused_cross_entropy=False)
     assert plain.logits_gib == pytest.approx(2048 * 131072 * 14 / 1024**3) and e.logits_gib == 0
-    assert estimate_training_memory(**base, optimizer="adamw_torch").optimizer_gib == pytest.approx(4 * e.optimizer_gib)
+    assert estimate_training_memory(**base, optimizer="adamw_torch").optimizer_gib == pytest.approx(
+        4 * e.optimizer_gib
+    )
 
 
 def test_hand_computed_terms_for_small_3_2():
     est = estimate_training_memory("mistral-small-3.2", "lora", 1024, 1, 16)
     assert est.weights_gib == pytest.approx(24e9 * 2 / 1024**3)
-    # LoRA r=16 per layer: q(5120->4096), k,v(5120->1024), o(4096->5120), gate/up(5120->32768), down(32768->5120)
+    # LoRA r=16 per layer: q(5120->4096), k,v(5120->1024), o(4096->5120), gate/up(5120->32768),
+    # down(32768->5120)
     per_layer = 16 * ((5120 + 4096) + 2 * (5120 + 1024) + (4096 + 5120) + 3 * (5120 + 32768))
     assert lora_parameters(ARCHITECTURES["mistral-small-3.2"], 16) == 40 * per_layer
     assert est.adapters_gib == pytest.approx(40 * per_layer * 4 / 1024**3)
@@ -59,12 +68,35 @@ def test_bad_inputs_are_refused():
 
 
 def test_vram_cli_json_and_errors():
-    out = subprocess.run([sys.executable, "-m", "course_utils", "vram", "--model", "mistral-small-4", "--method", "qlora",
-                          "--seq-len", "4096", "--batch-size", "1", "--lora-r", "32", "--json"],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "course_utils",
+            "vram",
+            "--model",
+            "mistral-small-4",
+            "--method",
+            "qlora",
+            "--seq-len",
+            "4096",
+            "--batch-size",
+            "1",
+            "--lora-r",
+            "32",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0
     data = json.loads(out.stdout)
     assert data["lora_r"] == 32 and data["total_gib"] > data["weights_gib"] > 50
-    bad = subprocess.run([sys.executable, "-m", "course_utils", "vram", "--model", "gpt-5"], capture_output=True,
-                         text=True, timeout=60)
+    bad = subprocess.run(
+        [sys.executable, "-m", "course_utils", "vram", "--model", "gpt-5"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert bad.returncode == 2 and "unknown model" in bad.stderr

@@ -2,8 +2,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import gpu
+
 from course_utils.hardware import PreflightError
 from course_utils.models import SKIP_QUANTIZATION, choose_backend, load
 from course_utils.profiles import PROFILES
@@ -27,10 +27,16 @@ def test_cpu_load_never_imports_unsloth(stand_in_dir):
 
 
 def test_load_describes_what_was_chosen_and_why(stand_in_dir, cpu_hardware):
-    loaded = load("cpu-tiny", stand_in="tiny-mistral-small-4", stand_in_dir=stand_in_dir, hardware=cpu_hardware)
+    loaded = load(
+        "cpu-tiny", stand_in="tiny-mistral-small-4", stand_in_dir=stand_in_dir, hardware=cpu_hardware
+    )
     model, processor, description = loaded
     assert model.config.text_config.model_type == "mistral4"
-    assert "cpu-tiny" in description and "tiny-mistral-small-4" in description and "random weights" in description
+    assert (
+        "cpu-tiny" in description
+        and "tiny-mistral-small-4" in description
+        and "random weights" in description
+    )
     assert not model.training
 
 
@@ -63,6 +69,10 @@ def test_generate_with_an_image(stand_in_dir, cpu_hardware):
     from course_utils.chat import generate, user_message
 
     loaded = load("cpu-tiny", stand_in_dir=stand_in_dir, hardware=cpu_hardware)
-    reply = generate(loaded.model, loaded.processor, [user_message("What is this?", [Image.new("RGB", (64, 48))])],
-                     max_new_tokens=5)
+    reply = generate(
+        loaded.model,
+        loaded.processor,
+        [user_message("What is this?", [Image.new("RGB", (64, 48))])],
+        max_new_tokens=5,
+    )
     assert isinstance(reply, str)

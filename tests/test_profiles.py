@@ -1,6 +1,6 @@
 import pytest
-
 from conftest import gpu
+
 from course_utils.profiles import MODELS, PROFILES, model_spec, pick_profile, resolve_profile
 
 

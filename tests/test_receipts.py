@@ -6,8 +6,16 @@ import jsonschema
 import pytest
 from PIL import Image
 
-from course_utils.receipts import (RECEIPT_SCHEMA, SPLITS, as_text_record, cord_to_target, generate_dataset,
-                                   load_local, load_receipts, read_jsonl)
+from course_utils.receipts import (
+    RECEIPT_SCHEMA,
+    SPLITS,
+    as_text_record,
+    cord_to_target,
+    generate_dataset,
+    load_local,
+    load_receipts,
+    read_jsonl,
+)
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "receipts"
 
@@ -71,14 +79,25 @@ def test_text_variant_puts_the_document_in_the_prompt():
 
 
 def test_cord_ground_truth_maps_to_the_course_schema():
-    gt = {"gt_parse": {"menu": [{"nm": "Nasi Goreng", "cnt": "2", "price": "50,000"}, {"nm": "Es Teh", "cnt": "1",
-                                                                                      "price": "8,000"}],
-                       "sub_total": {"subtotal_price": "58,000", "tax_price": "5,800"},
-                       "total": {"total_price": "63,800"}}}
+    gt = {
+        "gt_parse": {
+            "menu": [
+                {"nm": "Nasi Goreng", "cnt": "2", "price": "50,000"},
+                {"nm": "Es Teh", "cnt": "1", "price": "8,000"},
+            ],
+            "sub_total": {"subtotal_price": "58,000", "tax_price": "5,800"},
+            "total": {"total_price": "63,800"},
+        }
+    }
     target = cord_to_target(json.dumps(gt))
     jsonschema.validate(target, RECEIPT_SCHEMA)
     assert target["items"][0] == {"name": "Nasi Goreng", "qty": 2, "unit_price": 25000.0}
-    assert (target["subtotal"], target["tax"], target["total"], target["currency"]) == (58000, 5800, 63800, "IDR")
+    assert (target["subtotal"], target["tax"], target["total"], target["currency"]) == (
+        58000,
+        5800,
+        63800,
+        "IDR",
+    )
 
 
 def test_offline_load_falls_back_to_local_and_says_so(monkeypatch):

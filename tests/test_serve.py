@@ -25,6 +25,7 @@ def _dead(pid: int) -> bool:
 
 # --- Builders (no server) -------------------------------------------------------------------------
 
+
 def test_vllm_command_per_weight_format():
     official = serve.vllm_command("mistral-small-3.2")
     assert official[:3] == ["vllm", "serve", "mistralai/Mistral-Small-3.2-24B-Instruct-2506"]
@@ -33,27 +34,38 @@ def test_vllm_command_per_weight_format():
     assert official[official.index("--host") + 1] == "127.0.0.1"
     assert json.loads(official[official.index("--limit-mm-per-prompt") + 1]) == {"image": 4}
 
-    merged = serve.vllm_command("mistral-small-3.2", weights="hf", model_path="outputs/gpu-24gb/export/merged")
+    merged = serve.vllm_command(
+        "mistral-small-3.2", weights="hf", model_path="outputs/gpu-24gb/export/merged"
+    )
     assert merged[:3] == ["vllm", "serve", "outputs/gpu-24gb/export/merged"]
-    assert "--tokenizer-mode" not in merged and "--load-format" not in merged and "--enable-lora" not in merged
+    assert (
+        "--tokenizer-mode" not in merged and "--load-format" not in merged and "--enable-lora" not in merged
+    )
     assert merged[merged.index("--served-model-name") + 1] == "receipts"
 
-    adapter = serve.vllm_command("mistral-small-3.2", weights="adapter", adapter_path="outputs/a/receipts-lora",
-                                 lora_rank=32)
-    assert "--enable-lora" in adapter and adapter[adapter.index("--lora-modules") + 1] == "receipts=outputs/a/receipts-lora"
+    adapter = serve.vllm_command(
+        "mistral-small-3.2", weights="adapter", adapter_path="outputs/a/receipts-lora", lora_rank=32
+    )
+    assert (
+        "--enable-lora" in adapter
+        and adapter[adapter.index("--lora-modules") + 1] == "receipts=outputs/a/receipts-lora"
+    )
     assert adapter[adapter.index("--max-lora-rank") + 1] == "32"
 
     small4 = serve.vllm_command("mistral-small-4", tensor_parallel=4)
     assert small4[small4.index("--tensor-parallel-size") + 1] == "4"
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"model_key": "mistral-small-3.2", "tensor_parallel": 3}, "must divide"),
-    ({"model_key": "mistral-small-3.2", "max_model_len": 1_000_000}, "exceeds"),
-    ({"model_key": "mistral-small-3.2", "weights": "hf"}, "model_path"),
-    ({"model_key": "mistral-small-3.2", "weights": "adapter"}, "adapter_path"),
-    ({"model_key": "mistral-small-3.2", "weights": "gguf"}, "choose one of"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"model_key": "mistral-small-3.2", "tensor_parallel": 3}, "must divide"),
+        ({"model_key": "mistral-small-3.2", "max_model_len": 1_000_000}, "exceeds"),
+        ({"model_key": "mistral-small-3.2", "weights": "hf"}, "model_path"),
+        ({"model_key": "mistral-small-3.2", "weights": "adapter"}, "adapter_path"),
+        ({"model_key": "mistral-small-3.2", "weights": "gguf"}, "choose one of"),
+    ],
+)
 def test_vllm_command_refuses_inconsistent_flags(kwargs, message):
     with pytest.raises(ValueError, match=message):
         serve.vllm_command(**kwargs)
@@ -67,19 +79,40 @@ def test_vllm_memory_from_the_config():
     assert m["weights_gib"] == round(spec.total_params_b * 1e9 * 2 / 2**30, 1)
     assert m["kv_cache_gib"] == round(spec.kv_cache_bytes_per_token() * 32768 / 2**30, 1)
     assert m["fits"] == "80 GB"
-    assert serve.vllm_memory("mistral-small-4", 32768, tensor_parallel=1)["fits"] == "more than one 141 GB GPU"
+    assert (
+        serve.vllm_memory("mistral-small-4", 32768, tensor_parallel=1)["fits"] == "more than one 141 GB GPU"
+    )
     assert serve.vllm_memory("mistral-small-4", 32768, tensor_parallel=4)["per_gpu_gib"] < 80
 
 
 def test_litellm_config_references_keys_never_values(monkeypatch):
     monkeypatch.setenv("LLAMA_API_KEY", "sk-secret-value")
-    config = serve.litellm_config([
-        {"name": "receipts", "kind": "openai", "api_base": "http://127.0.0.1:8080/v1", "model": "receipts",
-         "api_key_env": "LLAMA_API_KEY", "rpm": 30},
-        {"name": "receipts-ollama", "kind": "ollama", "api_base": "http://127.0.0.1:11434", "model": "receipts-extractor"}])
+    config = serve.litellm_config(
+        [
+            {
+                "name": "receipts",
+                "kind": "openai",
+                "api_base": "http://127.0.0.1:8080/v1",
+                "model": "receipts",
+                "api_key_env": "LLAMA_API_KEY",
+                "rpm": 30,
+            },
+            {
+                "name": "receipts-ollama",
+                "kind": "ollama",
+                "api_base": "http://127.0.0.1:11434",
+                "model": "receipts-extractor",
+            },
+        ]
+    )
     first, second = (m["litellm_params"] for m in config["model_list"])
-    assert first == {"model": "openai/receipts", "api_base": "http://127.0.0.1:8080/v1",
-                     "api_key": "os.environ/LLAMA_API_KEY", "rpm": 30, "timeout": 120}
+    assert first == {
+        "model": "openai/receipts",
+        "api_base": "http://127.0.0.1:8080/v1",
+        "api_key": "os.environ/LLAMA_API_KEY",
+        "rpm": 30,
+        "timeout": 120,
+    }
     assert second["model"] == "ollama_chat/receipts-extractor" and second["rpm"] == 60
     assert config["general_settings"]["master_key"] == "os.environ/LITELLM_MASTER_KEY"
     assert "sk-secret-value" not in yaml.safe_dump(config)
@@ -89,8 +122,15 @@ def test_litellm_config_references_keys_never_values(monkeypatch):
 
 def test_ollama_native_payload_puts_base64_images_on_the_message():
     image = load_local("test")[0]["images"][0]
-    payload = serve.ollama_chat_payload("receipts-extractor", [
-        {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "Extract."}]}])
+    payload = serve.ollama_chat_payload(
+        "receipts-extractor",
+        [
+            {
+                "role": "user",
+                "content": [{"type": "image", "image": image}, {"type": "text", "text": "Extract."}],
+            }
+        ],
+    )
     message = payload["messages"][0]
     assert message["content"] == "Extract." and len(message["images"]) == 1
     assert base64.b64decode(message["images"][0])[:8] == b"\x89PNG\r\n\x1a\n"
@@ -98,16 +138,23 @@ def test_ollama_native_payload_puts_base64_images_on_the_message():
 
 
 def test_demo_turns_gradio_messages_into_chat_messages():
-    history = [{"role": "user", "content": [{"type": "file", "file": {"path": "/tmp/x.png"}}]},
-               {"role": "user", "content": "first receipt"}, {"role": "assistant", "content": '{"total": 3}'}]
+    history = [
+        {"role": "user", "content": [{"type": "file", "file": {"path": "/tmp/x.png"}}]},
+        {"role": "user", "content": "first receipt"},
+        {"role": "assistant", "content": '{"total": 3}'},
+    ]
     msgs = demo.to_messages({"text": "and this one?", "files": ["/tmp/y.png"]}, history, system="Be JSON.")
     assert msgs[0] == {"role": "system", "content": "Be JSON."}
     assert msgs[1] == {"role": "user", "content": "first receipt"} and msgs[2]["role"] == "assistant"
-    assert msgs[3]["content"] == [{"type": "image", "image": "/tmp/y.png"}, {"type": "text", "text": "and this one?"}]
+    assert msgs[3]["content"] == [
+        {"type": "image", "image": "/tmp/y.png"},
+        {"type": "text", "text": "and this one?"},
+    ]
     assert demo.to_messages("hi", [])[-1] == {"role": "user", "content": "hi"}
 
 
 # --- Real processes ---------------------------------------------------------------------------------
+
 
 def test_a_failing_server_reports_its_log_and_is_gone(tmp_path):
     server = serve.llama_server(tmp_path / "missing.gguf")
@@ -133,9 +180,22 @@ def test_api_key_is_required_when_set(exported, monkeypatch):
     with serve.llama_server(exported["files"]["Q4_K_M"], n_ctx=512, api_key_env="COURSE_TEST_KEY") as server:
         assert "sk-local-123" not in " ".join(server.command)
         with pytest.raises(Exception, match="401"):
-            serve.chat(serve.client(server.url + "/v1"), "receipts", [{"role": "user", "content": "hi"}], max_tokens=2)
-        assert serve.chat(serve.client(server.url + "/v1", "sk-local-123"), "receipts",
-                          [{"role": "user", "content": "hi"}], max_tokens=2, temperature=0) is not None
+            serve.chat(
+                serve.client(server.url + "/v1"),
+                "receipts",
+                [{"role": "user", "content": "hi"}],
+                max_tokens=2,
+            )
+        assert (
+            serve.chat(
+                serve.client(server.url + "/v1", "sk-local-123"),
+                "receipts",
+                [{"role": "user", "content": "hi"}],
+                max_tokens=2,
+                temperature=0,
+            )
+            is not None
+        )
     assert _dead(server.pid)
 
 
@@ -154,33 +214,72 @@ def test_server_answers_chat_streaming_and_images(server):
     pieces = list(serve.stream_chat(api, "receipts", prompt, max_tokens=16, temperature=0))
     assert len(pieces) > 1 and "".join(pieces) == whole
     image = load_local("test")[0]["images"][0]
-    text_only = api.chat.completions.create(model="receipts", max_tokens=1, messages=[
-        {"role": "user", "content": [{"type": "text", "text": "Extract."}]}])
+    text_only = api.chat.completions.create(
+        model="receipts",
+        max_tokens=1,
+        messages=[{"role": "user", "content": [{"type": "text", "text": "Extract."}]}],
+    )
     from course_utils.chat import openai_messages
 
-    with_image = api.chat.completions.create(model="receipts", max_tokens=1, messages=openai_messages([
-        {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "Extract."}]}]))
+    with_image = api.chat.completions.create(
+        model="receipts",
+        max_tokens=1,
+        messages=openai_messages(
+            [
+                {
+                    "role": "user",
+                    "content": [{"type": "image", "image": image}, {"type": "text", "text": "Extract."}],
+                }
+            ]
+        ),
+    )
     assert with_image.usage.prompt_tokens > text_only.usage.prompt_tokens + 50  # the image's embeddings
 
 
 def test_litellm_proxy_forwards_and_the_load_test_completes(server, tmp_path):
-    config = serve.litellm_config([{"name": "receipts", "kind": "openai", "api_base": server.url + "/v1",
-                                    "model": "receipts"}])
+    config = serve.litellm_config(
+        [{"name": "receipts", "kind": "openai", "api_base": server.url + "/v1", "model": "receipts"}]
+    )
     path = tmp_path / "litellm.yaml"
     path.write_text(yaml.safe_dump(config))
     proxy = serve.litellm_proxy(path, master_key="sk-course-test")
     with proxy.start(timeout=240):
-        with pytest.raises(Exception, match="401|uthenticat|No connected db"):  # refused; without a DB LiteLLM says 400
-            serve.chat(serve.client(proxy.url + "/v1", "wrong-key"), "receipts", [{"role": "user", "content": "hi"}],
-                       max_tokens=2)
+        with pytest.raises(
+            Exception, match="401|uthenticat|No connected db"
+        ):  # refused; without a DB LiteLLM says 400
+            serve.chat(
+                serve.client(proxy.url + "/v1", "wrong-key"),
+                "receipts",
+                [{"role": "user", "content": "hi"}],
+                max_tokens=2,
+            )
         api = serve.client(proxy.url + "/v1", "sk-course-test")
-        direct = serve.chat(serve.client(server.url + "/v1"), "receipts", [{"role": "user", "content": "Total?"}],
-                            max_tokens=12, temperature=0)
-        assert serve.chat(api, "receipts", [{"role": "user", "content": "Total?"}], max_tokens=12, temperature=0) == direct
-        prompts = [[{"role": "user", "content": r["messages"][1]["content"]}] for r in load_local("test")[:8]
-                   if isinstance(r["messages"][1]["content"], str)] or [[{"role": "user", "content": "Extract."}]]
-        result = serve.load_test(proxy.url + "/v1", "receipts", prompts, concurrency=8, requests=64, max_tokens=24,
-                                 api_key="sk-course-test", progress=False)
+        direct = serve.chat(
+            serve.client(server.url + "/v1"),
+            "receipts",
+            [{"role": "user", "content": "Total?"}],
+            max_tokens=12,
+            temperature=0,
+        )
+        assert (
+            serve.chat(api, "receipts", [{"role": "user", "content": "Total?"}], max_tokens=12, temperature=0)
+            == direct
+        )
+        prompts = [
+            [{"role": "user", "content": r["messages"][1]["content"]}]
+            for r in load_local("test")[:8]
+            if isinstance(r["messages"][1]["content"], str)
+        ] or [[{"role": "user", "content": "Extract."}]]
+        result = serve.load_test(
+            proxy.url + "/v1",
+            "receipts",
+            prompts,
+            concurrency=8,
+            requests=64,
+            max_tokens=24,
+            api_key="sk-course-test",
+            progress=False,
+        )
     assert _dead(proxy.pid)
     summary = result.summary()
     assert summary["requests"] == 64 and summary["errors"] == 0, result.errors[:3]
@@ -198,8 +297,14 @@ def test_gradio_demo_answers_through_gradio_client_and_renders(server, tmp_path)
     try:
         assert app.server_name == "127.0.0.1" and not app.share
         reply = Client(f"http://127.0.0.1:{port}/", verbose=False).predict(
-            {"text": "Extract this receipt as JSON", "files": [handle_file(load_local("test")[0]["images"][0])]},
-            server.url + "/v1", 0.0, api_name="/chat")
+            {
+                "text": "Extract this receipt as JSON",
+                "files": [handle_file(load_local("test")[0]["images"][0])],
+            },
+            server.url + "/v1",
+            0.0,
+            api_name="/chat",
+        )
         assert isinstance(reply, str) and len(reply) > 10
         try:
             png, dom = demo.screenshot(f"http://127.0.0.1:{port}/", str(tmp_path / "demo.png"))

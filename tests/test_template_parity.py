@@ -53,9 +53,15 @@ def test_text_conversations_match_mistral_common(processor, messages):
     "messages",
     [
         [{"role": "user", "content": "Hello"}],
-        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "  Hi there \n"},
-         {"role": "assistant", "content": " Sure.  "}],
-        [{"role": "user", "content": "Héllo wörld ✓ 你好 🙂\t\n\n x"}, {"role": "assistant", "content": "\n{\"a\": 1}\n"}],
+        [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "  Hi there \n"},
+            {"role": "assistant", "content": " Sure.  "},
+        ],
+        [
+            {"role": "user", "content": "Héllo wörld ✓ 你好 🙂\t\n\n x"},
+            {"role": "assistant", "content": '\n{"a": 1}\n'},
+        ],
         [{"role": "user", "content": [{"type": "text", "text": "one"}, {"type": "text", "text": "two"}]}],
     ],
 )
@@ -65,14 +71,17 @@ def test_known_edge_cases_match(processor, messages):
 
 def test_the_format_is_v7_with_no_default_system_prompt(processor):
     text = processor.apply_chat_template(
-        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}], tokenize=False)
+        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}], tokenize=False
+    )
     assert text == "<s>[INST]Hi[/INST]Hello</s>"  # no injected date/system prompt, no spaces around tags
 
 
 @pytest.mark.parametrize("size", [(300, 150), (150, 300), (224, 224), (1000, 40), (57, 33), (640, 480)])
 def test_image_token_layout_matches_mistral_common(processor, size):
     image = Image.new("RGB", size, "white")
-    messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "Read it."}]}]
+    messages = [
+        {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "Read it."}]}
+    ]
     ids, out = hf_ids(processor, messages)
     assert ids == reference_token_ids(messages, processor=processor)
     # rows of [IMG] separated by [IMG_BREAK], the last row ending in [IMG_END]
@@ -83,9 +92,13 @@ def test_image_token_layout_matches_mistral_common(processor, size):
 
 
 def test_assistant_mask_covers_exactly_the_replies_and_eos(processor):
-    messages = [{"role": "system", "content": "S"}, {"role": "user", "content": "Q1"},
-                {"role": "assistant", "content": "A1"}, {"role": "user", "content": "Q2"},
-                {"role": "assistant", "content": "A2"}]
+    messages = [
+        {"role": "system", "content": "S"},
+        {"role": "user", "content": "Q1"},
+        {"role": "assistant", "content": "A1"},
+        {"role": "user", "content": "Q2"},
+        {"role": "assistant", "content": "A2"},
+    ]
     ids, out = hf_ids(processor, messages, return_assistant_tokens_mask=True)
     mask = out["assistant_masks"]
     mask = mask[0] if isinstance(mask[0], list) else mask

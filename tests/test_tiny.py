@@ -22,8 +22,20 @@ def test_auto_classes_load_both_stand_ins_like_real_checkpoints(stand_in_dir):
         assert len(processor.tokenizer) == 131072 == model.config.text_config.vocab_size
         # the real special ids
         ids = processor.tokenizer.convert_tokens_to_ids(
-            ["<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[IMG]", "<pad>", "[IMG_BREAK]", "[IMG_END]",
-             "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]"])
+            [
+                "<unk>",
+                "<s>",
+                "</s>",
+                "[INST]",
+                "[/INST]",
+                "[IMG]",
+                "<pad>",
+                "[IMG_BREAK]",
+                "[IMG_END]",
+                "[SYSTEM_PROMPT]",
+                "[/SYSTEM_PROMPT]",
+            ]
+        )
         assert ids == [0, 1, 2, 3, 4, 10, 11, 12, 13, 17, 18]
         assert model.generation_config.eos_token_id == 2 and model.generation_config.pad_token_id == 11
         assert "{% generation" in processor.chat_template or "{%- generation" in processor.chat_template
@@ -36,9 +48,13 @@ def test_small_3_is_gqa_and_small_4_is_moe_with_mla(stand_in_dir):
     c4 = AutoConfig.from_pretrained(stand_in_dir / "tiny-mistral-small-4")
     assert c3.text_config.model_type == "mistral" and c4.text_config.model_type == "mistral4"
     assert c3.text_config.num_attention_heads > c3.text_config.num_key_value_heads  # GQA
-    assert c4.text_config.kv_lora_rank and c4.text_config.n_routed_experts > c4.text_config.num_experts_per_tok
+    assert (
+        c4.text_config.kv_lora_rank and c4.text_config.n_routed_experts > c4.text_config.num_experts_per_tok
+    )
     assert c3.vision_config.model_type == "pixtral" and c3.vision_config.num_hidden_layers >= 3
-    spec = stand_in_spec("tiny-mistral-small-4", c4, stand_in_info(stand_in_dir / "tiny-mistral-small-4")["num_params"])
+    spec = stand_in_spec(
+        "tiny-mistral-small-4", c4, stand_in_info(stand_in_dir / "tiny-mistral-small-4")["num_params"]
+    )
     assert spec.attention == "MLA" and spec.context_length == 262144
     assert spec.kv_cache_bytes_per_token() == c4.text_config.num_hidden_layers * (32 + 16) * 2
 
@@ -48,7 +64,9 @@ def test_same_seed_gives_byte_identical_weights(stand_in_dir, tmp_path):
     for f in ("model.safetensors", "tokenizer.json", "config.json", "chat_template.jinja"):
         assert sha256(rebuilt / f) == sha256(stand_in_dir / "tiny-mistral-small-3" / f), f
     # different seeds -> different weights
-    assert sha256(stand_in_dir / "tiny-mistral-small-4" / "model.safetensors") != sha256(rebuilt / "model.safetensors")
+    assert sha256(stand_in_dir / "tiny-mistral-small-4" / "model.safetensors") != sha256(
+        rebuilt / "model.safetensors"
+    )
 
 
 def test_cached_build_is_reused_and_a_stale_one_rebuilt(tmp_path):

@@ -8,9 +8,21 @@ import yaml
 from course_utils.data import IGNORE_INDEX, mix_modalities
 from course_utils.models import load
 from course_utils.receipts import load_local
-from course_utils.train import (PRESETS, VisionTextCollator, accelerate_fsdp_config, axolotl_config, build_trainer,
-                                latest_checkpoint, make_callbacks, nf4_roundtrip_error, preset_for, save_adapter,
-                                stop_after, training_card, write_yaml)
+from course_utils.train import (
+    PRESETS,
+    VisionTextCollator,
+    accelerate_fsdp_config,
+    axolotl_config,
+    build_trainer,
+    latest_checkpoint,
+    make_callbacks,
+    nf4_roundtrip_error,
+    preset_for,
+    save_adapter,
+    stop_after,
+    training_card,
+    write_yaml,
+)
 
 
 @pytest.fixture(scope="module")
@@ -20,10 +32,20 @@ def records():
 
 def fresh_run(stand_in_dir, records, out, **overrides):
     loaded = load("cpu-tiny", stand_in_dir=stand_in_dir)
-    preset = preset_for("cpu-tiny", **{"max_steps": 8, "save_steps": 4, "logging_steps": 1,
-                                       "per_device_train_batch_size": 4, **overrides})
+    preset = preset_for(
+        "cpu-tiny",
+        **{
+            "max_steps": 8,
+            "save_steps": 4,
+            "logging_steps": 1,
+            "per_device_train_batch_size": 4,
+            **overrides,
+        },
+    )
     callbacks, history = make_callbacks(plot=False)
-    run = build_trainer(loaded.model, loaded.processor, records, None, preset, out, callbacks=callbacks, progress=False)
+    run = build_trainer(
+        loaded.model, loaded.processor, records, None, preset, out, callbacks=callbacks, progress=False
+    )
     return run, history
 
 
@@ -61,7 +83,7 @@ def test_cpu_trainer_learns_and_only_adapters_and_used_embeddings_train(stand_in
     run.trainer.train()
     losses = [h["loss"] for h in history.history if "loss" in h]
     assert len(losses) == 10 and losses[-1] < losses[0] - 1.0  # it really learns
-    assert all(math.isfinite(l) for l in losses)
+    assert all(math.isfinite(loss) for loss in losses)
     assert any("peak RAM" in h or "peak VRAM" in h for h in history.history)
 
 
@@ -97,7 +119,9 @@ def test_adapter_saving_writes_a_card_and_refuses_to_overwrite(stand_in_dir, rec
 
 def test_axolotl_and_fsdp_configs_parse_back(tmp_path):
     preset = preset_for("gpu-80gb")
-    path = write_yaml(axolotl_config("mistralai/Mistral-Small-4-119B-2603", "data/train.jsonl", preset), tmp_path / "ax.yml")
+    path = write_yaml(
+        axolotl_config("mistralai/Mistral-Small-4-119B-2603", "data/train.jsonl", preset), tmp_path / "ax.yml"
+    )
     data = yaml.safe_load(path.read_text())
     assert data["adapter"] == "qlora" and data["lora_r"] == preset.lora_r and data["sample_packing"] is False
     assert data["datasets"][0]["roles_to_train"] == ["assistant"]
@@ -125,8 +149,16 @@ def test_qlora_on_cpu_quantizes_the_language_model_only_and_trains(stand_in_dir,
     assert "bitsandbytes NF4" in loaded.description
     callbacks, history = make_callbacks(plot=False)
     preset = preset_for("cpu-tiny", max_steps=4, logging_steps=1, save_steps=100, bf16=False)
-    run = build_trainer(loaded.model, loaded.processor, records[:16], None, preset, tmp_path, callbacks=callbacks,
-                        progress=False)
+    run = build_trainer(
+        loaded.model,
+        loaded.processor,
+        records[:16],
+        None,
+        preset,
+        tmp_path,
+        callbacks=callbacks,
+        progress=False,
+    )
     run.trainer.train()
     losses = [h["loss"] for h in history.history if "loss" in h]
     assert len(losses) == 4 and losses[-1] < losses[0]

@@ -3,15 +3,26 @@ import base64
 import pytest
 from PIL import Image
 
-from course_utils.chat import (JSONExtractionError, extract_json, generate_batch, image_token_cost, load_image,
-                               resize_for_budget, to_data_uri, user_message)
+from course_utils.chat import (
+    JSONExtractionError,
+    extract_json,
+    generate_batch,
+    image_token_cost,
+    load_image,
+    resize_for_budget,
+    to_data_uri,
+    user_message,
+)
 from course_utils.receipts import RECEIPT_SCHEMA
 
 
-@pytest.mark.parametrize("size", [(300, 150), (150, 300), (224, 224), (1000, 40), (57, 33), (640, 480), (13, 900),
-                                  (1999, 1201)])
+@pytest.mark.parametrize(
+    "size", [(300, 150), (150, 300), (224, 224), (1000, 40), (57, 33), (640, 480), (13, 900), (1999, 1201)]
+)
 def test_image_token_cost_equals_what_the_processor_emits(processor, size):
-    out = processor.apply_chat_template([user_message("x", [Image.new("RGB", size)])], tokenize=True, return_dict=True)
+    out = processor.apply_chat_template(
+        [user_message("x", [Image.new("RGB", size)])], tokenize=True, return_dict=True
+    )
     ids = out["input_ids"][0].tolist()
     assert ids.count(10) + ids.count(12) + ids.count(13) == image_token_cost(*size, processor=processor)
 
@@ -53,25 +64,38 @@ def test_bad_image_sources_say_what_is_wrong(tmp_path):
         load_image(42)
 
 
-GOOD = {"merchant": "Café", "date": "2024-02-01", "currency": "EUR",
-        "items": [{"name": "Tea", "qty": 2, "unit_price": 1.5}], "subtotal": 3.0, "tax": 0.57, "total": 3.57}
+GOOD = {
+    "merchant": "Café",
+    "date": "2024-02-01",
+    "currency": "EUR",
+    "items": [{"name": "Tea", "qty": 2, "unit_price": 1.5}],
+    "subtotal": 3.0,
+    "tax": 0.57,
+    "total": 3.57,
+}
 
 
-@pytest.mark.parametrize("reply", [
-    '{"a": 1}',
-    'Here you go:\n```json\n{"a": 1}\n```\nAnything else?',
-    '```\n{"a": 1}\n```',
-    '{"a": 1} -- I hope this helps! {"b": 2}',
-])
+@pytest.mark.parametrize(
+    "reply",
+    [
+        '{"a": 1}',
+        'Here you go:\n```json\n{"a": 1}\n```\nAnything else?',
+        '```\n{"a": 1}\n```',
+        '{"a": 1} -- I hope this helps! {"b": 2}',
+    ],
+)
 def test_extract_json_handles_fences_and_trailing_text(reply):
     assert extract_json(reply) == {"a": 1}
 
 
-@pytest.mark.parametrize("reply, message", [
-    ("I cannot read this receipt.", "no JSON object"),
-    ('{"merchant": "Café", "total": 3.57,,}', "invalid JSON at character"),
-    ('[1, 2]', "no JSON object"),
-])
+@pytest.mark.parametrize(
+    "reply, message",
+    [
+        ("I cannot read this receipt.", "no JSON object"),
+        ('{"merchant": "Café", "total": 3.57,,}', "invalid JSON at character"),
+        ("[1, 2]", "no JSON object"),
+    ],
+)
 def test_extract_json_errors_are_clear(reply, message):
     with pytest.raises(JSONExtractionError, match=message):
         extract_json(reply)
@@ -94,10 +118,14 @@ def test_batch_generation_matches_one_at_a_time(stand_in_dir):
 
     loaded = load("cpu-tiny", stand_in_dir=stand_in_dir)
     side_before = loaded.processor.tokenizer.padding_side
-    conversations = [[user_message("Total of: tea 2.50")], [user_message("A much longer prompt about a receipt " * 3)],
-                     [user_message("Read it", [Image.new("RGB", (90, 60), "white")])]]
-    batched = generate_batch(loaded.model, loaded.processor, conversations, max_new_tokens=6, batch_size=3,
-                             progress=False)
+    conversations = [
+        [user_message("Total of: tea 2.50")],
+        [user_message("A much longer prompt about a receipt " * 3)],
+        [user_message("Read it", [Image.new("RGB", (90, 60), "white")])],
+    ]
+    batched = generate_batch(
+        loaded.model, loaded.processor, conversations, max_new_tokens=6, batch_size=3, progress=False
+    )
     single = [generate(loaded.model, loaded.processor, c, max_new_tokens=6) for c in conversations]
     assert batched == single
     assert loaded.processor.tokenizer.padding_side == side_before  # restored after the call

@@ -1,6 +1,10 @@
-"""Write the course notebooks from their sources in ``tools/lessons/`` (one module per lesson).
+"""Write the course notebooks from their sources in ``lessons/`` (jupytext percent scripts).
 
-Usage: ``python tools/build_notebooks.py [--execute]``
+Usage: ``python tools/build_notebooks.py [--execute] [--only 04] [--check]``
+
+* A lesson source is a plain Python file: ``# %%`` starts a code cell, ``# %% [markdown]`` a markdown
+  cell written as comments, ``# %% tags=["copyable"]`` tags a cell. Editors, ruff and diffs see code.
+  Its first cell is the lesson's title, introduction and objectives.
 
 * The shared opening cells (badge, install, parameters, versions) come from one place, so every
   lesson starts the same way and the install cell always carries requirements.txt's pins.
@@ -12,34 +16,51 @@ Usage: ``python tools/build_notebooks.py [--execute]``
 from __future__ import annotations
 
 import argparse
-import importlib
+import ast
 import os
 import re
 import sys
 from pathlib import Path
 
+import jupytext
 import nbformat
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tools"))  # the lesson sources live beside this script (tooling only)
+LESSONS = ROOT / "lessons"
 
 COURSE_REPO = "https://github.com/YOUR-ORG/mistral-small-course"
-NOT_IN_INSTALL_CELL = {"pytest", "nbval", "hypothesis", "jupyterlab", "ipykernel"}  # dev/test tools, or the running kernel is already there (Colab has its own)
+NOT_IN_INSTALL_CELL = {
+    "pytest",
+    "nbval",
+    "hypothesis",
+    "jupyterlab",
+    "ipykernel",
+    "jupytext",
+    "ruff",
+}  # dev/test tools, or the running kernel is already there (Colab has its own)
 TORCH = {"torch", "torchvision"}
 
 
 def requirement_pins() -> list[str]:
     lines = (ROOT / "requirements.txt").read_text().splitlines()
-    return [l.split("#")[0].strip() for l in lines if re.match(r"^[A-Za-z]", l)]
+    return [line.split("#")[0].strip() for line in lines if re.match(r"^[A-Za-z]", line)]
 
 
 def install_cell() -> str:
     pins = [p for p in requirement_pins() if p.split("==")[0] not in NOT_IN_INSTALL_CELL]
     torch_pins = [p for p in pins if p.split("==")[0] in TORCH]
     other = [p for p in pins if p.split("==")[0] not in TORCH]
-    fmt = lambda items: "[\n" + "".join(f'    "{p}",\n' for p in items) + "]"
-    return f'''# Install only where needed (Colab, RunPod, a fresh box). In the course's own environment this does nothing.
-import importlib.util, os, site, subprocess, sys
+
+    def fmt(items):
+        return "[\n" + "".join(f'    "{p}",\n' for p in items) + "]"
+
+    return f'''\
+# Install only where needed (Colab, RunPod, a fresh box). In the course's own environment this does nothing.
+import importlib.util
+import os
+import site
+import subprocess
+import sys
 
 IN_COLAB = "COLAB_" in "".join(os.environ)
 COURSE_REPO = "{COURSE_REPO}"  # your fork of the course
@@ -50,7 +71,9 @@ if importlib.util.find_spec("course_utils") is None:
         subprocess.run(["git", "clone", "--depth", "1", COURSE_REPO, "mistral-small-course"], check=True)
     # Colab ships a CUDA torch: keep it instead of downloading another few GB.
     pins = PINS if IN_COLAB else TORCH_PINS + PINS
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", *pins, "-e", "mistral-small-course"], check=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", *pins, "-e", "mistral-small-course"], check=True
+    )
     site.addsitedir(site.getsitepackages()[0])  # pick up the editable install without a restart'''
 
 
@@ -59,9 +82,12 @@ def badge(name: str) -> str:
     return f"[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]({url}/blob/main/notebooks/{name})"
 
 
-PARAMETERS = '''PROFILE = "auto"  # "auto" | "cpu-tiny" | "t4-16gb" | "gpu-24gb" | "gpu-80gb" (COURSE_PROFILE overrides "auto")'''
+PARAMETERS = (
+    '# "auto" | "cpu-tiny" | "t4-16gb" | "gpu-24gb" | "gpu-80gb" (COURSE_PROFILE overrides "auto")\n'
+    'PROFILE = "auto"'
+)
 
-VERSIONS = '''# NBVAL_IGNORE_OUTPUT
+VERSIONS = """# NBVAL_IGNORE_OUTPUT
 from course_utils.hardware import detect, versions
 from course_utils.profiles import resolve_profile
 
@@ -69,16 +95,34 @@ hardware = detect()
 profile = resolve_profile(PROFILE, hardware=hardware)
 print(hardware.summary())
 print("profile:", profile.name, "—", profile.description)
-print("  ".join(f"{name} {version}" for name, version in versions().items()))'''
+print("  ".join(f"{name} {version}" for name, version in versions().items()))"""
 
 
-def opening(name: str, title: str, intro: str, objectives: list[str]) -> list[tuple[str, str, dict]]:
+def read_lesson(source: Path) -> list[tuple[str, str, dict]]:
+    """The cells of one lesson source, with the shared opening cells after its first (title) cell."""
+    cells = [
+        (c.cell_type, c.source, {"tags": list(c.metadata["tags"])} if c.metadata.get("tags") else {})
+        for c in jupytext.read(source, fmt="py:percent").cells
+    ]
+    kind, head, _ = cells[0]
+    if kind != "markdown" or not head.startswith("# "):
+        sys.exit(
+            f"{source.relative_to(ROOT)}: the first cell must be the markdown title cell ('# NN · Title')"
+        )
+    title, _, rest = head.partition("\n")
+    name = source.stem + ".ipynb"
+    return [("markdown", f"{title}\n\n{badge(name)}\n{rest}", {}), *opening(), *cells[1:]]
+
+
+def opening() -> list[tuple[str, str, dict]]:
     return [
-        ("markdown", f"# {title}\n\n{badge(name)}\n\n{intro}\n\n## Learning objectives\n"
-         + "\n".join(f"- {o}" for o in objectives), {}),
         ("code", install_cell(), {}),
-        ("markdown", "**Parameters.** `auto` picks the largest rung your hardware fits; set a name to override "
-                     "(or `COURSE_PROFILE=…` in the environment).", {}),
+        (
+            "markdown",
+            "**Parameters.** `auto` picks the largest rung your hardware fits; set a name to override "
+            "(or `COURSE_PROFILE=…` in the environment).",
+            {},
+        ),
         ("code", PARAMETERS, {"tags": ["parameters"]}),
         ("code", VERSIONS, {}),
     ]
@@ -93,7 +137,9 @@ def to_notebook(cells) -> nbformat.NotebookNode:
         "colab": {"provenance": []},
     }
     for kind, source, metadata in cells:
-        cell = nbformat.v4.new_markdown_cell(source) if kind == "markdown" else nbformat.v4.new_code_cell(source)
+        cell = (
+            nbformat.v4.new_markdown_cell(source) if kind == "markdown" else nbformat.v4.new_code_cell(source)
+        )
         cell.metadata = dict(metadata)
         cell.pop("id", None)
         nb.cells.append(cell)
@@ -104,6 +150,7 @@ def to_notebook(cells) -> nbformat.NotebookNode:
 def clean(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
     """Keep outputs (and counts) only for NBVAL_CHECK_OUTPUT cells; drop the rest and run metadata."""
     nb.metadata.pop("widgets", None)  # widget state: random ids and progress-bar timings
+    nb.metadata["language_info"] = {"name": "python"}  # the kernel fills in its Python version
     for cell in nb.cells:
         cell.pop("id", None)
         if cell.cell_type != "code":
@@ -122,36 +169,54 @@ def write_environment_yml() -> None:
     """environment.yml carries requirements.txt's pins (conda for Python, pip for the rest)."""
     path = ROOT / "environment.yml"
     head = path.read_text().split("  - pip:\n")[0]
-    path.write_text(head + "  - pip:\n" + "".join(f"      - {p}\n" for p in requirement_pins()) + "      - -e .\n")
+    path.write_text(
+        head + "  - pip:\n" + "".join(f"      - {p}\n" for p in requirement_pins()) + "      - -e .\n"
+    )
+
+
+def code_key(source: str) -> str:
+    """What a cell computes, formatting aside: reformatting a cell (ruff format) keeps its outputs."""
+    try:
+        return ast.dump(ast.parse(source))
+    except SyntaxError:
+        return source
 
 
 def keep_checked_outputs(nb: nbformat.NotebookNode, path: Path) -> None:
-    """Without executing: reuse the outputs of checked cells whose source is unchanged in ``path``."""
+    """Without executing: reuse the outputs of checked cells whose code is unchanged in ``path``."""
     if not path.exists():
         return
-    old = {c.source: c for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code"}
+    old = {code_key(c.source): c for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code"}
     for cell in nb.cells:
-        if cell.cell_type == "code" and "NBVAL_CHECK_OUTPUT" in cell.source and cell.source in old:
-            cell.outputs, cell.execution_count = old[cell.source].outputs, old[cell.source].execution_count
+        key = code_key(cell.source)
+        if cell.cell_type == "code" and "NBVAL_CHECK_OUTPUT" in cell.source and key in old:
+            cell.outputs, cell.execution_count = old[key].outputs, old[key].execution_count
 
 
-def build(execute: bool, only: list[str] | None = None) -> list[Path]:
-    write_environment_yml()
+def build(execute: bool, only: list[str] | None = None, check: bool = False) -> list[Path]:
+    """Write (or with ``check``, compare) every notebook; returns the notebooks written or out of sync."""
+    if not check:
+        write_environment_yml()
     written = []
-    lessons = sorted(p.stem for p in (ROOT / "tools" / "lessons").glob("nb[0-9][0-9]_*.py"))
-    for module_name in lessons:
-        module = importlib.import_module(f"lessons.{module_name}")
-        name = module.NAME
+    for source in sorted(LESSONS.glob("[0-9][0-9]_*.py")):
+        name = source.stem + ".ipynb"
         if only and not any(name.startswith(o) for o in only):
             continue
-        nb = to_notebook(opening(name, module.TITLE, module.INTRO, module.OBJECTIVES) + module.CELLS)
+        nb = to_notebook(read_lesson(source))
         path = ROOT / "notebooks" / name
+        if check:
+            keep_checked_outputs(nb, path)
+            if not path.exists() or nbformat.writes(clean(nb)) + "\n" != path.read_text():
+                print(f"{os.path.relpath(path, ROOT)} is out of sync with {os.path.relpath(source, ROOT)}")
+                written.append(path)
+            continue
         if execute:
             from nbclient import NotebookClient
 
             os.environ["COURSE_PROFILE"] = "cpu-tiny"
-            NotebookClient(nb, timeout=900, kernel_name="python3",
-                           resources={"metadata": {"path": str(path.parent)}}).execute()
+            NotebookClient(
+                nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
+            ).execute()
         else:
             keep_checked_outputs(nb, path)
         nbformat.write(clean(nb), path)
@@ -164,5 +229,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--execute", action="store_true")
     parser.add_argument("--only", action="append")
+    parser.add_argument("--check", action="store_true", help="exit 1 if a notebook differs from its source")
     args = parser.parse_args()
-    build(args.execute, args.only)
+    stale = build(args.execute, args.only, check=args.check)
+    if args.check:
+        sys.exit(f"rebuild with: python tools/build_notebooks.py ({len(stale)} out of sync)" if stale else 0)

@@ -1,0 +1,417 @@
+# %% [markdown]
+# # 07 · Serving: an OpenAI-compatible API, a gateway, a load test and a demo
+#
+# Self-hosting is the other half of the promise. You put lesson 06's GGUF behind an OpenAI-compatible
+# server on 127.0.0.1, call it with the `openai` package (chat, streaming, images), put a LiteLLM gateway in
+# front of it (keys, rate limits, one name for several back ends), measure it under load (latency, time to
+# first token, tokens/s, errors), and give it a gradio demo. Then: what vLLM needs for the real models,
+# and what changes when one machine is not enough.
+#
+# ## Learning objectives
+# - Start, health-check and stop a local OpenAI-compatible server safely (127.0.0.1, by process id).
+# - Call it with the openai client: chat, streaming, images as data URIs; and Ollama's native API.
+# - Put a LiteLLM proxy in front (master key, rate limits) and know its config.
+# - Run a bounded load test and read p50/p95 latency, time to first token and tokens/s.
+# - Build the vLLM command for official weights, a merged fine-tune or an adapter — and size the GPUs.
+
+# %% [markdown]
+# ## 7.1 The model behind an OpenAI-compatible API
+#
+# `serve.llama_server` runs llama-cpp-python's server (`python -m llama_cpp.server`, the same API as
+# OpenAI's `/v1/chat/completions`) on lesson 06's Q4_K_M file with the vision projector. Three defaults
+# matter: it binds **127.0.0.1** (reachable only from this machine — use an SSH tunnel or a reverse proxy
+# with TLS to share it), it **queues** concurrent requests instead of cutting off the one streaming, and it
+# is stopped **by its process id** when the `with` block ends, even after an error.
+#
+# One server default to know: `repeat_penalty` is 1.1 (Ollama's too), while lesson 05 and lesson 06's
+# task check decode without it. For the same replies as the evaluation, send `repeat_penalty: 1.0` — with
+# the OpenAI client, `extra_body={"repeat_penalty": 1.0}`; the Modelfile from lesson 06 sets it for Ollama.
+#
+# If lesson 06 has not run, the files are exported now (≈ 1 minute on `cpu-tiny`).
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+from course_utils import export, serve
+from course_utils.paths import outputs_dir
+from course_utils.receipts import lesson_splits
+from course_utils.train import ensure_adapter
+
+export_dir = outputs_dir(profile.name, "export")
+model_file, mmproj_file = export_dir / "receipts-Q4_K_M.gguf", export_dir / "receipts-mmproj-f16.gguf"
+if not (model_file.exists() and mmproj_file.exists()):
+    from course_utils.models import load
+
+    train_rows, val_rows, _, _ = lesson_splits(profile.name)
+    adapter_dir, _ = ensure_adapter(
+        profile.name,
+        outputs_dir(profile.name, "adapters") / "receipts-lora",
+        train_rows,
+        val_rows[:24],
+        hardware=hardware,
+    )
+    base = load(PROFILE, hardware=hardware, load_in_4bit=False)
+    merged = export.merge_adapter(
+        base.model, base.processor, adapter_dir, export_dir / "merged", overwrite=True
+    )
+    f16 = export.convert_to_gguf(merged, export_dir / "receipts-f16.gguf", "f16", overwrite=True)
+    export.convert_to_gguf(merged, mmproj_file, "f16", mmproj=True, overwrite=True)
+    export.quantize(f16, model_file, "Q4_K_M", overwrite=True)
+    print("lesson 06's files were missing: exported them now")
+server = serve.llama_server(model_file, mmproj=mmproj_file, alias="receipts", n_ctx=4096).start()
+print("serving", model_file.name, "at", server.url, "— pid", server.pid)
+
+# %% [markdown]
+# ## 7.2 Clients: chat, streaming, images
+#
+# Any OpenAI client works — the `openai` package here; LangChain, LlamaIndex, or `curl` the same way. Images
+# go as **data URIs** in `image_url` parts (the same request works against vLLM and Ollama's `/v1`).
+
+# %%
+from course_utils.data import resolve_image_path
+from course_utils.evaluate import prompts_of
+
+_, _, test_rows, _ = lesson_splits(profile.name)
+image_row = next(r for r in test_rows if r.get("images"))
+BASE_URL = server.url + "/v1"  # llama.cpp here; vLLM, Ollama (…:11434/v1) or LM Studio the same way
+IMAGE_PATH = str(resolve_image_path(image_row["images"][0], None))
+
+# %% tags=["copyable", "copy:openai-client"]
+# NBVAL_IGNORE_OUTPUT
+# Chat with any OpenAI-compatible server: an image (as a data URI) and a streamed reply. Needs BASE_URL
+# and IMAGE_PATH; if the server wants a key, it comes from the environment, never from the code.
+import base64
+import os
+
+from openai import OpenAI
+
+client = OpenAI(base_url=BASE_URL, api_key=os.environ.get("SERVER_API_KEY", "not-needed"))
+print("models:", [m.id for m in client.models.list().data])
+with open(IMAGE_PATH, "rb") as image_file:
+    image_url = "data:image/png;base64," + base64.b64encode(image_file.read()).decode()
+response = client.chat.completions.create(
+    model="receipts",
+    messages=[
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": image_url}},
+                {"type": "text", "text": "Extract this receipt as JSON."},
+            ],
+        }
+    ],
+    max_tokens=120,
+    temperature=0.0,
+    extra_body={"repeat_penalty": 1.0},  # llama.cpp's server and Ollama default to 1.1
+)
+print("image →", response.choices[0].message.content, f"({response.usage.prompt_tokens} prompt tokens)")
+stream = client.chat.completions.create(
+    model="receipts",
+    messages=[{"role": "user", "content": "Extract: Café Nord, 2 tea 1.50 EUR"}],
+    max_tokens=40,
+    temperature=0.0,
+    stream=True,
+    extra_body={"repeat_penalty": 1.0},
+)
+print("stream →", end=" ")
+for chunk in stream:
+    if chunk.choices:
+        print(chunk.choices[0].delta.content or "", end="", flush=True)
+print()
+
+# %% [markdown]
+# The same request as `curl` — what a learner's other tools (LM Studio's server, text-generation-webui's
+# OpenAI extension, no-code tools such as MindStudio or Flowise) send when you give them
+# `http://127.0.0.1:<port>/v1` as the base URL and `receipts` as the model name:
+
+# %%
+# NBVAL_CHECK_OUTPUT
+import json
+
+body = {
+    "model": "receipts",
+    "temperature": 0.15,
+    "max_tokens": 200,
+    "messages": [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64,<…>"}},
+                {"type": "text", "text": "Extract this receipt as JSON."},
+            ],
+        }
+    ],
+}
+print(
+    "curl http://127.0.0.1:PORT/v1/chat/completions -H 'Content-Type: application/json' -d '"
+    + json.dumps(body)
+    + "'"
+)
+
+# %% [markdown]
+# **Ollama** (lesson 06's Modelfile) has the same `/v1` API on port 11434, plus its native `/api/chat`,
+# which takes images as base64 strings on the message. Guarded: it runs only where an Ollama server is up.
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+if serve.ollama_running():
+    print(serve.ollama_chat("receipts-extractor", prompts_of([image_row])[0]))
+else:
+    payload = serve.ollama_chat_payload("receipts-extractor", prompts_of([image_row])[0])
+    print(
+        "no Ollama server here; /api/chat would get:",
+        {
+            **payload,
+            "messages": [
+                {**m, "images": [i[:24] + "…" for i in m["images"]]} if "images" in m else m
+                for m in payload["messages"]
+            ],
+        },
+    )
+
+# %% [markdown]
+# ## 7.3 A gateway: LiteLLM
+#
+# A gateway gives every client one URL and one key, whichever back end answers: your llama.cpp server
+# today, vLLM tomorrow, Ollama on a laptop, a hosted API as fallback. It enforces per-model rate limits
+# and logs requests. Keys are written as `os.environ/NAME` references — the config file holds no secret.
+
+# %%
+# NBVAL_CHECK_OUTPUT
+import yaml
+
+gateway_config = serve.litellm_config(
+    [
+        {
+            "name": "receipts",
+            "kind": "openai",
+            "api_base": "http://127.0.0.1:PORT/v1",
+            "model": "receipts",
+            "rpm": 120,
+        },
+        {
+            "name": "receipts-ollama",
+            "kind": "ollama",
+            "api_base": "http://127.0.0.1:11434",
+            "model": "receipts-extractor",
+        },
+    ]
+)
+print(yaml.safe_dump(gateway_config, sort_keys=False))
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+import secrets
+
+from course_utils.paths import atomic_write
+
+live_config = serve.litellm_config(
+    [{"name": "receipts", "kind": "openai", "api_base": server.url + "/v1", "model": "receipts", "rpm": 600}]
+)
+config_path = atomic_write(
+    outputs_dir(profile.name, "serving") / "litellm.yaml", yaml.safe_dump(live_config), overwrite=True
+)
+master_key = "sk-" + secrets.token_urlsafe(16)  # in production: read it from the environment, never print it
+proxy = serve.litellm_proxy(config_path, master_key).start(timeout=240)
+gateway = serve.client(proxy.url + "/v1", master_key)
+print("LiteLLM proxy at", proxy.url, "— pid", proxy.pid)
+print(
+    "through the gateway →",
+    serve.chat(
+        gateway,
+        "receipts",
+        [{"role": "user", "content": "Extract: Tea 1.50 EUR"}],
+        max_tokens=40,
+        temperature=0.0,
+    ),
+)
+
+# %% [markdown]
+# ## 7.4 Load test: the numbers to watch
+#
+# Bounded by construction: 8 concurrent clients send 64 streamed requests through the gateway, then it
+# stops. Watch **time to first token** (what users feel), **p95 latency** (the slow tail), **tokens/s**
+# (capacity) and the **error rate**. One llama.cpp process answers one request at a time, so latency grows
+# with concurrency while tokens/s stays flat — the reason to batch (vLLM) or add replicas.
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+from course_utils.profiles import format_table
+
+load_prompts = prompts_of([r for r in test_rows if not r.get("images")][:16])
+result = serve.load_test(
+    proxy.url + "/v1", "receipts", load_prompts, concurrency=8, requests=64, max_tokens=48, api_key=master_key
+)
+summary = result.summary()
+print(format_table([summary]))
+assert summary["errors"] == 0, result.errors[:3]
+figure = result.plot()
+
+# %% [markdown]
+# ## 7.5 A demo people can click
+#
+# `demo.build_demo` is a gradio chat with image upload, an endpoint box and a temperature slider; replies
+# stream. It binds 127.0.0.1 with `share=False` (a public `*.gradio.live` link only if you pass
+# `share=True` — think before you do); set `DEMO_USER` and `DEMO_PASSWORD` in the environment to require a
+# login. Below it is driven through `gradio_client`, as a script or a test would.
+
+# %% tags=["copyable", "copy:gradio"]
+# NBVAL_IGNORE_OUTPUT
+# A minimal chat app in front of an OpenAI-compatible server, replies streamed. Needs BASE_URL. It binds
+# 127.0.0.1 only (share=False: no public link); it opens only when LAUNCH_DEMO=1 is set.
+import os
+
+import gradio as gr
+from openai import OpenAI
+
+client = OpenAI(base_url=BASE_URL, api_key=os.environ.get("SERVER_API_KEY", "not-needed"))
+
+
+def respond(message, history):
+    messages = [{"role": turn["role"], "content": turn["content"]} for turn in history]
+    messages.append({"role": "user", "content": message})
+    reply = ""
+    for chunk in client.chat.completions.create(
+        model="receipts", messages=messages, temperature=0.15, max_tokens=256, stream=True
+    ):
+        if chunk.choices:
+            reply += chunk.choices[0].delta.content or ""
+            yield reply
+
+
+chat_app = gr.ChatInterface(respond, title="Receipts extractor")
+if os.environ.get("LAUNCH_DEMO") == "1":
+    chat_app.launch(server_name="127.0.0.1", share=False)
+print("one turn through the app:", repr(list(respond("Extract: Café Nord, 2 tea 1.50 EUR", []))[-1][:80]))
+
+# %% [markdown]
+# The course's fuller demo adds image upload, an endpoint box and a temperature slider, and goes through
+# the gateway. Here it is launched on a free local port and driven through `gradio_client`, as a script or
+# a test would:
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+from gradio_client import Client, handle_file
+
+from course_utils import demo
+
+app = demo.build_demo(proxy.url + "/v1", api_key=master_key)
+demo_url = demo.launch(app, port=serve.free_port())
+print("demo at", demo_url)
+reply = Client(demo_url, verbose=False).predict(
+    {"text": "Extract this receipt as JSON", "files": [handle_file(image_row["images"][0])]},
+    proxy.url + "/v1",
+    0.0,
+    api_name="/chat",
+)
+print("demo →", reply[:200])
+
+# %% [markdown]
+# ## 7.6 vLLM for the real models
+#
+# On a GPU, vLLM serves many requests at once (continuous batching, paged KV cache). The command differs by
+# what you serve: **official weights** in Mistral's format (`--tokenizer-mode mistral --config-format
+# mistral --load-format mistral`, as Mistral's model cards say), a **merged fine-tune** saved by
+# transformers (HF format), or the official base with your **adapter** hot-loaded (`--enable-lora
+# --lora-modules`). `vllm_memory` sizes the GPUs from the config: Small 4's 119B parameters need tensor
+# parallelism (`--tensor-parallel-size`) across several cards.
+
+# %% tags=["copyable", "copy:vllm"]
+# NBVAL_CHECK_OUTPUT
+# Serve the official Mistral Small 3.2 weights with vLLM on one 80 GB GPU (run the printed command there).
+# Mistral's own format for weights and tokenizer; tool calls parsed; localhost only.
+import shlex
+
+vllm_command = [
+    "vllm", "serve", "mistralai/Mistral-Small-3.2-24B-Instruct-2506",
+    "--tokenizer-mode", "mistral", "--config-format", "mistral", "--load-format", "mistral",
+    "--served-model-name", "mistral-small-3.2",
+    "--max-model-len", "32768",
+    "--tensor-parallel-size", "1",
+    "--host", "127.0.0.1", "--port", "8000",
+    "--limit-mm-per-prompt", '{"image": 4}',
+    "--tool-call-parser", "mistral", "--enable-auto-tool-choice",
+]  # fmt: skip
+print(shlex.join(vllm_command))
+
+# %% [markdown]
+# `serve.vllm_command` builds that list (and the others) from the model registry, `vllm_memory` checks
+# they fit:
+
+# %%
+# NBVAL_CHECK_OUTPUT
+import shlex
+
+for key, weights, tp, extra in (
+    ("mistral-small-3.2", "mistral", 1, {}),
+    ("mistral-small-3.2", "hf", 1, {"model_path": "outputs/gpu-24gb/export/merged"}),
+    ("mistral-small-3.2", "adapter", 1, {"adapter_path": "outputs/gpu-24gb/adapters/receipts-lora"}),
+    ("mistral-small-4", "mistral", 4, {}),
+):
+    print(f"# {key}, {weights} weights, {tp} GPU(s):", serve.vllm_memory(key, 32768, tp))
+    print(shlex.join(serve.vllm_command(key, weights, tensor_parallel=tp, **extra)), end="\n\n")
+
+# %% [markdown]
+# The gateway config above takes a vLLM back end the same way: `{"kind": "openai", "api_base":
+# "http://127.0.0.1:8000/v1", "model": "<served-model-name>"}`.
+#
+# ## 7.7 When one machine is not enough
+#
+# - **Serving**: tensor parallelism splits every layer across GPUs of one node (fast interconnect needed);
+#   pipeline parallelism (`--pipeline-parallel-size`) splits layers across nodes; replicas behind the
+#   gateway add throughput. Small 4 in bf16: 4 × 80 GB with TP 4, or FP8 weights on 2.
+# - **Training**: lesson 04's Axolotl and `accelerate` FSDP configs shard the model across GPUs for Small 4
+#   QLoRA; Small 3.2 QLoRA fits one 24 GB card.
+# - **Monitoring**: `python -m llama_cpp.server` and vLLM expose request counts; vLLM also serves Prometheus
+#   metrics on `/metrics` (queue length, KV-cache usage, time to first token) — alert on p95 latency and
+#   error rate, the two numbers the load test printed.
+#
+# Shut everything down — by process id, as every server here is:
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+app.close()
+for running in (proxy, server):
+    running.stop()
+    print(running.name, "pid", running.pid, "stopped:", running.process.poll() is not None)
+
+# %% [markdown]
+# ## Summary
+#
+# - `serve.llama_server` puts the GGUF behind an OpenAI-compatible API on 127.0.0.1; `with` stops it by pid.
+# - The `openai` client does chat, streaming and images (data URIs); Ollama's native API takes base64 images.
+# - LiteLLM gives one URL, one key and rate limits over several back ends; its config references keys.
+# - Load tests are bounded and report p50/p95 latency, time to first token, tokens/s and errors.
+# - The gradio demo is local and private by default; `gradio_client` drives it from code.
+# - vLLM commands differ for official (Mistral format), merged (HF format) and adapter serving;
+#   size the GPUs first.
+#
+# ## Exercises
+#
+# 🐢 Run the load test again with `concurrency=1` and 16 requests. Does p50 latency go down? Why?
+
+# %%
+from course_utils.widgets import check
+
+latency_goes_down = None  # TODO: True or False
+check(latency_goes_down, True, "one llama.cpp process answers one request at a time: with 8 clients, 7 wait")
+
+# %% [markdown]
+# 🐕 How many 80 GB GPUs does `vllm_memory` say Mistral Small 4 needs in bf16 at 32k context (the smallest
+# tensor-parallel size from 1, 2, 4, 8 whose per-GPU figure fits)?
+
+# %%
+small4_gpus = None  # TODO: loop over (1, 2, 4, 8) with serve.vllm_memory("mistral-small-4", 32768, tp)
+check(
+    small4_gpus,
+    next(tp for tp in (1, 2, 4, 8) if serve.vllm_memory("mistral-small-4", 32768, tp)["fits"] == "80 GB"),
+    "the first tp whose 'fits' is '80 GB'",
+)
+
+# %% [markdown]
+# 🦁 Start a second server on lesson 06's Q8_0 file, add it to the gateway as `receipts-fallback`, and set
+# LiteLLM's `router_settings` `fallbacks: [{"receipts": ["receipts-fallback"]}]`. Stop the first server
+# during a load test: what happens to the error rate?
+
+# %%
+fallback_keeps_errors_at_zero = None  # TODO: True or False, after the experiment
+check(fallback_keeps_errors_at_zero, True, "the router retries on the fallback model")
