@@ -21,10 +21,9 @@ def main():
     args = parser.parse_args()
 
     from course_utils.chat import generate, generate_batch
-    from course_utils.data import mix_modalities
     from course_utils.evaluate import prompts_of
     from course_utils.models import load
-    from course_utils.receipts import load_local
+    from course_utils.receipts import load_local, mix_modalities
 
     loaded = load(args.profile)
     records = mix_modalities((load_local("test") + load_local("val"))[: args.n], 0.5, seed=0)

@@ -25,11 +25,10 @@ def main():
 
     import torch
 
-    from course_utils import export as ex
-    from course_utils.data import mix_modalities
+    from course_utils import export, gguf_export, gguf_verify
     from course_utils.models import load
     from course_utils.paths import outputs_dir
-    from course_utils.receipts import load_local
+    from course_utils.receipts import load_local, mix_modalities
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     adapter = outputs_dir("cpu-tiny", "adapters") / "receipts-lora"
@@ -44,9 +43,9 @@ def main():
             peft_model = get_peft_model(loaded.model, LoraConfig(r=16, target_modules=LANGUAGE_TARGETS))
             peft_model.save_pretrained(tmp / "adapter")
             adapter, loaded = tmp / "adapter", load("cpu-tiny")
-        merged = ex.merge_adapter(loaded.model, loaded.processor, adapter, tmp / "merged")
-        f16 = ex.convert_to_gguf(merged, tmp / "m-f16.gguf", "f16")
-        q4 = ex.quantize(f16, tmp / "m-Q4_K_M.gguf", "Q4_K_M")
+        merged = export.merge_adapter(loaded.model, loaded.processor, adapter, tmp / "merged")
+        f16 = gguf_export.convert_to_gguf(merged, tmp / "m-f16.gguf", "f16")
+        q4 = gguf_export.quantize(f16, tmp / "m-Q4_K_M.gguf", "Q4_K_M")
 
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -55,7 +54,10 @@ def main():
         records = mix_modalities(load_local("test"), 0.0, seed=0)[: args.n]  # text rows
         prompts = [
             processor.apply_chat_template(
-                ex._as_parts(r["messages"][:-1]), tokenize=True, return_dict=True, return_tensors="pt"
+                gguf_verify.as_parts(r["messages"][:-1]),
+                tokenize=True,
+                return_dict=True,
+                return_tensors="pt",
             )["input_ids"]
             for r in records
         ]
@@ -70,7 +72,7 @@ def main():
                 )
             return out.shape[1] - ids.shape[1]
 
-        llm = ex.open_gguf(q4, n_ctx=1024, n_threads=args.threads)
+        llm = gguf_verify.open_gguf(q4, n_ctx=1024, n_threads=args.threads)
 
         def cpp_one(ids):
             llm.reset()

@@ -21,9 +21,8 @@ def run_once(
     profile: str, steps: int, batch_size: int, selective_loss: bool, backend: str | None = None
 ) -> dict:
     import course_utils.train as train_module
-    from course_utils.data import mix_modalities
     from course_utils.models import load
-    from course_utils.receipts import load_local
+    from course_utils.receipts import load_local, mix_modalities
     from course_utils.train import build_trainer, make_callbacks, preset_for
 
     loaded = load(profile)

@@ -19,13 +19,13 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
 from course_utils.chat import contains_control_tokens
+from course_utils.paths import staged
 
 ROLES = ("system", "user", "assistant")
 IGNORE_INDEX = -100  # label value that the loss skips
@@ -463,15 +463,12 @@ def write_jsonl(
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; choose another name or pass overwrite=True (--overwrite)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
+    with staged(path, overwrite) as tmp, tmp.open("w", encoding="utf-8") as f:
         for record in records:
             record = _jsonable(record)
             if base_dir is not None and record.get("images"):
                 record["images"] = [_relocate(i, base_dir, path.parent) for i in record["images"]]
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
     return path
 
 
@@ -707,21 +704,6 @@ def split_records(
     n_val = round(n * fractions[1])
     parts = {"train": keys[:n_train], "val": keys[n_train : n_train + n_val], "test": keys[n_train + n_val :]}
     return {name: [unique[k] for k in ks] for name, ks in parts.items()}, removed
-
-
-def mix_modalities(records: list[dict], image_fraction: float = 0.5, seed: int = 0) -> list[dict]:
-    """Keep ``image_fraction`` of the receipts as image rows and turn the rest into text rows.
-
-    One model then learns both inputs (the document's pixels or its text) to the same JSON.
-    """
-    from course_utils.receipts import as_text_record
-
-    out = []
-    for record in records:
-        identity = record.get("id") or record_key(record)
-        bucket = int(hashlib.sha256(f"{seed}:{identity}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
-        out.append(record if bucket < image_fraction or "text" not in record else as_text_record(record))
-    return out
 
 
 def save_splits(

@@ -230,7 +230,7 @@ def heldout_loss(
 
     import torch
 
-    from course_utils.train import VisionTextCollator, prepare_examples, response_only_loss
+    from course_utils.loss import VisionTextCollator, prepare_examples, response_only_loss
 
     examples = prepare_examples(records, processor, max_seq_length, progress=False)
     collate = VisionTextCollator(processor.tokenizer.pad_token_id)
@@ -261,7 +261,7 @@ def adapter_effect(peft_model, processor, records: list[dict], max_seq_length: i
     """
     import torch
 
-    from course_utils.train import VisionTextCollator, prepare_examples
+    from course_utils.loss import VisionTextCollator, prepare_examples
 
     examples = prepare_examples(records, processor, max_seq_length, progress=False)
     batch = {

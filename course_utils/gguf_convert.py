@@ -1,4 +1,4 @@
-"""Run llama.cpp's converters with two upstream fixes (used by :mod:`course_utils.export`).
+"""Run llama.cpp's converters with two upstream fixes (used by :mod:`course_utils.gguf_export`).
 
 Backs lesson 06.
 
@@ -33,7 +33,7 @@ def main(argv: list[str]) -> None:
     script = root / "convert_hf_to_gguf.py"
     if not script.is_file():
         raise SystemExit(
-            f"{script} not found: point at a llama.cpp folder (course_utils.export.llama_cpp_tools())"
+            f"{script} not found: point at a llama.cpp folder (course_utils.gguf_export.llama_cpp_tools())"
         )
     sys.path[:0] = [str(root), str(root / "gguf-py")]
     sys.modules.pop("gguf", None)  # make sure the converter's own gguf-py is the one imported

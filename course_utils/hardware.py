@@ -13,7 +13,7 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from course_utils.profiles import MODELS, PROFILES, GiB, Profile
+from course_utils.profiles import MODELS, PROFILES, GiB, Profile, pick_profile
 
 
 @dataclass(frozen=True)
@@ -143,8 +143,6 @@ def preflight(profile: Profile, hardware: HardwareInfo | None = None) -> dict[st
             f"but only {hw.disk_free_gib:.1f} GiB is free"
         )
     if problems:
-        from course_utils.profiles import pick_profile
-
         suggestion = pick_profile(hw.accelerator, hw.vram_gib)
         raise PreflightError(
             "Preflight refused before any download: "

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from course_utils.profiles import GiB
+from course_utils.profiles import MODELS, GiB, Method, ModelSpec
 
 CUDA_CONTEXT_GIB = 0.6
 ALLOCATOR_OVERHEAD = 0.08
@@ -59,35 +59,38 @@ class Architecture:
     mla: dict | None = None  # q_lora_rank, kv_lora_rank, qk_rope_head_dim, qk_nope_head_dim, v_head_dim
 
 
-# Config numbers (transformers config defaults naming these checkpoints, and the published configs).
-ARCHITECTURES: dict[str, Architecture] = {
-    "mistral-small-3.2": Architecture(
-        "mistral-small-3.2", 24.0e9, 40, 5120, 32768, 32, 8, 128, vision_params=0.44e9
-    ),
-    "mistral-small-3.1": Architecture(
-        "mistral-small-3.1", 24.0e9, 40, 5120, 32768, 32, 8, 128, vision_params=0.44e9
-    ),
-    "ministral-3-8b": Architecture("ministral-3-8b", 8.9e9, 34, 4096, 14336, 32, 8, 128, vision_params=0.4e9),
-    "mistral-small-4": Architecture(
-        "mistral-small-4",
-        119.0e9,
-        36,
-        4096,
-        2048,
-        32,
-        32,
-        128,
-        vision_params=0.44e9,
-        moe_expert_params=36 * 128 * 3 * 4096 * 2048,
-        mla={
-            "q_lora_rank": 1024,
-            "kv_lora_rank": 256,
-            "qk_rope_head_dim": 64,
-            "qk_nope_head_dim": 64,
-            "v_head_dim": 128,
-        },
-    ),
-    # calibration-only models (published Unsloth benchmarks)
+def architecture_of(spec: ModelSpec) -> Architecture:
+    """The estimate's view of a model of the course's registry (``profiles.MODELS``)."""
+    mla = None
+    if spec.attention == "MLA":
+        mla = {
+            "q_lora_rank": spec.q_lora_rank,
+            "kv_lora_rank": spec.kv_lora_rank,
+            "qk_rope_head_dim": spec.qk_rope_head_dim,
+            "qk_nope_head_dim": spec.qk_nope_head_dim,
+            "v_head_dim": spec.v_head_dim,
+        }
+    experts = (spec.num_experts or 0) * spec.num_layers * 3 * spec.hidden_size * spec.intermediate_size
+    return Architecture(
+        spec.key,
+        spec.total_params_b * 1e9,
+        spec.num_layers,
+        spec.hidden_size,
+        spec.intermediate_size,
+        spec.num_attention_heads,
+        spec.num_key_value_heads,
+        spec.head_dim,
+        vocab_size=spec.vocab_size,
+        tie_word_embeddings=spec.tie_word_embeddings,
+        vision_params=spec.vision_params_b * 1e9,
+        moe_expert_params=experts,
+        mla=mla,
+    )
+
+
+# The course's models come from the one registry; two more models only to check the estimate against
+# published measurements (Unsloth's benchmarks, ``CALIBRATION``).
+ARCHITECTURES: dict[str, Architecture] = {key: architecture_of(spec) for key, spec in MODELS.items()} | {
     "llama-3.1-8b": Architecture("llama-3.1-8b", 8.03e9, 32, 4096, 14336, 32, 8, 128, vocab_size=128256),
     "llama-3.3-70b": Architecture("llama-3.3-70b", 70.6e9, 80, 8192, 28672, 64, 8, 128, vocab_size=128256),
 }
@@ -98,7 +101,7 @@ METHODS = ("qlora", "lora", "full")
 @dataclass(frozen=True)
 class Estimate:
     model: str
-    method: str
+    method: Method
     seq_len: int
     batch_size: int
     lora_r: int
@@ -145,7 +148,7 @@ def lora_parameters(arch: Architecture, r: int) -> float:
 
 def estimate_training_memory(
     model: str | Architecture,
-    method: str = "qlora",
+    method: Method = "qlora",
     seq_len: int = 2048,
     batch_size: int = 1,
     lora_r: int = 16,

@@ -12,10 +12,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 from course_utils.hardware import HardwareInfo, detect, preflight
-from course_utils.profiles import Profile, resolve_profile
+from course_utils.profiles import Backend, Profile, resolve_profile
 
 # Keep the Pixtral tower, its projector and the output head in 16-bit when the language model is
 # quantized (full module names: a bare "vision_tower" would not match inside Mistral3's wrapper).
@@ -27,7 +26,7 @@ class LoadedModel:
     model: object
     processor: object
     profile: Profile
-    backend: str
+    backend: Backend
     source: str  # a Hub id or a local directory
     reasons: list[str] = field(default_factory=list)
 
@@ -70,7 +69,7 @@ class ModelSource:
 
     model_id: str  # a Hub id, or the stand-in's local folder
     load_in_4bit: bool
-    backend: Literal["unsloth", "transformers"]
+    backend: Backend
     profile: Profile
     reasons: tuple[str, ...]
 

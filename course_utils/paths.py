@@ -6,6 +6,8 @@ Used by every lesson from 03 on.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 OUTPUTS_ENV_VAR = "COURSE_OUTPUTS"
@@ -32,25 +34,44 @@ def outputs_dir(*parts: str) -> Path:
     return path
 
 
-def atomic_write(path: str | os.PathLike, data: str | bytes, overwrite: bool = False) -> Path:
-    """Write ``data`` to ``path`` all at once (temp file + rename).
-
-    Refuses an existing file unless ``overwrite``.
-
-    A crash mid-write leaves the old file (or nothing), never half a file.
-    """
+@contextmanager
+def staged(path: str | os.PathLike, overwrite: bool = False, folder: bool = False) -> Iterator[Path]:
+    """``with staged(path) as tmp:`` write ``tmp`` (a file, or with ``folder=True`` a directory); it
+    becomes ``path`` only if the block succeeds, otherwise it is removed. A crash leaves the old
+    ``path`` (or nothing), never half of it. Refuses an existing ``path`` unless ``overwrite``
+    (an existing non-empty folder counts as existing; an empty one does not)."""
+    import shutil
     import tempfile
 
     path = Path(path)
-    if path.exists() and not overwrite:
+    exists = path.is_file() or (path.is_dir() and any(path.iterdir()))
+    if exists and not overwrite:
         raise FileExistsError(f"{path} exists; choose another name or pass overwrite=True")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    if folder:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    else:
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        os.close(fd)
+        tmp = Path(name)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+        yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod((0o777 if folder else 0o666) & ~umask)  # mkstemp/mkdtemp make them private to you
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    finally:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+
+
+def atomic_write(path: str | os.PathLike, data: str | bytes, overwrite: bool = False) -> Path:
+    """Write ``data`` to ``path`` all at once (:func:`staged`): never half a file, and an existing file
+    is replaced only with ``overwrite``."""
+    with staged(path, overwrite) as tmp:
+        tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
+    return Path(path)

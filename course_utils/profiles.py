@@ -14,8 +14,11 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Literal
 
 GiB = 1024**3
+Method = Literal["qlora", "lora", "full"]
+Backend = Literal["unsloth", "transformers"]
 PROFILE_ENV_VAR = "COURSE_PROFILE"
 
 
@@ -39,8 +42,15 @@ class ModelSpec:
     context_length: int
     vision: bool
     license: str
+    intermediate_size: int = 0  # dense MLP width (Small 4: the shared expert's and each routed expert's)
+    vocab_size: int = 131072  # Tekken
+    tie_word_embeddings: bool = False
+    vision_params_b: float = 0.0  # Pixtral vision tower + projector
     kv_lora_rank: int | None = None  # MLA only: width of the compressed KV latent
     qk_rope_head_dim: int | None = None  # MLA only: the decoupled RoPE key part, cached per token
+    q_lora_rank: int | None = None  # MLA only: width of the compressed query
+    qk_nope_head_dim: int | None = None  # MLA only
+    v_head_dim: int | None = None  # MLA only
     num_experts: int | None = None
     experts_per_token: int | None = None
     shared_experts: int | None = None
@@ -88,6 +98,8 @@ _SMALL_3_COMMON = dict(
     num_attention_heads=32,
     num_key_value_heads=8,
     head_dim=128,
+    intermediate_size=32768,
+    vision_params_b=0.44,
     context_length=131072,
     vision=True,
     license="Apache-2.0",
@@ -108,11 +120,16 @@ MODELS: dict[str, ModelSpec] = {
         num_attention_heads=32,
         num_key_value_heads=32,
         head_dim=128,
+        intermediate_size=2048,
+        vision_params_b=0.44,
         context_length=262144,
         vision=True,
         license="Apache-2.0",
         kv_lora_rank=256,
         qk_rope_head_dim=64,
+        q_lora_rank=1024,
+        qk_nope_head_dim=64,
+        v_head_dim=128,
         num_experts=128,
         experts_per_token=4,
         shared_experts=1,
@@ -158,8 +175,8 @@ MODELS: dict[str, ModelSpec] = {
         key="ministral-3-8b",
         display_name="Ministral 3 8B (vision, free-Colab rung)",
         hf_id="mistralai/Ministral-3-8B-Instruct-2512",
-        total_params_b=8.0,
-        active_params_b=8.0,
+        total_params_b=8.8,  # model card: 8.4B language model + 0.4B vision encoder
+        active_params_b=8.8,
         architecture="Mistral3ForConditionalGeneration",
         text_model_type="ministral3",
         attention="GQA",
@@ -168,6 +185,8 @@ MODELS: dict[str, ModelSpec] = {
         num_attention_heads=32,
         num_key_value_heads=8,
         head_dim=128,
+        intermediate_size=14336,
+        vision_params_b=0.4,
         context_length=262144,
         vision=True,
         license="Apache-2.0",
@@ -219,10 +238,10 @@ class Profile:
     name: str
     description: str
     model_key: str  # a key of MODELS, or a stand-in name from course_utils.tiny
-    method: str  # "qlora" | "lora" | "full"
+    method: Method
     load_in_4bit: bool
     min_vram_gib: float  # 0 for CPU profiles
-    backend: str  # "unsloth" or "transformers"
+    backend: Backend
     load_id: str | None  # the id handed to from_pretrained (None: the locally built stand-in)
     alternatives: tuple[str, ...] = field(default_factory=tuple)
 
@@ -294,17 +313,19 @@ def pick_profile(accelerator: str, vram_gib: float | None) -> str:
 def resolve_profile(requested: str | None = "auto", hardware=None) -> Profile:
     """Turn ``"auto"`` (or a name, or the ``COURSE_PROFILE`` variable) into a :class:`Profile`.
 
-    Precedence: an explicit name passed in > ``COURSE_PROFILE`` > detection. Unknown names raise a
-    ``ValueError`` that lists the valid ones.
+    Precedence: an explicit name passed in > ``COURSE_PROFILE`` > detection, which needs
+    ``hardware`` (``course_utils.hardware.detect()``; this module stays free of hardware code).
+    Unknown names raise a ``ValueError`` that lists the valid ones.
     """
     name = requested or "auto"
     if name == "auto":
         name = os.environ.get(PROFILE_ENV_VAR, "").strip() or "auto"
     if name == "auto":
         if hardware is None:
-            from course_utils.hardware import detect
-
-            hardware = detect()
+            raise ValueError(
+                "profile 'auto' needs the detected hardware: resolve_profile('auto', hardware=detect()) "
+                "with detect from course_utils.hardware"
+            )
         name = pick_profile(hardware.accelerator, hardware.vram_gib)
     if name not in PROFILES:
         raise ValueError(

@@ -12,11 +12,16 @@ reachable; the local data is the offline fallback — the same call, with a mess
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
 from datetime import date, timedelta
 from pathlib import Path
+from typing import NamedTuple
+
+from course_utils.data import record_key
+from course_utils.paths import atomic_write, course_root, outputs_dir
 
 SYSTEM_PROMPT = "You extract receipts into JSON. Reply with one JSON object and nothing else."
 INSTRUCTION = (
@@ -199,6 +204,19 @@ def as_text_record(record: dict) -> dict:
     return to_record(record["id"], record["target"], record["text"], None)
 
 
+def mix_modalities(records: list[dict], image_fraction: float = 0.5, seed: int = 0) -> list[dict]:
+    """Keep ``image_fraction`` of the receipts as image rows and turn the rest into text rows.
+
+    One model then learns both inputs (the document's pixels or its text) to the same JSON.
+    """
+    out = []
+    for record in records:
+        identity = record.get("id") or record_key(record)
+        bucket = int(hashlib.sha256(f"{seed}:{identity}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+        out.append(record if bucket < image_fraction or "text" not in record else as_text_record(record))
+    return out
+
+
 def generate_dataset(
     out_dir: str | os.PathLike = DEFAULT_DIR,
     seed: int = 0,
@@ -232,9 +250,8 @@ def generate_dataset(
             rel = f"images/{record_id}.png"
             image.save(out / rel, format="PNG", optimize=True)
             rows.append(to_record(record_id, target, "\n".join(lines), rel))
-        with open(out / f"{split}.jsonl", "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        jsonl = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        atomic_write(out / f"{split}.jsonl", jsonl, overwrite=True)  # `force` was checked above
         counts[split] = len(rows)
     return counts
 
@@ -245,7 +262,6 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
 
 
 def local_dir() -> Path:
-    from course_utils.paths import course_root
 
     return course_root() / DEFAULT_DIR
 
@@ -357,18 +373,25 @@ def render_ui_mockup(seed: int = 0, width: int = 360, height: int = 240):
     return img
 
 
-def lesson_splits(profile_name: str) -> tuple[list[dict], list[dict], list[dict], str]:
+class LessonSplits(NamedTuple):
+    train: list[dict]
+    val: list[dict]
+    test: list[dict]
+    message: str  # where the rows came from
+
+
+def lesson_splits(profile_name: str) -> LessonSplits:
     """Train/val/test rows as lesson 03 saved them (``outputs/<profile>/data``), else rebuilt the same way.
 
     Later lessons call this so each can run on its own; the message says which source was used.
     """
-    from course_utils.data import mix_modalities
-    from course_utils.paths import outputs_dir
 
     data_dir = outputs_dir(profile_name, "data")
     names = ("train", "val", "test")
     if all((data_dir / f"{s}.jsonl").exists() for s in names):
         train, val, test = (read_jsonl(data_dir / f"{s}.jsonl") for s in names)
-        return train, val, test, f"dataset from lesson 03 ({data_dir.name}/)"
+        return LessonSplits(train, val, test, f"dataset from lesson 03 ({data_dir.name}/)")
     train, val, test = (mix_modalities(load_local(s), 0.5, seed=0) for s in names)
-    return train, val, test, "lesson 03's output not found: rebuilt the same mixed dataset from data/receipts"
+    return LessonSplits(
+        train, val, test, "lesson 03's output not found: rebuilt the same mixed dataset from data/receipts"
+    )

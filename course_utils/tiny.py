@@ -20,11 +20,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+
+from course_utils.paths import staged
 
 STAND_INS = ("tiny-mistral-small-3", "tiny-mistral-small-4")
 BUILD_INFO_FILE = "course_stand_in.json"
@@ -293,17 +293,8 @@ def build_stand_in(
                 return target
         except json.JSONDecodeError:
             pass
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=out_dir))
-    try:
+    with staged(target, overwrite=True, folder=True) as tmp:  # a stale or half-built stand-in is rebuilt
         _build_into(recipe, tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.chmod(0o755)  # mkdtemp makes it private; a model folder should read like any other
-        tmp.rename(target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

@@ -20,11 +20,13 @@ import platform
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from transformers import Trainer, TrainerCallback
 
-from course_utils.data import IGNORE_INDEX, tokenize_record
+from course_utils.loss import VisionTextCollator, prepare_examples, response_only_loss, trained_token_ids
+from course_utils.profiles import Backend
 
 # LoRA on the language model only: a plain list of names would also hit the Pixtral tower's layers.
 LANGUAGE_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
@@ -128,58 +130,6 @@ def preset_for(profile_name: str, **overrides) -> TrainPreset:
     return replace(PRESETS[profile_name], **overrides)
 
 
-# --- Data ----------------------------------------------------------------------------------------
-
-
-def prepare_examples(
-    records: list[dict], processor, max_seq_length: int, base_dir: Path | None = None, progress: bool = True
-) -> list[dict]:
-    """Template, tokenize and label every record (response-only), with a progress bar."""
-    from tqdm.auto import tqdm
-
-    return [
-        tokenize_record(r, processor, base_dir, max_seq_length)
-        for r in tqdm(records, desc="tokenizing", disable=not progress)
-    ]
-
-
-def trained_token_ids(examples: list[dict]) -> list[int]:
-    """Every token id that appears in a label: the embedding rows worth training on a random base."""
-    return sorted({t for ex in examples for t in ex["labels"] if t != IGNORE_INDEX})
-
-
-class VisionTextCollator:
-    """Pads text (right), labels (-100) and images (zeros up to the largest; ``image_sizes`` keeps the
-    real sizes) so text rows and image rows can share a batch."""
-
-    def __init__(self, pad_token_id: int = 11):
-        self.pad_token_id = pad_token_id
-
-    def __call__(self, examples: list[dict]) -> dict:
-        length = max(len(e["input_ids"]) for e in examples)
-        batch = {
-            "input_ids": torch.full((len(examples), length), self.pad_token_id, dtype=torch.long),
-            "attention_mask": torch.zeros((len(examples), length), dtype=torch.long),
-            "labels": torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long),
-        }
-        for i, e in enumerate(examples):
-            n = len(e["input_ids"])
-            batch["input_ids"][i, :n] = torch.tensor(e["input_ids"])
-            batch["attention_mask"][i, :n] = 1
-            batch["labels"][i, :n] = torch.tensor(e["labels"])
-        pixels = [e["pixel_values"] for e in examples if "pixel_values" in e]
-        if pixels:
-            images = [p for block in pixels for p in block]  # each block: (n_images, 3, H, W)
-            height = max(p.shape[-2] for p in images)
-            width = max(p.shape[-1] for p in images)
-            stacked = torch.zeros((len(images), 3, height, width), dtype=images[0].dtype)
-            for k, p in enumerate(images):
-                stacked[k, :, : p.shape[-2], : p.shape[-1]] = p
-            batch["pixel_values"] = stacked
-            batch["image_sizes"] = torch.cat([e["image_sizes"] for e in examples if "image_sizes" in e])
-        return batch
-
-
 # --- Model ---------------------------------------------------------------------------------------
 
 
@@ -220,9 +170,15 @@ def add_lora_unsloth(model, preset: TrainPreset):  # pragma: no cover - needs a 
     )
 
 
-def count_parameters(model) -> tuple[int, int]:
+class ParameterCount(NamedTuple):
+    trainable: int
+    total: int
+
+
+def count_parameters(model) -> ParameterCount:
+    """Trainable and total parameters (a 4-bit layer's packed storage counts as stored)."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return trainable, sum(p.numel() for p in model.parameters())
+    return ParameterCount(trainable, sum(p.numel() for p in model.parameters()))
 
 
 # --- Trainer (CPU path) --------------------------------------------------------------------------
@@ -230,22 +186,6 @@ def count_parameters(model) -> tuple[int, int]:
 
 def _base_model(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def response_only_loss(model, inputs: dict, num_items_in_batch=None) -> torch.Tensor:
-    """Cross-entropy on the labelled (reply) positions only — the lm_head runs on those alone."""
-    labels = inputs["labels"]
-    core = model.get_base_model() if hasattr(model, "get_base_model") else model  # under peft's wrapper
-    forward = {k: v for k, v in inputs.items() if k != "labels"}
-    if "pixel_values" in forward:
-        forward["pixel_values"] = forward["pixel_values"].to(next(core.parameters()).dtype)
-    hidden = core.model(**forward, use_cache=False).last_hidden_state[:, :-1]
-    target = labels[:, 1:]
-    keep = target != -100  # -100: not trained on (prompt, images, padding)
-    logits = core.lm_head(hidden[keep]).float()
-    total = torch.nn.functional.cross_entropy(logits, target[keep], reduction="sum")
-    denominator = num_items_in_batch if num_items_in_batch is not None else keep.sum()
-    return total / torch.as_tensor(denominator, device=total.device).clamp(min=1)
 
 
 class ResponseOnlyTrainer(Trainer):
@@ -307,7 +247,7 @@ class TrainingRun:
     model: object
     processor: object
     preset: TrainPreset
-    backend: str
+    backend: Backend
     output_dir: Path
     trainable_parameters: int
     total_parameters: int
@@ -330,7 +270,7 @@ def build_trainer(
     preset: TrainPreset,
     output_dir: str | os.PathLike,
     *,
-    backend: str = "transformers",
+    backend: Backend = "transformers",
     base_dir: Path | None = None,
     callbacks: list | None = None,
     progress: bool = True,
@@ -600,10 +540,12 @@ def save_adapter(run: TrainingRun, target: str | os.PathLike, card: dict, overwr
         raise FileExistsError(
             f"{target} already holds an adapter; pick another folder or pass overwrite=True"
         )
-    target.mkdir(parents=True, exist_ok=True)
-    run.model.save_pretrained(target, safe_serialization=True)
-    run.processor.save_pretrained(target)
-    (target / "training_card.json").write_text(json.dumps(card, indent=2) + "\n")
+    from course_utils.paths import staged
+
+    with staged(target, overwrite=overwrite, folder=True) as tmp:  # all three files, or none
+        run.model.save_pretrained(tmp, safe_serialization=True)
+        run.processor.save_pretrained(tmp)
+        (tmp / "training_card.json").write_text(json.dumps(card, indent=2) + "\n")
     return target
 
 
@@ -697,7 +639,14 @@ def write_yaml(data: dict, path: str | os.PathLike, overwrite: bool = False) -> 
 # --- Teaching helpers ----------------------------------------------------------------------------
 
 
-def nf4_roundtrip_error(values: torch.Tensor, blocksize: int = 64) -> dict:
+@dataclass(frozen=True)
+class QuantizationError:
+    nf4_rmse: float
+    int4_rmse: float
+    bits_per_weight_nf4: float
+
+
+def nf4_roundtrip_error(values: torch.Tensor, blocksize: int = 64) -> QuantizationError:
     """Quantize ``values`` to NF4 (bitsandbytes, works on CPU) and back; compare with plain int4.
 
     NF4's 16 levels sit at quantiles of a normal distribution, where trained weights are dense, so its
@@ -715,7 +664,7 @@ def nf4_roundtrip_error(values: torch.Tensor, blocksize: int = 64) -> dict:
     def rmse(q):
         return torch.sqrt(torch.mean((q - flat) ** 2)).item()
 
-    return {"nf4_rmse": rmse(nf4), "int4_rmse": rmse(int4), "bits_per_weight_nf4": 4 + 32 / blocksize}
+    return QuantizationError(rmse(nf4), rmse(int4), 4 + 32 / blocksize)
 
 
 def ensure_adapter(

@@ -271,7 +271,8 @@ HTML("<b>green = trained on, grey = context</b>" + render_label_mask(example, pr
 
 # %%
 # NBVAL_CHECK_OUTPUT
-from course_utils.data import count_tokens, length_stats, mix_modalities
+from course_utils.data import count_tokens, length_stats
+from course_utils.receipts import mix_modalities
 
 mixed = mix_modalities(receipts, image_fraction=0.5, seed=0)
 lengths = [count_tokens(r, processor) for r in mixed]

@@ -61,8 +61,8 @@ torch.manual_seed(0)
 weights = torch.randn(64 * 4096) * 0.02  # weights of a trained layer look like this
 result = nf4_roundtrip_error(weights)
 print(
-    f"NF4 error {result['nf4_rmse']:.2e} vs uniform int4 {result['int4_rmse']:.2e} "
-    f"at {result['bits_per_weight_nf4']} bits per weight (16-bit: 16)"
+    f"NF4 error {result.nf4_rmse:.2e} vs uniform int4 {result.int4_rmse:.2e} "
+    f"at {result.bits_per_weight_nf4} bits per weight (16-bit: 16)"
 )
 
 # %% [markdown]
@@ -123,21 +123,13 @@ except ImportError:
 
 # %%
 # NBVAL_IGNORE_OUTPUT
-from course_utils.data import mix_modalities
 from course_utils.models import load
 from course_utils.paths import outputs_dir
-from course_utils.receipts import RECEIPT_SCHEMA, load_local, read_jsonl
+from course_utils.receipts import RECEIPT_SCHEMA, lesson_splits
 from course_utils.train import preset_for
 
-data_dir = outputs_dir(profile.name, "data")
-if (data_dir / "train.jsonl").exists():
-    train_rows, val_rows, test_rows = (read_jsonl(data_dir / f"{s}.jsonl") for s in ("train", "val", "test"))
-    print("dataset from lesson 03:", data_dir.name)
-else:
-    train_rows, val_rows, test_rows = (
-        mix_modalities(load_local(s), 0.5, seed=0) for s in ("train", "val", "test")
-    )
-    print("lesson 03's output not found: rebuilt the same mixed dataset from data/receipts")
+train_rows, val_rows, test_rows, data_message = lesson_splits(profile.name)  # lesson 03's, or rebuilt
+print(data_message)
 print(len(train_rows), "train /", len(val_rows), "val /", len(test_rows), "test rows")
 
 loaded = load(PROFILE, hardware=hardware)
@@ -177,7 +169,7 @@ print("a reply:", repr(before_replies[0][:120]))
 import torch
 
 from course_utils.data import with_images
-from course_utils.train import VisionTextCollator, prepare_examples, trained_token_ids
+from course_utils.loss import VisionTextCollator, prepare_examples, trained_token_ids
 
 if torch.cuda.is_available():
     train_examples = [{"messages": with_images(r)} for r in train_rows]

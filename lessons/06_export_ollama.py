@@ -34,7 +34,7 @@
 
 # %%
 # NBVAL_IGNORE_OUTPUT
-from course_utils import export
+from course_utils import export, gguf_export, gguf_verify, ollama
 from course_utils.models import load
 from course_utils.paths import outputs_dir
 from course_utils.receipts import RECEIPT_SCHEMA, lesson_splits
@@ -49,7 +49,7 @@ adapter_dir, adapter_message = ensure_adapter(
     hardware=hardware,
 )
 print(data_message, "|", adapter_message)
-tools = export.llama_cpp_tools()
+tools = gguf_export.llama_cpp_tools()
 print("llama.cpp converters:", tools.name, sorted(p.name for p in tools.iterdir()))
 export_dir = outputs_dir(profile.name, "export")
 
@@ -138,7 +138,7 @@ processor = AutoProcessor.from_pretrained(merged_dir)
 tuned = load_tuned(load(PROFILE, hardware=hardware, load_in_4bit=False).model, adapter_dir)
 text_row = next(r for r in val_rows if not r.get("images"))
 ids = processor.apply_chat_template(
-    export._as_parts(text_row["messages"][:-1]), tokenize=True, return_dict=True, return_tensors="pt"
+    gguf_verify.as_parts(text_row["messages"][:-1]), tokenize=True, return_dict=True, return_tensors="pt"
 )["input_ids"]
 with torch.no_grad():
     gap = (merged(input_ids=ids).logits - tuned(input_ids=ids).logits).abs().max().item()
@@ -193,11 +193,11 @@ print(f"{projector_gguf.name}: {projector_gguf.stat().st_size / 2**20:.1f} MiB")
 # %%
 # NBVAL_IGNORE_OUTPUT
 files, mmproj = {"F16": model_gguf}, projector_gguf
-header = export.read_gguf_kv(files["F16"])
+header = gguf_export.read_gguf_kv(files["F16"])
 print({k: header[k] for k in ("general.architecture", "tokenizer.ggml.pre", "general.file_type")})
 print(
     "projector:",
-    export.read_gguf_kv(mmproj, "clip.projector_type"),
+    gguf_export.read_gguf_kv(mmproj, "clip.projector_type"),
     "| has img_break:",
     b"v.token_embd.img_break" in mmproj.read_bytes(),
 )
@@ -257,11 +257,11 @@ files.update(quantized)
 #
 # 1. **Logits.** llama.cpp and transformers get the same token ids; compare the next-token logits at every
 #    position. Error is relative to the spread of the logits; top-1 agreement is the share of positions
-#    where both pick the same token. Tolerances per type are in `export.TOLERANCES`.
+#    where both pick the same token. Tolerances per type are in `gguf_verify.TOLERANCES`.
 # 2. **Template.** The training template embedded in the GGUF, rendered by llama-cpp-python (as its
 #    server does), must give the same token ids as transformers — including `<s>`, which is easy to lose.
 # 3. **Task.** Lesson 05's metric on the test split, through llama.cpp (images via the projector). Each
-#    file is served by its own llama.cpp server process (`export.served_replies`) and asked over the
+#    file is served by its own llama.cpp server process (`gguf_verify.served_replies`) and asked over the
 #    OpenAI-compatible API, as lesson 07 serves it (decoding plain greedy). One process per file also
 #    means no C state of one model (its projector context above all) is left behind for the next:
 #    evaluated one after another in a single Python process, image replies of the last file sometimes
@@ -272,8 +272,8 @@ files.update(quantized)
 conversations = [r["messages"][:-1] for r in val_rows if not r.get("images")][:4]
 quality = []
 for qtype, path in files.items():
-    llm = export.open_gguf(path, logits_all=True, n_ctx=1024)
-    parity = export.logit_parity(llm, merged, processor, conversations)
+    llm = gguf_verify.open_gguf(path, logits_all=True, n_ctx=1024)
+    parity = gguf_verify.logit_parity(llm, merged, processor, conversations)
     llm.close()
     quality.append(
         {
@@ -281,7 +281,7 @@ for qtype, path in files.items():
             "MiB": round(path.stat().st_size / 2**20, 1),
             "logit error %": round(100 * parity["rel_mean_abs"], 2),
             "top-1 agree": round(parity["top1"], 3),
-            "within tolerance": export.within_tolerance(parity, qtype),
+            "within tolerance": gguf_verify.within_tolerance(parity, qtype),
         }
     )
 print(format_table(quality))
@@ -300,8 +300,8 @@ template_checks = [
         {"role": "user", "content": "again"},
     ],
 ] + conversations
-llm = export.open_gguf(files["F16"], n_ctx=1024)
-mismatches = export.template_parity(llm, processor, template_checks)
+llm = gguf_verify.open_gguf(files["F16"], n_ctx=1024)
+mismatches = gguf_verify.template_parity(llm, processor, template_checks)
 llm.close()
 print(
     f"template: {len(template_checks) - len(mismatches)}/{len(template_checks)} conversations token-identical"
@@ -316,7 +316,7 @@ targets = targets_of(test_rows)
 replies, endings = {}, {}
 for qtype in ("F16", "Q8_0", "Q4_K_M"):
     endings[qtype] = []  # why each reply ended: "stop" (end of turn) or "length" (ran out of tokens)
-    replies[f"llama.cpp {qtype}"] = export.served_replies(
+    replies[f"llama.cpp {qtype}"] = gguf_verify.served_replies(
         files[qtype],
         test_rows,
         mmproj=mmproj,
@@ -401,7 +401,7 @@ fig.tight_layout()
 # %%
 from course_utils.receipts import SYSTEM_PROMPT
 
-GGUF_ADDS_BOS = export.read_gguf_kv(files["Q4_K_M"], "tokenizer.ggml.add_bos_token")
+GGUF_ADDS_BOS = gguf_export.read_gguf_kv(files["Q4_K_M"], "tokenizer.ggml.add_bos_token")
 print("the GGUF's tokenizer adds <s> itself:", GGUF_ADDS_BOS)
 
 # %% tags=["copyable", "copy:modelfile"]
@@ -442,9 +442,9 @@ print(modelfile)
 
 # %%
 # NBVAL_CHECK_OUTPUT
-parts = export.template_parts(processor)
+parts = ollama.template_parts(processor)
 print(parts)
-derived = export.modelfile(
+derived = ollama.modelfile(
     "receipts-Q4_K_M.gguf", parts, system=SYSTEM_PROMPT, num_ctx=4096, bos_in_template=not GGUF_ADDS_BOS
 )
 
@@ -480,7 +480,7 @@ assert export.verify_manifest(manifest) == []
 # %%
 # NBVAL_IGNORE_OUTPUT
 try:
-    lora_gguf = export.convert_lora_to_gguf(
+    lora_gguf = gguf_export.convert_lora_to_gguf(
         adapter_dir, BASE_ID, export_dir / "receipts-lora-f16.gguf", tools=tools, overwrite=True
     )
     print("adapter GGUF:", lora_gguf.name, f"{lora_gguf.stat().st_size / 2**20:.1f} MiB")
@@ -501,7 +501,7 @@ except export.ExportError as error:
 import shutil
 import subprocess
 
-commands = export.ollama_commands("receipts-extractor", modelfile_path)
+commands = ollama.ollama_commands("receipts-extractor", modelfile_path)
 if shutil.which("ollama"):
     subprocess.run(commands["create"], check=True, cwd=export_dir)
     print(subprocess.run(commands["run"], capture_output=True, text=True, timeout=300).stdout)
@@ -523,7 +523,8 @@ else:
 # ### On a GPU with Unsloth
 #
 # Unsloth's `save_pretrained_gguf` clones and builds llama.cpp unless told otherwise; point it at the
-# converters fetched above (set before `import unsloth`), export f16, and quantize with `export.quantize`:
+# converters fetched above (set before `import unsloth`), export f16, and quantize with
+# `gguf_export.quantize`:
 
 # %%
 # NBVAL_IGNORE_OUTPUT

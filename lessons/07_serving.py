@@ -31,7 +31,7 @@
 
 # %%
 # NBVAL_IGNORE_OUTPUT
-from course_utils import export, serve
+from course_utils import export, gguf_export, serve
 from course_utils.paths import outputs_dir
 from course_utils.receipts import lesson_splits
 from course_utils.train import ensure_adapter
@@ -53,9 +53,9 @@ if not (model_file.exists() and mmproj_file.exists()):
     merged = export.merge_adapter(
         base.model, base.processor, adapter_dir, export_dir / "merged", overwrite=True
     )
-    f16 = export.convert_to_gguf(merged, export_dir / "receipts-f16.gguf", "f16", overwrite=True)
-    export.convert_to_gguf(merged, mmproj_file, "f16", mmproj=True, overwrite=True)
-    export.quantize(f16, model_file, "Q4_K_M", overwrite=True)
+    f16 = gguf_export.convert_to_gguf(merged, export_dir / "receipts-f16.gguf", "f16", overwrite=True)
+    gguf_export.convert_to_gguf(merged, mmproj_file, "f16", mmproj=True, overwrite=True)
+    gguf_export.quantize(f16, model_file, "Q4_K_M", overwrite=True)
     print("lesson 06's files were missing: exported them now")
 server = serve.llama_server(model_file, mmproj=mmproj_file, alias="receipts", n_ctx=4096).start()
 print("serving", model_file.name, "at", server.url, "— pid", server.pid)

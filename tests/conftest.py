@@ -49,12 +49,12 @@ def exported(stand_in_dir, tmp_path_factory):  # used by test_export and test_se
     """A stand-in with a non-zero LoRA adapter, merged and exported as f16 (+ projector), Q8_0, Q4_K_M."""
     from peft import LoraConfig, get_peft_model
 
-    from course_utils import export as ex
+    from course_utils import export, gguf_export
     from course_utils.models import load
     from course_utils.train import LANGUAGE_TARGETS
 
     out = tmp_path_factory.mktemp("export")
-    tools = ex.llama_cpp_tools()
+    tools = gguf_export.llama_cpp_tools()
     loaded = load("cpu-tiny", stand_in_dir=stand_in_dir)
     peft_model = get_peft_model(loaded.model, LoraConfig(r=4, target_modules=LANGUAGE_TARGETS))
     torch.manual_seed(0)
@@ -64,14 +64,16 @@ def exported(stand_in_dir, tmp_path_factory):  # used by test_export and test_se
                 param.normal_(0, 0.05)
     peft_model.save_pretrained(out / "adapter")
     fresh = load("cpu-tiny", stand_in_dir=stand_in_dir)
-    merged = ex.merge_adapter(fresh.model, fresh.processor, out / "adapter", out / "merged")
+    merged = export.merge_adapter(fresh.model, fresh.processor, out / "adapter", out / "merged")
     files = {
-        "F16": ex.convert_to_gguf(merged, out / "m-f16.gguf", "f16", tools=tools),
-        "mmproj": ex.convert_to_gguf(merged, out / "mmproj-f16.gguf", "f16", mmproj=True, tools=tools),
+        "F16": gguf_export.convert_to_gguf(merged, out / "m-f16.gguf", "f16", tools=tools),
+        "mmproj": gguf_export.convert_to_gguf(
+            merged, out / "mmproj-f16.gguf", "f16", mmproj=True, tools=tools
+        ),
     }
     log = []
     for q in ("Q8_0", "Q4_K_M"):
-        files[q] = ex.quantize(files["F16"], out / f"m-{q}.gguf", q, log=log)
+        files[q] = gguf_export.quantize(files["F16"], out / f"m-{q}.gguf", q, log=log)
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     model = AutoModelForImageTextToText.from_pretrained(merged, dtype=torch.float32).eval()

@@ -309,8 +309,8 @@ def run_standalone(name: str, env: dict, timeout: int = 900) -> dict:
 
 @pytest.fixture(scope="module")
 def env(stand_in_dir, exported, tmp_path_factory):
-    from course_utils.data import mix_modalities, tokenize_record
-    from course_utils.receipts import SYSTEM_PROMPT, load_local
+    from course_utils.data import tokenize_record
+    from course_utils.receipts import SYSTEM_PROMPT, load_local, mix_modalities
 
     tmp = tmp_path_factory.mktemp("copyable")
     processor = exported["processor"]
@@ -472,10 +472,10 @@ def sha256(path) -> str:
 
 @pytest.mark.slow
 def test_convert_cell_writes_the_course_gguf_and_a_working_projector(env, exported):
-    from course_utils import export
+    from course_utils import gguf_export
 
     got = run_standalone("convert", own_dir(env, "convert"))
-    assert export.read_gguf_kv(got["model"], "general.architecture") == "mistral3"
+    assert gguf_export.read_gguf_kv(got["model"], "general.architecture") == "mistral3"
     assert sha256(got["model"]) == sha256(exported["files"]["F16"])
     assert b"v.token_embd.img_break" in Path(got["projector"]).read_bytes()
     assert sha256(got["projector"]) == sha256(exported["files"]["mmproj"])
@@ -491,13 +491,13 @@ def test_quantize_cell_is_byte_identical_to_the_course_quantizer(env, exported):
 
 @pytest.mark.slow
 def test_modelfile_cell_matches_the_training_template_and_the_ggufs_bos(env, exported):
-    from course_utils import export
+    from course_utils import gguf_export, ollama
 
     got = run_standalone("modelfile", own_dir(env, "modelfile"))
     written = Path(got["path"]).read_text()
-    derived = export.modelfile(
+    derived = ollama.modelfile(
         "receipts-Q4_K_M.gguf",
-        export.template_parts(exported["processor"]),
+        ollama.template_parts(exported["processor"]),
         system=env["system"],
         num_ctx=4096,
     )
@@ -507,7 +507,7 @@ def test_modelfile_cell_matches_the_training_template_and_the_ggufs_bos(env, exp
 
     assert without_comments(written) == without_comments(derived)
     # the prelude's GGUF_ADDS_BOS = False is what the course's GGUF says, so <s> belongs in the template
-    assert export.read_gguf_kv(exported["files"]["Q4_K_M"], "tokenizer.ggml.add_bos_token") is False
+    assert gguf_export.read_gguf_kv(exported["files"]["Q4_K_M"], "tokenizer.ggml.add_bos_token") is False
     assert 'TEMPLATE """<s>{{- range' in written
 
 

@@ -428,7 +428,7 @@ def test_keys_and_mixing_do_not_depend_on_where_the_checkout_lives(tmp_path):
     shutil.copytree(course_root() / DEFAULT_DIR, copy)
     moved = load_local("val", copy)[:20]
     assert [record_key(r) for r in rows] == [record_key(r) for r in moved]
-    from course_utils.data import mix_modalities
+    from course_utils.receipts import mix_modalities
 
     assert [bool(r["images"]) for r in mix_modalities(rows, 0.5, 0)] == [
         bool(r["images"]) for r in mix_modalities(moved, 0.5, 0)
@@ -436,3 +436,12 @@ def test_keys_and_mixing_do_not_depend_on_where_the_checkout_lives(tmp_path):
     splits_a, _ = split_records(rows, seed=1)
     splits_b, _ = split_records(moved, seed=1)
     assert [r["id"] for r in splits_a["test"]] == [r["id"] for r in splits_b["test"]]
+
+
+def test_write_jsonl_leaves_no_temporary_file_when_a_row_fails(tmp_path):
+    from course_utils.data import write_jsonl
+
+    rows = [{"messages": [{"role": "user", "content": "hi"}]}, {"messages": object()}]
+    with pytest.raises(TypeError):
+        write_jsonl(rows, tmp_path / "out.jsonl")
+    assert list(tmp_path.iterdir()) == []  # neither the output nor a half-written temporary file

@@ -103,10 +103,9 @@ def test_validity_counts():
 
 
 def test_a_fresh_adapter_is_detected_as_a_no_op_and_training_changes_it(stand_in_dir, tmp_path):
-    from course_utils.data import mix_modalities
     from course_utils.evaluate import adapter_effect, heldout_loss
     from course_utils.models import load
-    from course_utils.receipts import load_local
+    from course_utils.receipts import load_local, mix_modalities
     from course_utils.train import build_trainer, preset_for
 
     records = mix_modalities(load_local("train")[:8], 0.5, 0)

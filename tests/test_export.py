@@ -6,7 +6,7 @@ import re
 import pytest
 import torch
 
-from course_utils import export as ex
+from course_utils import export, gguf_export, gguf_verify, llama_server, ollama
 from course_utils.receipts import SYSTEM_PROMPT
 
 # an exception inside llama.cpp's log callback (strict UTF-8 decoding of a line cut mid-character) is a
@@ -37,7 +37,7 @@ CONVERSATIONS = [
 
 
 def test_template_parts_rebuild_the_training_template(processor):
-    parts = ex.template_parts(processor)
+    parts = ollama.template_parts(processor)
     assert (parts.bos, parts.user_prefix, parts.user_suffix, parts.assistant_suffix) == (
         "<s>",
         "[INST]",
@@ -46,13 +46,13 @@ def test_template_parts_rebuild_the_training_template(processor):
     )
     for conversation in CONVERSATIONS:
         assert parts.render(conversation) == processor.apply_chat_template(
-            ex._as_parts(conversation), tokenize=False
+            gguf_verify.as_parts(conversation), tokenize=False
         )
 
 
 def test_modelfile_fields_and_stop_tokens(processor):
-    parts = ex.template_parts(processor)
-    text = ex.modelfile(
+    parts = ollama.template_parts(processor)
+    text = ollama.modelfile(
         "receipts-Q4_K_M.gguf",
         parts,
         system=SYSTEM_PROMPT,
@@ -72,16 +72,16 @@ def test_modelfile_fields_and_stop_tokens(processor):
     assistant = re.search(r'eq \.Role "assistant" }}{{ \.Content }}(.*?)\n', template)
     assert template.startswith(parts.bos + "{{- range")
     # for a GGUF whose tokenizer adds BOS itself, a literal <s> would double it
-    no_bos = ex.modelfile("m.gguf", parts, bos_in_template=False)
+    no_bos = ollama.modelfile("m.gguf", parts, bos_in_template=False)
     assert re.search(r'TEMPLATE """(.*?)"""', no_bos, re.S).group(1).startswith("{{- range")
     assert system.groups() == (parts.system_prefix, parts.system_suffix)
     assert user.groups() == (parts.user_prefix, parts.user_suffix)
     assert assistant.group(1) == parts.assistant_suffix
-    assert "FROM ./receipts-mmproj" not in ex.modelfile("m.gguf", parts)
+    assert "FROM ./receipts-mmproj" not in ollama.modelfile("m.gguf", parts)
 
 
 def test_ollama_commands_are_argument_lists():
-    cmds = ex.ollama_commands("receipts; rm -rf /", "outputs/x/Modelfile")
+    cmds = ollama.ollama_commands("receipts; rm -rf /", "outputs/x/Modelfile")
     assert cmds["create"] == ["ollama", "create", "receipts; rm -rf /", "-f", "outputs/x/Modelfile"]
     assert cmds["run"][:3] == ["ollama", "run", "receipts; rm -rf /"]
 
@@ -91,7 +91,7 @@ def test_serving_template_turns_images_into_urls_and_keeps_bos():
 
     from course_utils.tiny import CHAT_TEMPLATE
 
-    template = ex.serving_template(CHAT_TEMPLATE)
+    template = llama_server.serving_template(CHAT_TEMPLATE)
     assert "generation" not in template
     text = (
         ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
@@ -115,20 +115,20 @@ def test_serving_template_turns_images_into_urls_and_keeps_bos():
 
 
 def test_disk_preflight_refuses_with_how_much(tmp_path):
-    plan = ex.plan_export(24_000_000_000, ("F16", "Q4_K_M"))
+    plan = export.plan_export(24_000_000_000, ("F16", "Q4_K_M"))
     assert plan.files["merged safetensors"] == 48_000_000_000
     assert plan.files["GGUF Q4_K_M"] == int(24e9 * 4.9 / 8)
-    with pytest.raises(ex.DiskSpaceError, match=r"needs about 1\d\d\.\d\d GiB.*10\.00 GiB is free"):
-        ex.disk_preflight(tmp_path / "exports", plan.total_bytes, free_bytes=10 * 2**30)
-    assert ex.disk_preflight(tmp_path, 1000, free_bytes=2000) == 2000
+    with pytest.raises(export.DiskSpaceError, match=r"needs about 1\d\d\.\d\d GiB.*10\.00 GiB is free"):
+        export.disk_preflight(tmp_path / "exports", plan.total_bytes, free_bytes=10 * 2**30)
+    assert export.disk_preflight(tmp_path, 1000, free_bytes=2000) == 2000
 
 
 def test_merge_refuses_on_full_disk_before_writing(stand_in_dir, tmp_path):
     from course_utils.models import load
 
     loaded = load("cpu-tiny", stand_in_dir=stand_in_dir)
-    with pytest.raises(ex.DiskSpaceError, match="not enough disk"):
-        ex.merge_adapter(
+    with pytest.raises(export.DiskSpaceError, match="not enough disk"):
+        export.merge_adapter(
             loaded.model,
             loaded.processor,
             tmp_path / "no-adapter-needed",
@@ -142,16 +142,16 @@ def test_existing_targets_are_never_replaced(tmp_path):
     target = tmp_path / "model-Q4_K_M.gguf"
     target.write_bytes(b"precious")
     with pytest.raises(FileExistsError, match="overwrite=True"):
-        ex.quantize(tmp_path / "src.gguf", target, "Q4_K_M")
+        gguf_export.quantize(tmp_path / "src.gguf", target, "Q4_K_M")
     with pytest.raises(FileExistsError):
-        ex.convert_to_gguf(tmp_path, target, tools=tmp_path)
+        gguf_export.convert_to_gguf(tmp_path, target, tools=tmp_path)
     (tmp_path / "merged").mkdir()
     (tmp_path / "merged" / "model.safetensors").write_bytes(b"precious")
     with pytest.raises(FileExistsError):
-        ex.merge_adapter(None, None, tmp_path, tmp_path / "merged")
+        export.merge_adapter(None, None, tmp_path, tmp_path / "merged")
     assert target.read_bytes() == b"precious"
     with pytest.raises(ValueError, match="Q4_K_M"):
-        ex.quantize(tmp_path / "src.gguf", tmp_path / "x.gguf", "Q3_XS")
+        gguf_export.quantize(tmp_path / "src.gguf", tmp_path / "x.gguf", "Q3_XS")
 
 
 def test_manifest_checksums_match_and_catch_changes(tmp_path):
@@ -161,7 +161,7 @@ def test_manifest_checksums_match_and_catch_changes(tmp_path):
     files[1].parent.mkdir()
     files[0].write_bytes(b"\x00GGUF" * 1000)
     files[1].write_text("FROM ./a.gguf\n")
-    manifest = ex.write_manifest(tmp_path, files, {"base_model": "stand-in"})
+    manifest = export.write_manifest(tmp_path, files, {"base_model": "stand-in"})
     data = json.loads(manifest.read_text())
     assert data["base_model"] == "stand-in"
     assert data["files"][0] == {
@@ -170,15 +170,15 @@ def test_manifest_checksums_match_and_catch_changes(tmp_path):
         "sha256": hashlib.sha256(b"\x00GGUF" * 1000).hexdigest(),
     }
     assert data["files"][1]["file"] == "sub/Modelfile"
-    assert ex.verify_manifest(manifest) == []
+    assert export.verify_manifest(manifest) == []
     files[0].write_bytes(b"\x00GGUF" * 999 + b"\x00GGUX")
     files[1].unlink()
-    assert ex.verify_manifest(manifest) == [
+    assert export.verify_manifest(manifest) == [
         "a.gguf: changed (size or sha256 differs)",
         "sub/Modelfile: missing",
     ]
     with pytest.raises(FileExistsError):
-        ex.write_manifest(tmp_path, [files[0]])
+        export.write_manifest(tmp_path, [files[0]])
 
 
 def test_unsloth_reads_the_variables_we_set():
@@ -187,7 +187,7 @@ def test_unsloth_reads_the_variables_we_set():
     from pathlib import Path
 
     source = Path(importlib.util.find_spec("unsloth_zoo").origin).parent.joinpath("llama_cpp.py").read_text()
-    for name in ex.unsloth_llama_cpp_env(Path("/x")):
+    for name in export.unsloth_llama_cpp_env(Path("/x")):
         assert name in source, f"unsloth_zoo no longer reads {name}"
 
 
@@ -195,7 +195,7 @@ def test_pinned_llama_cpp_python_matches_requirements():
     from pathlib import Path
 
     text = (Path(__file__).parents[1] / "requirements.txt").read_text()
-    assert f"llama-cpp-python[server]=={ex.LLAMA_CPP_PYTHON}" in text
+    assert f"llama-cpp-python[server]=={gguf_export.LLAMA_CPP_PYTHON}" in text
 
 
 # --- The real thing: a tuned stand-in through llama.cpp ------------------------------------------------
@@ -204,7 +204,7 @@ def test_pinned_llama_cpp_python_matches_requirements():
 def test_merged_model_equals_the_adapter_model(exported):
     processor = exported["processor"]
     ids = processor.apply_chat_template(
-        ex._as_parts(CONVERSATIONS[2]), tokenize=True, return_dict=True, return_tensors="pt"
+        gguf_verify.as_parts(CONVERSATIONS[2]), tokenize=True, return_dict=True, return_tensors="pt"
     )["input_ids"]
     with torch.no_grad():
         merged = exported["model"](input_ids=ids).logits
@@ -217,16 +217,16 @@ def test_merged_model_equals_the_adapter_model(exported):
 
 @pytest.mark.parametrize("qtype", ["F16", "Q8_0", "Q4_K_M"])
 def test_gguf_logits_match_transformers_within_tolerance(exported, qtype):
-    llm = ex.open_gguf(exported["files"][qtype], logits_all=True, n_ctx=1024)
+    llm = gguf_verify.open_gguf(exported["files"][qtype], logits_all=True, n_ctx=1024)
     try:
-        parity = ex.logit_parity(llm, exported["model"], exported["processor"], CONVERSATIONS)
+        parity = gguf_verify.logit_parity(llm, exported["model"], exported["processor"], CONVERSATIONS)
         reply = llm.create_completion(
-            ex.llama_cpp_prompt_ids(llm, CONVERSATIONS[0]), max_tokens=8, temperature=0
+            gguf_verify.llama_cpp_prompt_ids(llm, CONVERSATIONS[0]), max_tokens=8, temperature=0
         )
     finally:
         llm.close()
     assert parity["positions"] > 100
-    assert ex.within_tolerance(parity, qtype), parity
+    assert gguf_verify.within_tolerance(parity, qtype), parity
     assert reply["usage"]["completion_tokens"] >= 1  # llama.cpp generates from every file
 
 
@@ -234,18 +234,18 @@ def test_quantized_files_are_smaller_and_say_what_fell_back(exported):
     sizes = {q: exported["files"][q].stat().st_size for q in ("F16", "Q8_0", "Q4_K_M")}
     assert sizes["F16"] > sizes["Q8_0"] > sizes["Q4_K_M"]
     # the stand-in's 128-wide rows cannot use K-quants (256-blocks); llama.cpp reports its fallbacks
-    assert ex.fallback_count(exported["quant_log"]) > 0
+    assert gguf_export.fallback_count(exported["quant_log"]) > 0
 
 
 def test_embedded_training_template_gives_transformers_token_ids(exported):
-    llm = ex.open_gguf(exported["files"]["F16"], n_ctx=512)
+    llm = gguf_verify.open_gguf(exported["files"]["F16"], n_ctx=512)
     try:
         meta = llm.metadata
         assert (
             meta["tokenizer.chat_template"] == exported["processor"].tokenizer.chat_template
             or meta["tokenizer.chat_template"] == exported["processor"].chat_template
         )
-        assert ex.template_parity(llm, exported["processor"], CONVERSATIONS) == []
+        assert gguf_verify.template_parity(llm, exported["processor"], CONVERSATIONS) == []
     finally:
         llm.close()
 
@@ -257,7 +257,7 @@ def test_vision_projector_loads_and_answers_an_image(exported):
 
     image = load_local("test")[0]["images"][0]
     uri = "data:image/png;base64," + base64.b64encode(open(image, "rb").read()).decode()
-    llm = ex.open_gguf(exported["files"]["F16"], mmproj=exported["files"]["mmproj"], n_ctx=2048)
+    llm = gguf_verify.open_gguf(exported["files"]["F16"], mmproj=exported["files"]["mmproj"], n_ctx=2048)
     try:
         out = llm.create_chat_completion(
             messages=[
@@ -279,13 +279,13 @@ def test_vision_projector_loads_and_answers_an_image(exported):
 
 
 def test_gguf_header_reader_agrees_with_llama_cpp(exported):
-    header = ex.read_gguf_kv(exported["files"]["F16"])
-    meta = ex.gguf_metadata(exported["files"]["F16"])
+    header = gguf_export.read_gguf_kv(exported["files"]["F16"])
+    meta = gguf_export.gguf_metadata(exported["files"]["F16"])
     assert header["general.architecture"] == meta["general.architecture"] == "mistral3"
     assert header["tokenizer.ggml.pre"] == "pixtral" and header["tokenizer.ggml.bos_token_id"] == 1
-    assert ex.read_gguf_kv(exported["files"]["mmproj"], "clip.projector_type") == "pixtral"
-    with pytest.raises(ex.ExportError, match="not a GGUF"):
-        ex.read_gguf_kv(exported["out"] / "adapter" / "adapter_config.json")
+    assert gguf_export.read_gguf_kv(exported["files"]["mmproj"], "clip.projector_type") == "pixtral"
+    with pytest.raises(export.ExportError, match="not a GGUF"):
+        gguf_export.read_gguf_kv(exported["out"] / "adapter" / "adapter_config.json")
 
 
 def test_lora_gguf_on_the_base_gguf_equals_the_merged_gguf(exported):
@@ -294,18 +294,18 @@ def test_lora_gguf_on_the_base_gguf_equals_the_merged_gguf(exported):
     from llama_cpp import Llama
 
     out, tools = exported["out"], exported["tools"]
-    base = ex.convert_to_gguf(
+    base = gguf_export.convert_to_gguf(
         exported["base_dir"] / "tiny-mistral-small-3", out / "base-f16.gguf", "f16", tools=tools
     )
-    adapter = ex.convert_lora_to_gguf(
+    adapter = gguf_export.convert_lora_to_gguf(
         out / "adapter", exported["base_dir"] / "tiny-mistral-small-3", out / "adapter-f16.gguf", tools=tools
     )
-    assert ex.read_gguf_kv(adapter, "general.type") == "adapter"
+    assert gguf_export.read_gguf_kv(adapter, "general.type") == "adapter"
     assert adapter.stat().st_size < base.stat().st_size / 20  # an r=4 adapter is tiny
     ids = (
         exported["processor"]
         .apply_chat_template(
-            ex._as_parts(CONVERSATIONS[1]), tokenize=True, return_dict=True, return_tensors="pt"
+            gguf_verify.as_parts(CONVERSATIONS[1]), tokenize=True, return_dict=True, return_tensors="pt"
         )["input_ids"][0]
         .tolist()
     )
@@ -325,9 +325,9 @@ def test_lora_gguf_on_the_base_gguf_equals_the_merged_gguf(exported):
 
 def test_a_non_adapter_result_is_refused(exported, monkeypatch):
     """If llama.cpp's LoRA converter writes anything but an adapter, nothing is handed over."""
-    monkeypatch.setattr(ex, "read_gguf_kv", lambda path, key=None: "model")
-    with pytest.raises(ex.ExportError, match="merge instead"):
-        ex.convert_lora_to_gguf(
+    monkeypatch.setattr(gguf_export, "read_gguf_kv", lambda path, key=None: "model")
+    with pytest.raises(export.ExportError, match="merge instead"):
+        gguf_export.convert_lora_to_gguf(
             exported["out"] / "adapter",
             exported["base_dir"] / "tiny-mistral-small-3",
             exported["out"] / "refused.gguf",
@@ -337,19 +337,20 @@ def test_a_non_adapter_result_is_refused(exported, monkeypatch):
 
 
 def test_served_replies_equal_in_process_replies_and_report_why_they_ended(exported):
-    from course_utils.data import mix_modalities
-    from course_utils.receipts import load_local
+    from course_utils.receipts import load_local, mix_modalities
 
     rows = mix_modalities(load_local("test")[:6], 0.5, seed=0)
     records = [next(r for r in rows if r.get("images")), next(r for r in rows if not r.get("images"))]
     q4, mmproj = exported["files"]["Q4_K_M"], exported["files"]["mmproj"]
     local_details, served_details = [], []
-    llm = ex.open_gguf(q4, mmproj=mmproj, n_ctx=2048)
+    llm = gguf_verify.open_gguf(q4, mmproj=mmproj, n_ctx=2048)
     try:
-        local = ex.gguf_replies(llm, records, max_new_tokens=12, progress=False, details=local_details)
+        local = gguf_verify.gguf_replies(
+            llm, records, max_new_tokens=12, progress=False, details=local_details
+        )
     finally:
         llm.close()
-    served = ex.served_replies(
+    served = gguf_verify.served_replies(
         q4, records, mmproj=mmproj, max_new_tokens=12, progress=False, details=served_details
     )
     # greedy, same file, same template, same threads: the server process gives the same tokens, image row

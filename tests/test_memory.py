@@ -100,3 +100,19 @@ def test_vram_cli_json_and_errors():
         timeout=60,
     )
     assert bad.returncode == 2 and "unknown model" in bad.stderr
+
+
+def test_the_memory_model_reads_the_one_model_registry():
+    from course_utils.profiles import MODELS
+
+    for key, spec in MODELS.items():
+        arch = ARCHITECTURES[key]
+        assert arch.total_params == spec.total_params_b * 1e9, key
+        assert (arch.num_layers, arch.hidden_size, arch.num_attention_heads, arch.num_key_value_heads) == (
+            spec.num_layers,
+            spec.hidden_size,
+            spec.num_attention_heads,
+            spec.num_key_value_heads,
+        ), key
+    # Ministral 3 8B: 8.4B language model + 0.4B vision encoder (its model card)
+    assert MODELS["ministral-3-8b"].total_params_b == 8.8

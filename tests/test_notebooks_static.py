@@ -117,3 +117,22 @@ def test_the_sync_check_sees_an_edited_source(tmp_path, monkeypatch):
     edited.write_text(source.read_text() + '\n# %%\nprint("an edit nobody rebuilt")\n')
     monkeypatch.setattr(build_notebooks, "LESSONS", tmp_path)
     assert [p.name for p in build_notebooks.build(execute=False, check=True)] == ["00_setup.ipynb"]
+
+
+def test_nbval_waits_long_enough_for_a_busy_kernels_last_messages():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("root_conftest", ROOT / "conftest.py")
+    root_conftest = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(root_conftest)
+
+    class IPyNbCell:  # the shape of nbval's item: it sets output_timeout = 5 in __init__
+        output_timeout = 5
+
+    class Other:
+        output_timeout = 5
+
+    items = [IPyNbCell(), Other()]
+    root_conftest.pytest_collection_modifyitems(items)
+    assert [i.output_timeout for i in items] == [root_conftest.NBVAL_OUTPUT_TIMEOUT_S, 5]
+    assert root_conftest.NBVAL_OUTPUT_TIMEOUT_S >= 30

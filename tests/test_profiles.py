@@ -63,3 +63,21 @@ def test_weights_size_scales_with_precision():
     spec = model_spec("mistral-small-3.2")
     assert spec.weights_gib(16) == pytest.approx(24e9 * 2 / 1024**3)
     assert spec.weights_gib(4.5) < spec.weights_gib(8) < spec.weights_gib(16)
+
+
+def test_auto_needs_the_detected_hardware_and_profiles_import_no_hardware_code(monkeypatch):
+    import ast
+    import inspect
+
+    import course_utils.profiles as profiles
+
+    monkeypatch.delenv("COURSE_PROFILE", raising=False)
+    with pytest.raises(ValueError, match="hardware=detect"):
+        resolve_profile("auto")
+    assert resolve_profile("t4-16gb").name == "t4-16gb"  # a name needs no detection
+    imported = {
+        node.module
+        for node in ast.walk(ast.parse(inspect.getsource(profiles)))
+        if isinstance(node, ast.ImportFrom) and node.module
+    }
+    assert "course_utils.hardware" not in imported  # one direction only: hardware imports profiles

@@ -14,7 +14,7 @@ TAUGHT = [
     ("02_vision_prompting.py", "course_utils.chat", "JSONExtractionError"),
     ("02_vision_prompting.py", "course_utils.chat", "extract_json"),
     ("03_data_formatting.py", "course_utils.data", "response_only_labels"),
-    ("04_qlora_training.py", "course_utils.train", "response_only_loss"),
+    ("04_qlora_training.py", "course_utils.loss", "response_only_loss"),
     ("04_qlora_training.py", "course_utils.train", "ResponseOnlyTrainer"),
     ("05_evaluation.py", "course_utils.evaluate", "field_scores"),
 ]

@@ -5,12 +5,12 @@ import pytest
 import torch
 import yaml
 
-from course_utils.data import IGNORE_INDEX, mix_modalities
+from course_utils.data import IGNORE_INDEX
+from course_utils.loss import VisionTextCollator
 from course_utils.models import load
-from course_utils.receipts import load_local
+from course_utils.receipts import load_local, mix_modalities
 from course_utils.train import (
     PRESETS,
-    VisionTextCollator,
     accelerate_fsdp_config,
     axolotl_config,
     build_trainer,
@@ -62,7 +62,7 @@ def test_presets_cover_every_profile_and_override_cleanly():
 
 
 def test_collator_mixes_text_and_image_rows(stand_in_dir, records, processor):
-    from course_utils.train import prepare_examples
+    from course_utils.loss import prepare_examples
 
     examples = prepare_examples(records[:4], processor, 512, progress=False)
     assert {("pixel_values" in e) for e in examples} == {True, False}
@@ -136,8 +136,8 @@ def test_axolotl_and_fsdp_configs_parse_back(tmp_path):
 def test_nf4_beats_uniform_int4_on_normal_weights():
     torch.manual_seed(0)
     result = nf4_roundtrip_error(torch.randn(64 * 512) * 0.02)
-    assert result["nf4_rmse"] < result["int4_rmse"]
-    assert result["bits_per_weight_nf4"] == 4.5
+    assert result.nf4_rmse < result.int4_rmse
+    assert result.bits_per_weight_nf4 == 4.5
 
 
 def test_qlora_on_cpu_quantizes_the_language_model_only_and_trains(stand_in_dir, records, tmp_path):

@@ -1,0 +1,148 @@
+"""The Ollama side of an export: the chat template's literal pieces, an Ollama (Go) TEMPLATE and
+Modelfile built from them, and the ``ollama`` commands.
+
+Backs lesson 06.
+
+The pieces are cut out of the *training* template (rendered around sentinel strings), never typed by
+hand — a hand-written TEMPLATE is where runaway generations come from.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from course_utils.export import ExportError
+from course_utils.gguf_verify import as_parts
+
+
+@dataclass(frozen=True)
+class TemplateParts:
+    """The literal pieces of a chat template around each role's content."""
+
+    bos: str
+    system_prefix: str
+    system_suffix: str
+    user_prefix: str
+    user_suffix: str
+    assistant_suffix: str
+
+    def render(self, messages: list[dict]) -> str:
+        """The prompt these parts build — compared with the Jinja template by the tests."""
+        out = self.bos
+        for m in messages:
+            content = (
+                m["content"]
+                if isinstance(m["content"], str)
+                else "\n\n".join(p["text"] for p in m["content"] if p.get("type") == "text")
+            )
+            if m["role"] == "system":
+                out += self.system_prefix + content + self.system_suffix
+            elif m["role"] == "user":
+                out += self.user_prefix + content + self.user_suffix
+            else:
+                out += content.rstrip(" ") + self.assistant_suffix
+        return out
+
+
+def template_parts(processor) -> TemplateParts:
+    """Derive the pieces by rendering the processor's (training) template around sentinel strings."""
+    s, u, a, u2 = "\x00SYS\x00", "\x00USER\x00", "\x00ASSISTANT\x00", "\x00USER2\x00"
+    text = processor.apply_chat_template(
+        as_parts(
+            [
+                {"role": "system", "content": s},
+                {"role": "user", "content": u},
+                {"role": "assistant", "content": a},
+                {"role": "user", "content": u2},
+            ]
+        ),
+        tokenize=False,
+    )
+    bos_and_sys_prefix, rest = text.split(s)
+    sys_suffix_user_prefix, rest = rest.split(u)
+    user_suffix, rest = rest.split(a)
+    assistant_suffix_user_prefix, user_suffix_2 = rest.split(u2)
+    # the user prefix is what precedes a user turn in both places; the rest belongs to system/assistant
+    user_prefix = os.path.commonprefix([sys_suffix_user_prefix[::-1], assistant_suffix_user_prefix[::-1]])[
+        ::-1
+    ]
+    bos = (
+        processor.tokenizer.bos_token
+        if bos_and_sys_prefix.startswith(processor.tokenizer.bos_token or "\x01")
+        else ""
+    )
+    if user_suffix != user_suffix_2:
+        raise ExportError(
+            "the template renders user turns differently by position; write the TEMPLATE by hand"
+        )
+    return TemplateParts(
+        bos=bos,
+        system_prefix=bos_and_sys_prefix[len(bos) :],
+        system_suffix=sys_suffix_user_prefix[: len(sys_suffix_user_prefix) - len(user_prefix)],
+        user_prefix=user_prefix,
+        user_suffix=user_suffix,
+        assistant_suffix=assistant_suffix_user_prefix[: len(assistant_suffix_user_prefix) - len(user_prefix)],
+    )
+
+
+def ollama_template(parts: TemplateParts, bos_in_template: bool = True) -> str:
+    """An Ollama (Go text/template) TEMPLATE with the same pieces as the training template.
+
+    BOS belongs in the template only when the GGUF's tokenizer does not add it itself: pass
+    ``bos_in_template=not gguf_export.read_gguf_kv(gguf, "tokenizer.ggml.add_bos_token")``. The course's
+    GGUFs do not add it (the training template writes ``<s>``); a GGUF that does would start with two."""
+    return (
+        (parts.bos if bos_in_template else "") + "{{- range $i, $_ := .Messages }}\n"
+        f'{{{{- if eq .Role "system" }}}}{parts.system_prefix}{{{{ .Content }}}}{parts.system_suffix}\n'
+        f'{{{{- else if eq .Role "user" }}}}{parts.user_prefix}{{{{ .Content }}}}{parts.user_suffix}\n'
+        f'{{{{- else if eq .Role "assistant" }}}}{{{{ .Content }}}}{parts.assistant_suffix}\n'
+        "{{- end }}\n{{- end }}"
+    )
+
+
+def modelfile(
+    gguf_name: str,
+    parts: TemplateParts,
+    system: str | None = None,
+    num_ctx: int = 8192,
+    temperature: float = 0.15,
+    projector: str | None = None,
+    stop: tuple[str, ...] | None = None,
+    repeat_penalty: float = 1.0,
+    bos_in_template: bool = True,
+) -> str:
+    """An Ollama Modelfile for an exported GGUF. ``stop`` defaults to the end-of-turn piece and the
+    next-turn marker of the template, so a model that forgets ``</s>`` still stops. ``repeat_penalty``
+    1.0 switches off Ollama's default 1.1, which the model was never evaluated with (and which pushes
+    against the repeated quotes and braces JSON is made of)."""
+    stops = stop or tuple(
+        dict.fromkeys(x for x in (parts.assistant_suffix.strip(), parts.user_prefix.strip()) if x)
+    )
+    lines = [
+        "# Generated by course_utils.ollama from the training chat template. Files are next to this file.",
+        f"FROM ./{gguf_name}",
+    ]
+    if projector:
+        lines += [
+            "# Vision projector: Ollama >= 0.30.4 reads a second FROM as the image projector.",
+            f"FROM ./{projector}",
+        ]
+    lines += ['TEMPLATE """' + ollama_template(parts, bos_in_template) + '"""']
+    if system:
+        lines.append('SYSTEM """' + system + '"""')
+    lines += [
+        f"PARAMETER temperature {temperature}",
+        f"PARAMETER num_ctx {num_ctx}",
+        f"PARAMETER repeat_penalty {repeat_penalty}",
+    ]
+    lines += [f'PARAMETER stop "{s}"' for s in stops]
+    return "\n".join(lines) + "\n"
+
+
+def ollama_commands(name: str, modelfile_path: str | os.PathLike) -> dict[str, list[str]]:
+    """Argument lists for ``ollama create`` / ``ollama run`` (run them only where ``ollama`` exists)."""
+    return {
+        "create": ["ollama", "create", name, "-f", str(modelfile_path)],
+        "run": ["ollama", "run", name, "Extract: Café Nord, 2 tea 1.50 EUR, total 3.00"],
+    }
