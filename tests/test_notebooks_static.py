@@ -120,11 +120,7 @@ def test_the_sync_check_sees_an_edited_source(tmp_path, monkeypatch):
 
 
 def test_nbval_waits_long_enough_for_a_busy_kernels_last_messages():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("root_conftest", ROOT / "conftest.py")
-    root_conftest = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(root_conftest)
+    import conftest as root_conftest
 
     class IPyNbCell:  # the shape of nbval's item: it sets output_timeout = 5 in __init__
         output_timeout = 5
