@@ -51,6 +51,7 @@ class ModelSpec:
     q_lora_rank: int | None = None  # MLA only: width of the compressed query
     qk_nope_head_dim: int | None = None  # MLA only
     v_head_dim: int | None = None  # MLA only
+    served_bytes_per_weight: float = 2.0  # the official checkpoint's precision (bf16 unless noted)
     num_experts: int | None = None
     experts_per_token: int | None = None
     shared_experts: int | None = None
@@ -130,6 +131,7 @@ MODELS: dict[str, ModelSpec] = {
         q_lora_rank=1024,
         qk_nope_head_dim=64,
         v_head_dim=128,
+        served_bytes_per_weight=1.0,  # the official checkpoint is FP8 (model card); -NVFP4 also exists
         num_experts=128,
         experts_per_token=4,
         shared_experts=1,

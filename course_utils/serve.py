@@ -269,7 +269,7 @@ def vllm_command(
     max_model_len: int = 32768,
     host: str = LOCALHOST,
     port: int = 8000,
-    lora_rank: int = 16,
+    lora_rank: int | None = None,
     max_images: int = 4,
 ) -> list[str]:
     """A ``vllm serve`` argument list.
@@ -277,7 +277,10 @@ def vllm_command(
     ``weights``: ``"mistral"`` — official weights in Mistral's own format (``consolidated.safetensors``,
     ``params.json``, ``tekken.json``): tokenizer/config/load format ``mistral``, as Mistral's model cards
     say; ``"hf"`` — a merged fine-tune saved by transformers (``model_path``); ``"adapter"`` — the official
-    base plus your LoRA adapter, hot-loaded with ``--enable-lora --lora-modules``.
+    base plus your LoRA adapter, hot-loaded with ``--enable-lora --lora-modules``; ``--max-lora-rank`` is
+    the adapter's own ``r`` (from its ``adapter_config.json``, or ``lora_rank``) rounded up to a rank vLLM
+    accepts. Small 4 gets ``--reasoning-parser mistral`` so its ``[THINK]`` part comes back apart
+    (``reasoning_content``), not inside the answer.
     """
     from course_utils.profiles import MODELS
 
@@ -317,7 +320,7 @@ def vllm_command(
             "--lora-modules",
             f"{adapter_name}={adapter_path}",
             "--max-lora-rank",
-            str(lora_rank),
+            str(_vllm_lora_rank(adapter_path, lora_rank)),
         ]
     cmd += [
         "--served-model-name",
@@ -334,20 +337,38 @@ def vllm_command(
     if spec.vision:
         cmd += ["--limit-mm-per-prompt", json.dumps({"image": max_images})]
     cmd += ["--tool-call-parser", "mistral", "--enable-auto-tool-choice"] if weights != "hf" else []
+    if spec.text_model_type == "mistral4":
+        cmd += ["--reasoning-parser", "mistral"]
     return cmd
+
+
+VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # what vLLM's --max-lora-rank accepts
+
+
+def _vllm_lora_rank(adapter_path: str, lora_rank: int | None) -> int:
+    if lora_rank is None:
+        config = Path(adapter_path) / "adapter_config.json"
+        lora_rank = json.loads(config.read_text())["r"] if config.is_file() else 16
+    fitting = [r for r in VLLM_LORA_RANKS if r >= lora_rank]
+    if not fitting:
+        raise ValueError(
+            f"LoRA rank {lora_rank} is above vLLM's largest --max-lora-rank ({VLLM_LORA_RANKS[-1]})"
+        )
+    return fitting[0]
 
 
 def vllm_memory(
     model_key: str,
     max_model_len: int = 32768,
     tensor_parallel: int = 1,
-    bytes_per_weight: float = 2.0,
+    bytes_per_weight: float | None = None,
     concurrent_sequences: int = 1,
 ) -> dict:
     """Per-GPU GiB for weights and a full KV cache (from the config), and the GPU class that fits."""
     from course_utils.profiles import MODELS
 
     spec = MODELS[model_key]
+    bytes_per_weight = spec.served_bytes_per_weight if bytes_per_weight is None else bytes_per_weight
     weights = spec.total_params_b * 1e9 * bytes_per_weight / 2**30 / tensor_parallel
     kv = spec.kv_cache_bytes_per_token() * max_model_len * concurrent_sequences / 2**30 / tensor_parallel
     total = (weights + kv) / 0.9  # vLLM's default gpu_memory_utilization is 0.9

@@ -18,6 +18,7 @@ import math
 import os
 import platform
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import NamedTuple
@@ -176,9 +177,15 @@ class ParameterCount(NamedTuple):
 
 
 def count_parameters(model) -> ParameterCount:
-    """Trainable and total parameters (a 4-bit layer's packed storage counts as stored)."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return ParameterCount(trainable, sum(p.numel() for p in model.parameters()))
+    """Trainable and total parameters. A bitsandbytes 4-bit tensor stores two values per byte; it is
+    counted as the parameters it stands for (its ``quant_state.shape``), not as stored bytes."""
+
+    def count(param) -> int:
+        state = getattr(param, "quant_state", None)
+        return math.prod(state.shape) if state is not None else param.numel()
+
+    params = list(model.parameters())
+    return ParameterCount(sum(count(p) for p in params if p.requires_grad), sum(count(p) for p in params))
 
 
 # --- Trainer (CPU path) --------------------------------------------------------------------------
@@ -357,7 +364,12 @@ def _build_unsloth_trainer(
         max_length=preset.max_seq_length,
     )
     collator = UnslothVisionDataCollator(
-        model, processor, train_on_responses_only=True, instruction_part="[INST]", response_part="[/INST]"
+        model,
+        processor,
+        max_seq_length=preset.max_seq_length,
+        train_on_responses_only=True,
+        instruction_part="[INST]",
+        response_part="[/INST]",
     )
     trainer = SFTTrainer(
         model=model,
@@ -604,10 +616,81 @@ def axolotl_config(
     }
 
 
-def accelerate_fsdp_config(num_processes: int = 2, cpu_offload: bool = False) -> dict:
-    """An ``accelerate launch --config_file`` config sharding the model over ``num_processes`` GPUs (FSDP)."""
+# axolotl's published Small 4 QLoRA recipe (axolotl-ai-cloud/axolotl, examples/mistral4/qlora-vision.yml;
+# its README: "no experts ~68 GiB"). The official checkpoint is FP8, so it starts from the BF16 re-upload;
+# transformers' 4-bit loading converts only nn.Linear, so the 3-D expert weights need axolotl's
+# quantize_moe_experts (else ≈116B expert weights stay bf16); Cut Cross Entropy avoids the 131k-wide logits.
+AXOLOTL_SMALL4_QLORA = {
+    "base_model": "axolotl-ai-co/Mistral-Small-4-119B-2603-BF16",
+    "processor_type": "AutoProcessor",
+    "plugins": ["axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin"],
+    "load_in_4bit": True,
+    "quantize_moe_experts": True,
+    "skip_prepare_dataset": True,
+    "remove_unused_columns": False,
+    "sample_packing": False,
+    "adapter": "qlora",
+    "sequence_len": 2048,
+    "lora_r": 32,
+    "lora_alpha": 16,
+    "lora_dropout": 0.05,
+    "lora_target_modules": (
+        r"model.language_model.layers.[\d]+.(mlp|cross_attn|self_attn).(up|down|gate|q|k|v|o)_proj"
+    ),
+    "gradient_accumulation_steps": 1,
+    "micro_batch_size": 1,
+    "num_epochs": 1,
+    "optimizer": "adamw_bnb_8bit",
+    "lr_scheduler": "cosine",
+    "learning_rate": 0.0002,
+    "bf16": True,
+    "tf32": True,
+    "gradient_checkpointing": True,
+    "flash_attention": True,
+    "warmup_ratio": 0.1,
+    "weight_decay": 0.0,
+}
+
+
+def axolotl_small4_qlora(dataset_path: str, output_dir: str = "./outputs/axolotl-small4") -> dict:
+    """axolotl's known-good Small 4 QLoRA recipe, trained on ``dataset_path`` (course schema rows).
+
+    Training the routed experts too (``lora_target_parameters: [mlp.experts.gate_up_proj,
+    mlp.experts.down_proj]``) is ≈ 93 GiB in axolotl's measurements; the recipe leaves them frozen.
+    """
+    return {
+        **AXOLOTL_SMALL4_QLORA,
+        "datasets": [
+            {
+                "path": dataset_path,
+                "type": "chat_template",
+                "field_messages": "messages",
+                "roles_to_train": ["assistant"],
+            }
+        ],
+        "output_dir": output_dir,
+    }
+
+
+def fsdp_layer_classes(model) -> tuple[str, ...]:
+    """The layer classes FSDP wraps one by one: the model's own ``_no_split_modules`` (Mistral 3:
+    ``MistralDecoderLayer``, Ministral 3: ``Ministral3DecoderLayer``, Small 4: ``Mistral4DecoderLayer``,
+    plus the Pixtral tower's ``PixtralAttentionLayer``)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return tuple(sorted(base._no_split_modules))
+
+
+def accelerate_fsdp_config(
+    num_processes: int = 2, cpu_offload: bool = False, *, layer_classes: Sequence[str]
+) -> dict:
+    """An ``accelerate launch --config_file`` config sharding the model over ``num_processes`` GPUs (FSDP).
+
+    ``layer_classes``: :func:`fsdp_layer_classes` of the model you train — never a hard-coded list.
+    """
     if num_processes < 1:
         raise ValueError("num_processes must be at least 1")
+    if not layer_classes:
+        raise ValueError("layer_classes is empty: pass fsdp_layer_classes(model)")
     return {
         "compute_environment": "LOCAL_MACHINE",
         "distributed_type": "FSDP",
@@ -619,7 +702,7 @@ def accelerate_fsdp_config(num_processes: int = 2, cpu_offload: bool = False) ->
         "fsdp_config": {
             "fsdp_version": 2,
             "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
-            "fsdp_transformer_layer_cls_to_wrap": "MistralDecoderLayer,PixtralAttentionLayer",
+            "fsdp_transformer_layer_cls_to_wrap": ",".join(layer_classes),
             "fsdp_state_dict_type": "SHARDED_STATE_DICT",
             "fsdp_offload_params": cpu_offload,
             "fsdp_cpu_ram_efficient_loading": True,

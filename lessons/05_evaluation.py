@@ -243,28 +243,28 @@ viewer = example_viewer(comparison.examples, images)
 # A LoRA adapter starts as an exact no-op (`B = 0`). If `target_modules` matched nothing you meant, the
 # learning rate was 0, or the adapter was never attached, "evaluation after fine-tuning" silently measures
 # the base model. `adapter_effect` compares next-token logits with the adapter on and off: 0.0 means the
-# adapter does nothing. A freshly initialised adapter shows what that looks like.
+# adapter does nothing. A freshly initialised adapter — added beside lesson 04's on the same model with
+# peft's `add_adapter` / `set_adapter` / `delete_adapter` — shows what that looks like.
 
 # %%
 # NBVAL_IGNORE_OUTPUT
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig
 
 from course_utils.evaluate import adapter_effect
 from course_utils.train import LANGUAGE_TARGETS
 
-fresh = get_peft_model(
-    load(PROFILE, hardware=hardware).model, LoraConfig(r=16, target_modules=LANGUAGE_TARGETS)
-)
-effects = {
-    "fresh (untrained) adapter": adapter_effect(fresh, processor, val_rows[:4]),
-    "lesson 04's adapter": adapter_effect(tuned, processor, val_rows[:4]),
-}
+# A second adapter on the same model, not a second model: it would not fit beside a 24B model on a GPU.
+tuned.add_adapter("fresh", LoraConfig(r=16, target_modules=LANGUAGE_TARGETS))
+tuned.set_adapter("fresh")
+effects = {"fresh (untrained) adapter": adapter_effect(tuned, processor, val_rows[:4])}
+tuned.set_adapter("default")  # lesson 04's adapter again
+effects["lesson 04's adapter"] = adapter_effect(tuned, processor, val_rows[:4])
+tuned.delete_adapter("fresh")
 for name, value in effects.items():
     print(f"{name:28s} largest logit change {value:.4f}", "← a no-op" if value == 0 else "")
 assert effects["lesson 04's adapter"] > 0.01, (
     "the adapter changes nothing — check target_modules and the learning rate"
 )
-del fresh
 
 # %% [markdown]
 # Held-out loss is the mean cross-entropy on the reply tokens of rows the model never trained on;

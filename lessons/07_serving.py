@@ -312,8 +312,11 @@ print("demo →", reply[:200])
 # what you serve: **official weights** in Mistral's format (`--tokenizer-mode mistral --config-format
 # mistral --load-format mistral`, as Mistral's model cards say), a **merged fine-tune** saved by
 # transformers (HF format), or the official base with your **adapter** hot-loaded (`--enable-lora
-# --lora-modules`). `vllm_memory` sizes the GPUs from the config: Small 4's 119B parameters need tensor
-# parallelism (`--tensor-parallel-size`) across several cards.
+# --lora-modules`, with `--max-lora-rank` read from the adapter). Small 4 also gets
+# `--reasoning-parser mistral`, so its `[THINK]` part comes back as `reasoning_content`, not inside the
+# answer. `vllm_memory` sizes the GPUs from the config and the served precision: Small 4's official
+# checkpoint is FP8 (one byte per weight); in bf16 its 119B parameters need tensor parallelism
+# (`--tensor-parallel-size`) across several cards.
 
 # %% tags=["copyable", "copy:vllm"]
 # NBVAL_CHECK_OUTPUT

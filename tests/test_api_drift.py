@@ -94,7 +94,14 @@ def test_unsloth_get_peft_model_takes_the_layer_choices_train_py_passes():
 
 def test_unsloth_vision_collator_takes_response_only_arguments():
     args = arg_defaults(_find_class_method("unsloth_zoo", "UnslothVisionDataCollator", "__init__"))
-    for name in ("model", "processor", "train_on_responses_only", "instruction_part", "response_part"):
+    for name in (
+        "model",
+        "processor",
+        "max_seq_length",
+        "train_on_responses_only",
+        "instruction_part",
+        "response_part",
+    ):
         assert name in args, f"UnslothVisionDataCollator lost {name!r}"
 
 

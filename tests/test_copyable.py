@@ -588,3 +588,13 @@ def test_gpu_training_cell_does_nothing_without_a_gpu():
     guarded = [n for n in tree.body if isinstance(n, ast.If)]
     assert len(guarded) == 1 and "torch.cuda.is_available()" in ast.unparse(guarded[0].test)
     assert all(isinstance(n, (ast.Import, ast.ImportFrom, ast.If)) for n in tree.body)
+
+
+def test_gpu_training_cell_evaluates_counts_tokens_and_truncates_at_the_preset():
+    calls = keyword_calls(CELLS["train-gpu"].source)
+    # without these a GPU run shows no eval curve, no tokens/s, and sequences cut at 128k, not the preset
+    assert {"eval_strategy", "eval_steps", "include_num_input_tokens_seen", "bf16", "fp16"} <= calls[
+        "SFTConfig"
+    ]
+    assert "max_seq_length" in calls["UnslothVisionDataCollator"]
+    assert "torch.cuda.is_bf16_supported()" in CELLS["train-gpu"].source  # T4/V100: fp16, not a crash

@@ -283,3 +283,37 @@ def test_lesson_splits_rebuild_when_lesson_03_did_not_run(tmp_path, monkeypatch)
         write_jsonl(rows, tmp_path / "cpu-tiny" / "data" / f"{name}.jsonl")
     train2, val2, test2, message2 = lesson_splits("cpu-tiny")
     assert "lesson 03" in message2 and (len(train2), len(val2), len(test2)) == (3, 2, 1)
+
+
+def test_a_fresh_adapter_beside_the_tuned_one_is_a_no_op_and_leaves_no_trace(stand_in_dir, tmp_path):
+    """Lesson 05's no-op check adds a second adapter to the same model instead of loading a second
+    model (which does not fit beside a 24B model on a 24 GB or even an 80 GB card)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from course_utils.evaluate import adapter_effect, load_tuned
+    from course_utils.models import load
+    from course_utils.receipts import load_local
+    from course_utils.train import LANGUAGE_TARGETS
+
+    rows = load_local("val")[:2]
+    config = LoraConfig(
+        r=4, target_modules=LANGUAGE_TARGETS, trainable_token_indices={"embed_tokens": [5, 7]}
+    )
+    trained = get_peft_model(load("cpu-tiny", stand_in_dir=stand_in_dir).model, config)
+    with torch.no_grad():
+        for name, param in trained.named_parameters():
+            if "lora_B" in name or "trainable_tokens_delta" in name:
+                param.normal_(0, 0.05)
+    trained.save_pretrained(tmp_path / "adapter")
+
+    loaded = load("cpu-tiny", stand_in_dir=stand_in_dir)
+    tuned = load_tuned(loaded.model, tmp_path / "adapter")
+    parameters = sum(p.numel() for p in tuned.parameters())
+    tuned.add_adapter("fresh", LoraConfig(r=16, target_modules=LANGUAGE_TARGETS))
+    tuned.set_adapter("fresh")
+    assert adapter_effect(tuned, loaded.processor, rows) == 0.0
+    tuned.set_adapter("default")
+    assert adapter_effect(tuned, loaded.processor, rows) > 0.01
+    tuned.delete_adapter("fresh")
+    assert tuned.active_adapter == "default" and sum(p.numel() for p in tuned.parameters()) == parameters

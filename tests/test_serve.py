@@ -79,9 +79,9 @@ def test_vllm_memory_from_the_config():
     assert m["weights_gib"] == round(spec.total_params_b * 1e9 * 2 / 2**30, 1)
     assert m["kv_cache_gib"] == round(spec.kv_cache_bytes_per_token() * 32768 / 2**30, 1)
     assert m["fits"] == "80 GB"
-    assert (
-        serve.vllm_memory("mistral-small-4", 32768, tensor_parallel=1)["fits"] == "more than one 141 GB GPU"
-    )
+    bf16 = serve.vllm_memory("mistral-small-4", 32768, tensor_parallel=1, bytes_per_weight=2.0)
+    assert bf16["fits"] == "more than one 141 GB GPU"
+    assert serve.vllm_memory("mistral-small-4", 32768, tensor_parallel=1)["fits"] == "141 GB"  # FP8, one H200
     assert serve.vllm_memory("mistral-small-4", 32768, tensor_parallel=4)["per_gpu_gib"] < 80
 
 
@@ -315,3 +315,24 @@ def test_gradio_demo_answers_through_gradio_client_and_renders(server, tmp_path)
     assert demo.TITLE in dom and "Temperature" in dom  # rendered by gradio's JavaScript, not in the HTML
     pixels = np.asarray(Image.open(png).convert("L"), dtype=float)
     assert pixels.shape == (900, 1200) and pixels.std() > 5  # not a blank page
+
+
+def test_vllm_serves_the_adapter_rank_small4_reasoning_and_fp8_weights(tmp_path):
+    from course_utils.profiles import MODELS
+
+    adapter = tmp_path / "receipts-lora"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"r": 32, "lora_alpha": 32}))
+    command = serve.vllm_command("mistral-small-3.2", weights="adapter", adapter_path=str(adapter))
+    assert command[command.index("--max-lora-rank") + 1] == "32"  # gpu-80gb trains r 32: 16 is refused
+    (adapter / "adapter_config.json").write_text(json.dumps({"r": 24}))
+    command = serve.vllm_command("mistral-small-3.2", weights="adapter", adapter_path=str(adapter))
+    assert command[command.index("--max-lora-rank") + 1] == "32"  # vLLM takes 8, 16, 32, 64, …
+
+    small4 = serve.vllm_command("mistral-small-4", tensor_parallel=4)
+    assert small4[small4.index("--reasoning-parser") + 1] == "mistral"  # [THINK] kept out of the content
+    assert "--reasoning-parser" not in serve.vllm_command("mistral-small-3.2")
+
+    fp8 = serve.vllm_memory("mistral-small-4", 32768, tensor_parallel=2)
+    assert fp8["weights_gib"] == round(MODELS["mistral-small-4"].total_params_b * 1e9 / 2**30 / 2, 1)
+    assert fp8["fits"] == "80 GB"  # the official FP8 checkpoint on two 80 GB cards

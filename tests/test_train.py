@@ -125,12 +125,15 @@ def test_axolotl_and_fsdp_configs_parse_back(tmp_path):
     data = yaml.safe_load(path.read_text())
     assert data["adapter"] == "qlora" and data["lora_r"] == preset.lora_r and data["sample_packing"] is False
     assert data["datasets"][0]["roles_to_train"] == ["assistant"]
-    fsdp = yaml.safe_load(write_yaml(accelerate_fsdp_config(4), tmp_path / "fsdp.yml").read_text())
+    layers = ("MistralDecoderLayer", "PixtralAttentionLayer")
+    fsdp = yaml.safe_load(
+        write_yaml(accelerate_fsdp_config(4, layer_classes=layers), tmp_path / "fsdp.yml").read_text()
+    )
     assert fsdp["distributed_type"] == "FSDP" and fsdp["num_processes"] == 4
     with pytest.raises(FileExistsError):
         write_yaml({}, path)
     with pytest.raises(ValueError):
-        accelerate_fsdp_config(0)
+        accelerate_fsdp_config(0, layer_classes=layers)
 
 
 def test_nf4_beats_uniform_int4_on_normal_weights():
@@ -162,3 +165,47 @@ def test_qlora_on_cpu_quantizes_the_language_model_only_and_trains(stand_in_dir,
     run.trainer.train()
     losses = [h["loss"] for h in history.history if "loss" in h]
     assert len(losses) == 4 and losses[-1] < losses[0]
+
+
+def test_fsdp_wraps_the_layer_classes_of_the_model_it_trains(stand_in_dir):
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    from course_utils.train import fsdp_layer_classes
+
+    wrapped = {}
+    for name in ("tiny-mistral-small-3", "tiny-mistral-small-4"):
+        config = AutoConfig.from_pretrained(stand_in_dir / name)
+        model = AutoModelForImageTextToText.from_config(config)
+        fsdp = accelerate_fsdp_config(2, layer_classes=fsdp_layer_classes(model))["fsdp_config"]
+        wrapped[name] = fsdp["fsdp_transformer_layer_cls_to_wrap"]
+    # Small 4's decoder layer is Mistral4DecoderLayer: a hard-coded MistralDecoderLayer makes accelerate
+    # raise "Could not find the transformer layer class"
+    assert wrapped == {
+        "tiny-mistral-small-3": "MistralDecoderLayer,PixtralAttentionLayer",
+        "tiny-mistral-small-4": "Mistral4DecoderLayer,PixtralAttentionLayer",
+    }
+
+
+def test_parameter_count_is_the_same_in_4_bit(stand_in_dir):
+    from course_utils.train import count_parameters
+
+    full = count_parameters(load("cpu-tiny", stand_in_dir=stand_in_dir).model)
+    four_bit = count_parameters(load("cpu-tiny", stand_in_dir=stand_in_dir, load_in_4bit=True).model)
+    # bitsandbytes packs two 4-bit values per byte: counting stored elements halves the quantized layers
+    # and inflates the trainable share a learner sees
+    assert four_bit.total == full.total
+
+
+def test_small4_axolotl_config_is_axolotls_known_good_recipe(tmp_path):
+    from course_utils.train import axolotl_small4_qlora
+
+    config = yaml.safe_load(
+        write_yaml(axolotl_small4_qlora("data/train.jsonl"), tmp_path / "a.yml").read_text()
+    )
+    # examples/mistral4/qlora-vision.yml (≈ 68 GiB): the BF16 re-upload (the official weights are FP8),
+    # experts quantized by axolotl (transformers' bnb 4-bit converts only nn.Linear), Cut Cross Entropy
+    assert config["base_model"] == "axolotl-ai-co/Mistral-Small-4-119B-2603-BF16"
+    assert config["quantize_moe_experts"] is True and config["load_in_4bit"] is True
+    assert config["plugins"] == ["axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin"]
+    assert (config["lora_r"], config["sequence_len"], config["micro_batch_size"]) == (32, 2048, 1)
+    assert config["datasets"][0]["path"] == "data/train.jsonl" and config["sample_packing"] is False
