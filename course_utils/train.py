@@ -484,10 +484,6 @@ def make_callbacks(plot: bool = True) -> tuple[list, ThroughputCallback]:
     return [throughput] + ([LivePlotCallback(throughput)] if plot else []), throughput
 
 
-def stop_after(step: int) -> StopAfter:
-    return StopAfter(step)
-
-
 def plot_losses(history: list[dict], show: bool = True):
     """Train and eval loss against steps (history entries from ``ThroughputCallback``)."""
     import matplotlib.pyplot as plt
@@ -676,8 +672,7 @@ def fsdp_layer_classes(model) -> tuple[str, ...]:
     """The layer classes FSDP wraps one by one: the model's own ``_no_split_modules`` (Mistral 3:
     ``MistralDecoderLayer``, Ministral 3: ``Ministral3DecoderLayer``, Small 4: ``Mistral4DecoderLayer``,
     plus the Pixtral tower's ``PixtralAttentionLayer``)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return tuple(sorted(base._no_split_modules))
+    return tuple(sorted(_base_model(model)._no_split_modules))
 
 
 def accelerate_fsdp_config(

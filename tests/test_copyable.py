@@ -279,8 +279,8 @@ FAKE_ENV = {
 } | {"system": "s", "base_url": "http://127.0.0.1:1/v1"}
 
 
-def run_standalone(name: str, env: dict, timeout: int = 900) -> dict:
-    spec = SPECS[name]
+def run_standalone(name: str, env: dict, timeout: int = 900, spec: Spec | None = None) -> dict:
+    spec = spec or SPECS[name]
     script = "\n\n".join(
         [spec.prelude(env), *(CELLS[b].source for b in spec.after), CELLS[name].source, spec.check]
         + ['import sys\nassert "course_utils" not in sys.modules, "the cell imported course_utils"']
@@ -364,7 +364,6 @@ def test_load_cell_loads_what_the_course_loads(env, stand_in_dir):
 
 @pytest.mark.slow
 def test_load_cell_in_4bit_quantizes_the_language_model_only(env):
-    spec = SPECS["load"]
     four_bit = Spec(
         prelude=lambda e: stand_in(e, four_bit=True),
         check=report(
@@ -372,11 +371,7 @@ def test_load_cell_in_4bit_quantizes_the_language_model_only(env):
             " if type(m).__name__ == 'Linear4bit'})}"
         ),
     )
-    SPECS["load"] = four_bit
-    try:
-        got = run_standalone("load", own_dir(env, "load4"))
-    finally:
-        SPECS["load"] = spec
+    got = run_standalone("load", own_dir(env, "load4"), spec=four_bit)
     assert got["quantized"] == ["language_model"]  # vision tower, projector and lm_head stay 16-bit
 
 

@@ -11,6 +11,7 @@ from course_utils.models import load
 from course_utils.receipts import load_local, mix_modalities
 from course_utils.train import (
     PRESETS,
+    StopAfter,
     accelerate_fsdp_config,
     axolotl_config,
     build_trainer,
@@ -19,7 +20,6 @@ from course_utils.train import (
     nf4_roundtrip_error,
     preset_for,
     save_adapter,
-    stop_after,
     training_card,
     write_yaml,
 )
@@ -91,7 +91,7 @@ def test_resume_continues_exactly_where_it_stopped(stand_in_dir, records, tmp_pa
     full, full_history = fresh_run(stand_in_dir, records, tmp_path / "full")
     full.trainer.train()
     interrupted, _ = fresh_run(stand_in_dir, records, tmp_path / "resumed")
-    interrupted.trainer.add_callback(stop_after(4))
+    interrupted.trainer.add_callback(StopAfter(4))
     interrupted.trainer.train()
     assert interrupted.trainer.state.global_step == 4
     checkpoint = latest_checkpoint(tmp_path / "resumed")
