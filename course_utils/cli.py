@@ -6,13 +6,16 @@ Backs lesson 00 (doctor, stand-ins) and the README's commands.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import re
 import sys
 import time
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+from typing import Literal
 
 # (distribution name, import name or None when importing has side effects, required?)
 PACKAGES = [
@@ -39,6 +42,10 @@ PACKAGES = [
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
+# Subcommands that live beside their code: each module has ``add_parser(subparsers)`` and imports
+# nothing heavy at module level (the CLI imports them to build its help).
+COMMAND_MODULES: tuple[str, ...] = ()
+
 
 def read_pins(requirements: Path) -> dict[str, str]:
     """``name==version`` lines of a requirements file, names normalised (``_`` and case)."""
@@ -50,26 +57,49 @@ def read_pins(requirements: Path) -> dict[str, str]:
     return pins
 
 
-def check_packages(pins: dict[str, str] | None = None) -> list[tuple[str, bool, str]]:
-    """One row per package: (name, ok, detail). A wrong pinned version is a FAIL."""
+# Colab and some pods ship their own CUDA torch (and the triton/xformers built for it): the course keeps
+# it rather than downloading another few GB, so a different version here is reported, not a failure.
+KEPT_FROM_PLATFORM = {"torch", "torchvision", "triton", "xformers"}
+
+
+@dataclass(frozen=True)
+class PackageCheck:
+    name: str
+    status: Literal["OK", "NOTE", "FAIL"]
+    detail: str
+
+    @property
+    def ok(self) -> bool:
+        return self.status != "FAIL"
+
+    def line(self) -> str:
+        return f"[{self.status}] {self.name:<16} {self.detail}"
+
+
+def check_packages(pins: dict[str, str] | None = None) -> list[PackageCheck]:
+    """One check per package. A version other than the pinned one is a FAIL — except torch and the
+    packages built against it, which are a NOTE (a platform's own CUDA torch is kept on purpose)."""
     rows = []
     for dist, module, required in PACKAGES:
         try:
             version = metadata.version(dist)
         except metadata.PackageNotFoundError:
-            rows.append((dist, not required, "not installed" + ("" if required else " (optional)")))
+            status = "FAIL" if required else "OK"
+            rows.append(PackageCheck(dist, status, "not installed" + ("" if required else " (optional)")))
             continue
-        detail = version
-        ok = True
+        status, detail = "OK", version
         want = (pins or {}).get(dist.lower().replace("_", "-"))
         if want and want != version:
-            ok, detail = False, f"{version} installed, requirements.txt pins {want}"
-        if ok and module:
+            if dist in KEPT_FROM_PLATFORM:
+                status, detail = "NOTE", f"{version} kept (the course was tested with {want})"
+            else:
+                status, detail = "FAIL", f"{version} installed, requirements.txt pins {want}"
+        if status != "FAIL" and module:
             try:
                 __import__(module)
             except Exception as exc:  # a broken install: say why, don't crash the report
-                ok, detail = False, f"{version} installed but `import {module}` fails: {exc}"
-        rows.append((dist, ok, detail))
+                status, detail = "FAIL", f"{version} installed but `import {module}` fails: {exc}"
+        rows.append(PackageCheck(dist, status, detail))
     return rows
 
 
@@ -81,10 +111,13 @@ def doctor(args) -> int:
     pins = read_pins(req) if req.is_file() else None
     failed = False
     print(f"Python {sys.version.split()[0]}  ({sys.executable})")
-    for name, ok, detail in check_packages(pins):
-        failed |= not ok
-        print(f"[{'OK' if ok else 'FAIL'}] {name:<16} {detail}")
+    for check in check_packages(pins):
+        failed |= not check.ok
+        print(check.line())
     hw = detect(args.path)
+    if hw.unusable_gpu:
+        failed = True
+        print(f"[FAIL] GPU              {hw.unusable_gpu}")
     print(
         f"[OK] accelerator      {hw.accelerator} — {hw.device_name}"
         + (f", {hw.vram_gib:.1f} GiB VRAM" if hw.vram_gib else "")
@@ -316,6 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=int, default=1800, help="seconds per cell")
     p.add_argument("--keep-going", action="store_true", help="run later notebooks after a failure")
     p.set_defaults(func=run)
+
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).add_parser(sub)
     return parser
 
 

@@ -9,7 +9,9 @@ course makes that decision once, in :mod:`course_utils.models`).
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -25,6 +27,9 @@ class HardwareInfo:
     disk_free_gib: float
     cpu_count: int
     environment: str  # "colab" | "runpod" | "kaggle" | "local"
+    # Set when nvidia-smi sees a GPU that torch cannot use (driver older than torch's CUDA build):
+    # what is wrong and which driver/torch pair would work. ``auto`` refuses instead of picking cpu-tiny.
+    unusable_gpu: str | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -67,6 +72,85 @@ def disk_free_gib(path: str | os.PathLike = ".") -> float:
     return shutil.disk_usage(p).free / GiB
 
 
+# Minimum Linux driver for each CUDA release (NVIDIA CUDA Toolkit release notes, "CUDA Toolkit and
+# Corresponding Driver Versions", https://docs.nvidia.com/cuda/cuda-toolkit-release-notes/ , read 2026-11).
+# With CUDA's minor-version compatibility a 12.x build also runs on any driver >= 525.60.13; 13.x needs 580.
+MIN_DRIVER = {
+    "12.0": "525.60.13",
+    "12.4": "550.54.14",
+    "12.6": "560.28.03",
+    "12.8": "570.26",
+    "12.9": "575.51.03",
+    "13.0": "580.65.06",
+}
+
+
+@dataclass(frozen=True)
+class NvidiaSmi:
+    """What the driver reports, independent of torch."""
+
+    gpus: tuple[str, ...]
+    driver_version: str
+    cuda_version: str | None  # the newest CUDA runtime this driver runs ("CUDA Version" in nvidia-smi)
+
+
+def nvidia_smi(run=subprocess.run) -> NvidiaSmi | None:
+    """Ask ``nvidia-smi`` (if installed) which GPUs and driver the machine has; ``None`` without one."""
+    if run is subprocess.run and shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        listing = run(
+            ["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
+        header = run(["nvidia-smi"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    rows = [line.rsplit(",", 1) for line in listing.stdout.splitlines() if "," in line]
+    if listing.returncode != 0 or not rows:
+        return None
+    cuda = re.search(r"CUDA Version:\s*([0-9]+\.[0-9]+)", header.stdout or "")
+    return NvidiaSmi(
+        gpus=tuple(name.strip() for name, _ in rows),
+        driver_version=rows[0][1].strip(),
+        cuda_version=cuda.group(1) if cuda else None,
+    )
+
+
+def _version_tuple(v: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in re.findall(r"\d+", v))
+
+
+def unusable_gpu_message(smi: NvidiaSmi, torch_version: str, torch_cuda: str | None) -> str:
+    """Why torch cannot use the GPU nvidia-smi sees, and the driver/torch pairs that would work."""
+    gpu = smi.gpus[0] + (f" (+{len(smi.gpus) - 1} more)" if len(smi.gpus) > 1 else "")
+    seen = f"nvidia-smi sees {gpu} with driver {smi.driver_version}" + (
+        f" (runs CUDA ≤ {smi.cuda_version})" if smi.cuda_version else ""
+    )
+    if torch_cuda is None:
+        return (
+            f"{seen}, but torch {torch_version} is a CPU-only build. Install a CUDA build of torch "
+            "(https://pytorch.org/get-started/locally/), then restart the kernel."
+        )
+    major_minor = ".".join(torch_cuda.split(".")[:2])
+    need = MIN_DRIVER.get(major_minor) or MIN_DRIVER.get(f"{major_minor.split('.')[0]}.0")
+    fix = [f"run on a host/pod template whose driver is ≥ {need}" if need else "update the NVIDIA driver"]
+    if smi.cuda_version and _version_tuple(smi.cuda_version) < _version_tuple(torch_cuda):
+        tag = "cu" + "".join(smi.cuda_version.split(".")[:2])
+        fix.append(
+            f"or install a torch built for CUDA ≤ {smi.cuda_version} — e.g. "
+            f"`pip install torch=={torch_version.split('+')[0]} --index-url "
+            f"https://download.pytorch.org/whl/{tag}` if the selector at "
+            "https://pytorch.org/get-started/locally/ lists that build — then restart the kernel"
+        )
+    return (
+        f"{seen}, but torch {torch_version} (built for CUDA {torch_cuda}) cannot use it: "
+        f"torch.cuda.is_available() is False. Fix: {' '.join(fix)}."
+    )
+
+
 def detect(path: str | os.PathLike = ".") -> HardwareInfo:
     """Detect CUDA, Apple MPS or CPU, and the memory and disk the course can use."""
     import torch
@@ -79,8 +163,12 @@ def detect(path: str | os.PathLike = ".") -> HardwareInfo:
         accelerator, name = "mps", "Apple GPU (MPS)"
     import platform
 
+    unusable = None
     if accelerator == "cpu":
         name = platform.processor() or platform.machine() or "CPU"
+        smi = nvidia_smi()
+        if smi is not None:  # a GPU is there, torch cannot use it: never fall back to CPU silently
+            unusable = unusable_gpu_message(smi, torch.__version__, torch.version.cuda)
     return HardwareInfo(
         accelerator=accelerator,
         device_name=name,
@@ -89,6 +177,7 @@ def detect(path: str | os.PathLike = ".") -> HardwareInfo:
         disk_free_gib=disk_free_gib(path),
         cpu_count=os.cpu_count() or 1,
         environment=detect_environment(),
+        unusable_gpu=unusable,
     )
 
 

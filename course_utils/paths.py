@@ -13,17 +13,25 @@ from pathlib import Path
 OUTPUTS_ENV_VAR = "COURSE_OUTPUTS"
 
 
-def course_root(start: str | os.PathLike | None = None) -> Path:
-    """The checkout's root (the folder holding ``notebooks/`` and ``course_utils/``), else ``start``.
+PACKAGE_CHECKOUT = Path(__file__).resolve().parent.parent  # the clone, for an editable install
 
-    Notebooks run with their own folder as working directory; this makes ``outputs/`` the same
-    folder whether a lesson runs from Jupyter, ``python -m course_utils run`` or a test.
+
+def _is_checkout(folder: Path) -> bool:
+    return (folder / "notebooks").is_dir() and (folder / "course_utils").is_dir()
+
+
+def course_root(start: str | os.PathLike | None = None) -> Path:
+    """The checkout's root (the folder holding ``notebooks/`` and ``course_utils/``).
+
+    Searched from ``start`` (default: the working directory) upwards, then the checkout the package was
+    installed from — so a notebook opened anywhere (Colab's ``/content``, a copy in another folder) finds
+    the course's ``data/`` and the same ``outputs/``. Falls back to ``start`` when neither is a checkout.
     """
     here = Path(start or Path.cwd()).resolve()
     for folder in (here, *here.parents):
-        if (folder / "notebooks").is_dir() and (folder / "course_utils").is_dir():
+        if _is_checkout(folder):
             return folder
-    return here
+    return PACKAGE_CHECKOUT if _is_checkout(PACKAGE_CHECKOUT) else here
 
 
 def outputs_dir(*parts: str) -> Path:

@@ -328,6 +328,8 @@ def resolve_profile(requested: str | None = "auto", hardware=None) -> Profile:
                 "profile 'auto' needs the detected hardware: resolve_profile('auto', hardware=detect()) "
                 "with detect from course_utils.hardware"
             )
+        if getattr(hardware, "unusable_gpu", None):  # a paid GPU torch cannot use: not a CPU run
+            raise ValueError(f"profile 'auto' refused: {hardware.unusable_gpu}")
         name = pick_profile(hardware.accelerator, hardware.vram_gib)
     if name not in PROFILES:
         raise ValueError(

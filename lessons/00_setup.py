@@ -95,7 +95,8 @@ print(
 #
 # `python -m course_utils doctor` prints the same report in a terminal. A version different from
 # `requirements.txt` is a `[FAIL]`: the course's pins are one tested set (Unsloth 2026.10 caps
-# transformers ≤ 5.17, TRL ≤ 1.15, datasets < 5).
+# transformers ≤ 5.17, TRL ≤ 1.15, datasets < 5). torch (and triton/xformers, built against it) is the
+# exception: Colab's own CUDA torch is kept, and a different version is a `[NOTE]`, not a failure.
 
 # %%
 # NBVAL_IGNORE_OUTPUT
@@ -103,9 +104,9 @@ from course_utils.cli import REPO_ROOT, check_packages, read_pins
 
 requirements = REPO_ROOT / "requirements.txt"
 rows = check_packages(read_pins(requirements) if requirements.is_file() else None)
-for name, ok, detail in rows:
-    print(f"[{'OK' if ok else 'FAIL'}] {name:<16} {detail}")
-failures = [name for name, ok, _ in rows if not ok]
+for row in rows:
+    print(row.line())
+failures = [row.name for row in rows if not row.ok]
 assert not failures, f"Fix these before going on: {failures} — run `pip install -r requirements.txt`"
 
 # %% [markdown]

@@ -1,8 +1,19 @@
+import subprocess
+
 import pytest
 from conftest import gpu
 
-from course_utils.hardware import PreflightError, describe_profiles, detect, detect_environment, preflight
-from course_utils.profiles import PROFILES
+from course_utils.hardware import (
+    NvidiaSmi,
+    PreflightError,
+    describe_profiles,
+    detect,
+    detect_environment,
+    nvidia_smi,
+    preflight,
+    unusable_gpu_message,
+)
+from course_utils.profiles import PROFILES, resolve_profile
 
 
 def test_detect_reports_this_machine():
@@ -71,3 +82,59 @@ def test_only_the_unactionable_library_log_lines_are_dropped(caplog):
         "a pytree warning that matters",
         "a bitsandbytes warning that matters",
     ]
+
+
+def _fake_smi(listing: str, header: str, returncode: int = 0):
+    def run(cmd, **kwargs):
+        out = listing if "--query-gpu=name,driver_version" in cmd else header
+        return subprocess.CompletedProcess(cmd, returncode, stdout=out, stderr="")
+
+    return run
+
+
+def test_nvidia_smi_is_read_from_its_own_output():
+    run = _fake_smi(
+        "NVIDIA GeForce RTX 4090, 550.54.15\nNVIDIA GeForce RTX 4090, 550.54.15\n",
+        "| NVIDIA-SMI 550.54.15   Driver Version: 550.54.15   CUDA Version: 12.4     |",
+    )
+    smi = nvidia_smi(run)
+    assert smi == NvidiaSmi(("NVIDIA GeForce RTX 4090",) * 2, "550.54.15", "12.4")
+    assert nvidia_smi(_fake_smi("", "", returncode=9)) is None  # no GPU / driver not loaded
+
+
+def test_a_driver_older_than_torchs_cuda_says_which_pair_works():
+    smi = NvidiaSmi(("NVIDIA GeForce RTX 4090",), "550.54.15", "12.4")
+    msg = unusable_gpu_message(smi, "2.14.1+cu130", "13.0")
+    assert "RTX 4090" in msg and "550.54.15" in msg and "CUDA 13.0" in msg
+    assert "≥ 580.65.06" in msg  # CUDA 13.0's minimum driver (NVIDIA's release notes)
+    assert "torch==2.14.1 --index-url https://download.pytorch.org/whl/cu124" in msg
+
+
+def test_auto_refuses_a_gpu_torch_cannot_use_instead_of_running_on_cpu(monkeypatch):
+    import course_utils.hardware as hardware
+
+    monkeypatch.setattr(
+        hardware,
+        "nvidia_smi",
+        lambda: NvidiaSmi(("NVIDIA A40",), "535.104.05", "12.2"),
+    )
+    monkeypatch.delenv("COURSE_PROFILE", raising=False)
+    hw = hardware.detect()
+    if hw.accelerator == "cuda":
+        pytest.skip("torch can use this GPU")
+    assert hw.unusable_gpu and "NVIDIA A40" in hw.unusable_gpu
+    with pytest.raises(ValueError, match="auto' refused: nvidia-smi sees NVIDIA A40"):
+        resolve_profile("auto", hardware=hw)
+    assert resolve_profile("cpu-tiny", hardware=hw).name == "cpu-tiny"  # an explicit choice still works
+
+
+def test_doctor_fails_loudly_on_a_gpu_torch_cannot_use(monkeypatch, capsys):
+    import course_utils.hardware as hardware
+    from course_utils.cli import main
+
+    monkeypatch.setattr(hardware, "nvidia_smi", lambda: NvidiaSmi(("Tesla V100-SXM2-32GB",), "535.1", "12.2"))
+    if hardware.detect().accelerator == "cuda":
+        pytest.skip("torch can use this GPU")
+    assert main(["doctor"]) == 1
+    out = capsys.readouterr().out
+    assert "[FAIL] GPU" in out and "Tesla V100" in out and "[FAIL] profile" in out

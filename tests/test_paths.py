@@ -54,3 +54,12 @@ def test_a_staged_folder_replaces_a_filled_one_only_with_overwrite(tmp_path):
     with staged(empty, folder=True) as tmp:  # an empty folder is not an output to protect
         (tmp / "x").write_text("x")
     assert (empty / "x").exists()
+
+
+def test_the_course_is_found_from_the_package_outside_any_checkout(tmp_path):
+    from course_utils.paths import PACKAGE_CHECKOUT, course_root
+
+    assert course_root(tmp_path) == PACKAGE_CHECKOUT  # Colab's /content, a copied notebook's folder
+    (tmp_path / "notebooks").mkdir()
+    (tmp_path / "course_utils").mkdir()
+    assert course_root(tmp_path / "notebooks") == tmp_path  # inside a checkout: that checkout

@@ -28,7 +28,17 @@ import nbformat
 ROOT = Path(__file__).resolve().parent.parent
 LESSONS = ROOT / "lessons"
 
-COURSE_REPO = "https://github.com/YOUR-ORG/mistral-small-course"
+def _course_repository() -> str:
+    """``[tool.course] repository`` in pyproject.toml: the one place a fork names its git URL (badges and
+    the install cell use it). Empty: no badge, and the install cell asks for ``COURSE_REPO``."""
+    import tomllib
+
+    return tomllib.loads((ROOT / "pyproject.toml").read_text()).get("tool", {}).get("course", {}).get(
+        "repository", ""
+    )
+
+
+COURSE_REPO = _course_repository()
 NOT_IN_INSTALL_CELL = {
     "pytest",
     "nbval",
@@ -61,23 +71,43 @@ import os
 import site
 import subprocess
 import sys
+import tempfile
+from importlib import metadata
 
 IN_COLAB = "COLAB_" in "".join(os.environ)
-COURSE_REPO = "{COURSE_REPO}"  # your fork of the course
+# The course's git repository (your fork): set it here or as COURSE_REPO in the environment.
+COURSE_REPO = os.environ.get("COURSE_REPO", "{COURSE_REPO}")
+COURSE_DIR = os.environ.get("COURSE_DIR", os.path.expanduser("~/mistral-small-course"))
 TORCH_PINS = {fmt(torch_pins)}
 PINS = {fmt(other)}  # the same pins as requirements.txt (a test checks it)
+BUILT_FOR_TORCH = ("torch", "torchvision", "triton")  # Colab's own builds: kept, never replaced
 if importlib.util.find_spec("course_utils") is None:
-    if not os.path.isdir("mistral-small-course"):
-        subprocess.run(["git", "clone", "--depth", "1", COURSE_REPO, "mistral-small-course"], check=True)
-    # Colab ships a CUDA torch: keep it instead of downloading another few GB.
-    pins = PINS if IN_COLAB else TORCH_PINS + PINS
-    subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", *pins, "-e", "mistral-small-course"], check=True
-    )
+    if not os.path.isdir(COURSE_DIR):
+        if not COURSE_REPO:
+            raise SystemExit(
+                "Set COURSE_REPO (in this cell or the environment) to the course's git URL, "
+                "e.g. https://github.com/<you>/<your-fork>, and run this cell again."
+            )
+        subprocess.run(["git", "clone", "--depth", "1", COURSE_REPO, COURSE_DIR], check=True)
+    pins, keep = TORCH_PINS + PINS, []
+    if IN_COLAB:  # keep Colab's CUDA torch; pip picks the xformers build made for it
+        found = [name for name in BUILT_FOR_TORCH if importlib.util.find_spec(name)]
+        keep = [f"{{name}}=={{metadata.version(name)}}" for name in found]
+        pins = [p for p in PINS if not p.startswith(("xformers==", "triton=="))]
+    constraints = os.path.join(tempfile.gettempdir(), "course-keep-torch.txt")
+    with open(constraints, "w") as f:
+        f.write("\\n".join(keep) + "\\n")
+    command = [sys.executable, "-m", "pip", "install", "-q", "-c", constraints, *pins, "-e", COURSE_DIR]
+    subprocess.run(command, check=True)
     site.addsitedir(site.getsitepackages()[0])  # pick up the editable install without a restart'''
 
 
 def badge(name: str) -> str:
+    if not COURSE_REPO:
+        return (
+            "*Open in Colab: File → Open notebook → GitHub, paste your fork's URL "
+            "(or set `repository` under `[tool.course]` in pyproject.toml for a badge).*"
+        )
     url = COURSE_REPO.replace("https://github.com/", "https://colab.research.google.com/github/")
     return f"[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]({url}/blob/main/notebooks/{name})"
 
