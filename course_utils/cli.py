@@ -44,7 +44,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 # Subcommands that live beside their code: each module has ``add_parser(subparsers)`` and imports
 # nothing heavy at module level (the CLI imports them to build its help).
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES = ("course_utils.costs",)
 
 
 def read_pins(requirements: Path) -> dict[str, str]:
@@ -172,7 +172,8 @@ def data_generate(args) -> int:
 
 
 def data_validate(args) -> int:
-    """Row-numbered report; exit 1 when any row is invalid, 2 when the file cannot be read at all."""
+    """Row-numbered report; exit 1 when any row is invalid or there are no rows, 2 when the file cannot
+    be read at all (missing, another encoding, not JSON/Parquet: one line says where and the fix)."""
     from course_utils.data import validate_file, write_jsonl
 
     try:
@@ -188,16 +189,20 @@ def data_validate(args) -> int:
                 processor = AutoProcessor.from_pretrained(build_stand_in("tiny-mistral-small-3"))
         report = validate_file(
             args.file,
+            encoding=args.encoding,
             fmt=args.format,
             processor=processor,
             max_seq_length=args.max_seq_length,
             strip_whitespace=args.strip_whitespace,
             drop_duplicates=args.drop_duplicates,
+            fix_tool_call_ids=args.fix_tool_call_ids,
         )
         for issue in report.issues:
             print(issue)
         for fix in report.fixes:
             print("fixed:", fix)
+        for note in report.notes:
+            print("note:", note)
         print(report.summary())
         if args.write_valid:
             write_jsonl(
@@ -227,7 +232,8 @@ def vram(args) -> int:
             args.lora_r,
             args.grad_checkpointing,
             args.optimizer,
-            fused_cross_entropy=not args.plain_loss,
+            fused_cross_entropy=False if args.plain_loss else None,
+            backend=args.backend,
         )
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -292,6 +298,28 @@ def run(args) -> int:
     return 1 if failed else 0
 
 
+def checkpoint(args) -> int:
+    """Skip ahead: run lessons 00 … ``--upto`` (their notebooks, in order) so a later lesson finds the
+    outputs it builds on — in a fresh Colab runtime, or a workshop seat that starts at lesson 05."""
+    notebooks = discover_notebooks(Path(args.notebooks))
+    upto = args.upto.zfill(2)
+    known = sorted({nb.name[:2] for nb in notebooks})
+    if upto not in known:
+        print(f"error: --upto {args.upto!r}: choose one of {', '.join(known)}", file=sys.stderr)
+        return 2
+    args.only = [nb.name[:2] for nb in notebooks if nb.name[:2] <= upto]
+    args.keep_going = False
+    print(f"Running lessons {args.only[0]}–{upto} to produce their outputs (skip-ahead)", flush=True)
+    code = run(args)
+    if code == 0:
+        from course_utils.paths import outputs_dir
+
+        made = sorted(str(p.relative_to(outputs_dir())) for p in outputs_dir().glob("*/*") if p.is_dir())
+        print("outputs now in place:", ", ".join(made) or "none")
+        print(f"Lesson {int(upto) + 1:02d} can start from here.")
+    return code
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m course_utils", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -314,9 +342,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--force", action="store_true", help="overwrite an existing dataset")
     g.set_defaults(func=data_generate)
-    v = data_sub.add_parser("validate", help="check a JSONL file row by row (exit 1 if any row is invalid)")
+    v = data_sub.add_parser(
+        "validate",
+        help="check a .jsonl/.json/.parquet file (or .gz) row by row (exit 1 if any row is invalid)",
+    )
     v.add_argument("file")
-    v.add_argument("--format", default="auto", choices=["auto", "alpaca", "sharegpt", "openai", "plateforme"])
+    v.add_argument(
+        "--format",
+        default="auto",
+        choices=["auto", "alpaca", "sharegpt", "openai", "plateforme", "prompt_completion", "text"],
+    )
+    v.add_argument("--encoding", help="the file's text encoding when it is not UTF-8 (e.g. cp1252, utf-16)")
+    v.add_argument(
+        "--fix-tool-call-ids",
+        action="store_true",
+        help="safe fix: rewrite tool-call ids to Mistral's 9 characters, consistently per row; reported",
+    )
     v.add_argument(
         "--model", help="model/processor folder for token counts (default: the stand-in's tokenizer)"
     )
@@ -338,6 +379,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--plain-loss", action="store_true", help="un-fused cross-entropy (materialised fp32 logits)"
     )
+    p.add_argument(
+        "--backend",
+        choices=["unsloth", "transformers"],
+        default="unsloth",
+        help="Unsloth (offloaded gradient checkpoints, fused loss) or transformers+peft",
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=vram)
 
@@ -349,6 +396,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=int, default=1800, help="seconds per cell")
     p.add_argument("--keep-going", action="store_true", help="run later notebooks after a failure")
     p.set_defaults(func=run)
+
+    p = sub.add_parser("checkpoint", help="run lessons 00 … N so a later lesson can start (skip-ahead)")
+    p.add_argument("--upto", required=True, help="last lesson to run, e.g. 04")
+    p.add_argument("--profile", default="auto")
+    p.add_argument("--out", default="runs/checkpoint")
+    p.add_argument("--notebooks", default=str(REPO_ROOT / "notebooks"))
+    p.add_argument("--timeout", type=int, default=1800, help="seconds per cell")
+    p.set_defaults(func=checkpoint)
 
     for name in COMMAND_MODULES:
         importlib.import_module(name).add_parser(sub)

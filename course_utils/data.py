@@ -1,35 +1,63 @@
-"""Make a learner's data safe to train on: one schema, converters, validation that never loses a row,
+"""Make a learner's data safe to train on: one schema, readers and converters for the files people
+really bring, validation that never loses a row, response-only labels, token statistics and leak-free
+splits.
 
-Backs lesson 03.
-
-response-only labels, token statistics and leak-free splits.
+Backs lesson 03 (and lesson 08's tool-calling rows, checked by :func:`check_tool_calls`).
 
 The canonical record (what every converter produces and training consumes)::
 
-    {"messages": [{"role": "system"|"user"|"assistant",
-                   "content": "text" | [{"type": "text", "text": …}, {"type": "image"}, …]}, …],
-     "images": ["path/or/url", …]}          # one entry per {"type": "image"} part, in order
+    {"messages": [{"role": "system"|"user"|"assistant"|"tool",
+                   "content": "text" | [{"type": "text", "text": …}, {"type": "image"}, …],
+                   "weight": 0 | 1,                      # optional, assistant turns only
+                   "tool_calls": [{"id": "9 chars", "type": "function",
+                                   "function": {"name": …, "arguments": "JSON string"}}],  # assistant
+                   "tool_call_id": "9 chars", "name": …}, …],                               # tool
+     "images": ["path/or/url", …],          # one entry per {"type": "image"} part, in order
+     "tools": [{"type": "function", "function": {"name", "description", "parameters"}}]}  # optional
 
-Everything that reports a problem says ``file:row:field: reason`` (rows are 1-based line numbers).
+or, for plain text (TRL's ``text`` / mistral-finetune's pretraining rows), ``{"text": "…"}``.
+
+Files: ``.jsonl``, ``.json`` (an array, an object of arrays, or columns), either gzipped, ``.parquet``,
+and Hugging Face ``Dataset``/``DatasetDict`` objects. Everything that reports a problem says
+``file:row:field: reason``: rows are 1-based line numbers in JSON Lines, and 0-based indexes
+(``data[row]``) in arrays, Parquet and datasets (``split[index]`` for an object of arrays).
 """
 
 from __future__ import annotations
 
+import codecs
+import copy
+import gzip
 import hashlib
+import io
 import json
 import math
 import os
+import re
+import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from course_utils.chat import contains_control_tokens
 from course_utils.paths import staged
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 IGNORE_INDEX = -100  # label value that the loss skips
-INST_END_ID, EOS_ID = 4, 2  # [/INST] and </s> in the Tekken vocabulary
+INST_END_ID, EOS_ID, BOS_ID = 4, 2, 1  # [/INST], </s> and <s> in the Tekken vocabulary
+
+# Mistral's tool rules, as mistral-common 1.13.1 enforces them for v7 (protocol/instruct/validator.py)
+TOOL_CALL_ID = re.compile(r"^[a-zA-Z0-9]{9}$")
+FUNCTION_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+# mistral-common 1.13.1's v7 validator, finetuning mode, measured 2026-11-29: a system message after a
+# user turn is accepted, after an assistant turn rejected ("Unexpected role 'system' after role 'assistant'").
+SYSTEM_NOT_FIRST = (
+    "system message must come first (the course's template renders a leading one only; mistral-finetune "
+    "lifts a single system message to the front; mistral-common v7 accepts one after a user turn and "
+    "rejects one after an assistant turn)"
+)
 
 
 class DataFormatError(ValueError):
@@ -38,6 +66,11 @@ class DataFormatError(ValueError):
     def __init__(self, field_name: str, reason: str):
         super().__init__(f"{field_name}: {reason}")
         self.field, self.reason = field_name, reason
+
+
+class DataReadError(ValueError):
+    """A whole file could not be read (wrong encoding, not JSON, corrupt gzip/Parquet): one line saying
+    where and what to do."""
 
 
 # --- Converters ----------------------------------------------------------------------------------
@@ -56,17 +89,80 @@ def _text_parts_with_images(text: str, placeholder: str = "<image>") -> list[dic
     return parts
 
 
+def short_tool_call_id(seed: str, taken: set[str] = frozenset()) -> str:
+    """A deterministic 9-character [A-Za-z0-9] id (Mistral's rule) derived from ``seed``."""
+    alphabet = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+    for attempt in range(1000):
+        number = int(hashlib.sha256(f"{attempt}:{seed}".encode()).hexdigest(), 16)
+        chars = []
+        for _ in range(9):
+            number, digit = divmod(number, 62)
+            chars.append(alphabet[digit])
+        candidate = "".join(chars)
+        if candidate not in taken:
+            return candidate
+    raise ValueError(f"no free tool-call id for {seed!r}")  # pragma: no cover - 62**9 ids
+
+
+def _with_system(messages: list[dict], text, field_name: str) -> list[dict]:
+    """Prepend a top-level system prompt; a second one (also in the turns) is an error, never dropped."""
+    if text is None or text == "":
+        return messages
+    if not isinstance(text, str):
+        raise DataFormatError(field_name, f"must be a string, got {type(text).__name__}")
+    if any(isinstance(m, dict) and m.get("role") == "system" for m in messages):
+        raise DataFormatError(field_name, "a system prompt is given twice (here and as a system turn)")
+    return [{"role": "system", "content": text}, *messages]
+
+
+def _tools_of(row: dict) -> list | None:
+    """``tools`` (OpenAI/Mistral list, or LLaMA-Factory's JSON string of bare functions) or
+    mistral-finetune's ``available_tools``, in the canonical ``{"type": "function", …}`` shape."""
+    if "tools" in row and "available_tools" in row:
+        raise DataFormatError("tools", "both tools and available_tools are given: keep one")
+    key = "tools" if "tools" in row else "available_tools"
+    tools = row.get(key)
+    if tools is None or tools == "" or tools == []:
+        return None
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as exc:
+            raise DataFormatError(key, f"a string that is not JSON ({exc.msg})") from None
+    if not isinstance(tools, list):
+        raise DataFormatError(key, f"must be a list of tools, got {type(tools).__name__}")
+    return [
+        t
+        if not isinstance(t, dict) or "function" in t or "name" not in t
+        else {"type": "function", "function": t}
+        for t in tools
+    ]
+
+
 def from_alpaca(row: dict, system: str | None = None) -> dict:
-    """``instruction`` (+ optional ``input``) → user, ``output`` → assistant."""
+    """``instruction`` (+ optional ``input``) → user, ``output`` → assistant; ``system`` and
+    ``history`` ([[instruction, response], …], LLaMA-Factory) become the turns before it."""
     for key in ("instruction", "output"):
         if key not in row:
             raise DataFormatError(key, "missing (Alpaca rows need instruction and output)")
+    if row.get("input") not in (None, "") and not isinstance(row.get("input"), str):
+        raise DataFormatError("input", f"must be a string, got {type(row['input']).__name__}")
+    if row.get("input") and not isinstance(row["instruction"], str):
+        raise DataFormatError("instruction", f"must be a string, got {type(row['instruction']).__name__}")
     user = row["instruction"] if not row.get("input") else f"{row['instruction']}\n\n{row['input']}"
-    messages = [{"role": "system", "content": system}] if system else []
+    messages: list[dict] = []
+    history = row.get("history") or []
+    if not isinstance(history, list):
+        raise DataFormatError("history", f"must be a list of [instruction, response] pairs, got {history!r}")
+    for i, pair in enumerate(history):
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
+            raise DataFormatError(f"history[{i}]", "must be an [instruction, response] pair")
+        messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
     messages += [{"role": "user", "content": user}, {"role": "assistant", "content": row["output"]}]
-    images = [row["image"]] if row.get("image") else []
+    messages = _with_system(messages, row.get("system") or system, "system")
+    images = list(row.get("images") or ([row["image"]] if row.get("image") else []))
     if images:
-        messages[-2]["content"] = [{"type": "image"}, {"type": "text", "text": user}]
+        messages[-2]["content"] = [{"type": "image"} for _ in images] + [{"type": "text", "text": user}]
     return {"messages": messages, "images": images}
 
 
@@ -78,79 +174,188 @@ _SHAREGPT_ROLES = {
     "system": "system",
     "chatgpt": "assistant",
     "bing": "assistant",
+    "function_call": "assistant",  # LLaMA-Factory: a tool call {"name", "arguments"} (or a list of them)
+    "observation": "tool",  # LLaMA-Factory: the tool's result
+    "tool": "tool",
 }
 
 
+def _sharegpt_calls(value: str, where: str, turn: int, taken: set[str]) -> list[dict]:
+    try:
+        calls = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise DataFormatError(
+            where, f"a function_call must be JSON {{name, arguments}} ({exc.msg})"
+        ) from None
+    calls = calls if isinstance(calls, list) else [calls]
+    out = []
+    for k, call in enumerate(calls):
+        if not isinstance(call, dict) or not isinstance(call.get("name"), str):
+            raise DataFormatError(where, "a function_call must be {name, arguments} (or a list of them)")
+        arguments = call.get("arguments", {})
+        arguments = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
+        call_id = short_tool_call_id(f"{turn}:{k}:{call['name']}:{arguments}", taken)
+        taken.add(call_id)
+        out.append(
+            {"id": call_id, "type": "function", "function": {"name": call["name"], "arguments": arguments}}
+        )
+    return out
+
+
 def from_sharegpt(row: dict) -> dict:
-    """``conversations: [{from: human|gpt|system, value}]``, with ``<image>`` placeholders."""
+    """``conversations: [{from: human|gpt|system, value}]``, with ``<image>`` placeholders, a top-level
+    ``system``, per-turn ``weight`` and LLaMA-Factory's ``function_call``/``observation`` turns."""
     turns = row.get("conversations")
     if not isinstance(turns, list):
         raise DataFormatError("conversations", "missing or not a list")
-    messages = []
+    messages: list[dict] = []
+    taken: set[str] = set()
+    pending: list[dict] = []  # calls still waiting for their observation
     for i, turn in enumerate(turns):
         who = turn.get("from") if isinstance(turn, dict) else None
         if who not in _SHAREGPT_ROLES:
             raise DataFormatError(f"conversations[{i}].from", f"unknown speaker {who!r}")
-        messages.append(
-            {"role": _SHAREGPT_ROLES[who], "content": _text_parts_with_images(turn.get("value", ""))}
-        )
+        value = turn.get("value")
+        if not isinstance(value, str):
+            reason = "missing" if value is None else f"must be a string, got {type(value).__name__}"
+            raise DataFormatError(f"conversations[{i}].value", reason)
+        if who == "function_call":
+            calls = _sharegpt_calls(value, f"conversations[{i}].value", i, taken)
+            message = {"role": "assistant", "content": None, "tool_calls": calls}
+            pending = list(calls)
+        elif who in ("observation", "tool"):
+            message = {"role": "tool", "content": value}
+            if pending:
+                call = pending.pop(0)
+                message.update(tool_call_id=call["id"], name=call["function"]["name"])
+        else:
+            message = {"role": _SHAREGPT_ROLES[who], "content": _text_parts_with_images(value)}
+        if turn.get("weight") is not None:
+            message["weight"] = turn["weight"]
+        messages.append(message)
+    messages = _with_system(messages, row.get("system"), "system")
     images = row.get("images") or ([row["image"]] if row.get("image") else [])
-    return {"messages": messages, "images": list(images)}
+    record = {"messages": messages, "images": list(images)}
+    tools = _tools_of(row)
+    if tools is not None:
+        record["tools"] = tools
+    return record
+
+
+def _image_url(part: dict, where: str):
+    url = part.get("image_url")
+    if isinstance(url, dict):
+        if not isinstance(url.get("url"), str) or not url["url"]:
+            raise DataFormatError(f"{where}.image_url.url", "missing (an image_url object needs a url)")
+        return url["url"]
+    if not isinstance(url, str) or not url:
+        raise DataFormatError(f"{where}.image_url", "missing: a URL, data URI or {url: …} object")
+    return url
+
+
+def _convert_message(message: dict, i: int, images: list, key: str) -> dict:
+    where = f"{key}[{i}]"
+    if message.get("content") is not None and message.get("text") is not None:
+        raise DataFormatError(where, "has both content and text (mistral-finetune takes one of the two)")
+    content = message.get("content") if message.get("content") is not None else message.get("text")
+    if isinstance(content, list):
+        parts = []
+        for j, part in enumerate(content):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "image_url":
+                images.append(_image_url(part, f"{where}.content[{j}]"))
+                parts.append({"type": "image"})
+            elif kind == "image":
+                if part.get("image") is not None:
+                    images.append(part["image"])
+                parts.append({"type": "image"})
+            elif kind == "text":
+                parts.append({"type": "text", "text": part.get("text")})
+            else:
+                raise DataFormatError(f"{where}.content[{j}].type", f"unsupported part type {kind!r}")
+        content = parts
+    out = {"role": message.get("role"), "content": content}
+    for name in ("weight", "tool_calls", "tool_call_id"):  # None = absent (Arrow fills missing keys)
+        if message.get(name) is not None:
+            out[name] = copy.deepcopy(message[name])
+    if message.get("role") == "tool" and message.get("name") is not None:
+        out["name"] = message["name"]
+    return out
 
 
 def from_openai(row: dict) -> dict:
-    """OpenAI chat format: ``image_url`` parts (URL or data URI) become image parts + ``images``."""
-    messages_in = row.get("messages")
+    """OpenAI chat format (also la Plateforme's and mistral-finetune's ``messages``/``interactions``):
+    ``image_url`` parts become image parts + ``images``; weights, tool calls and ``tools`` are kept."""
+    if "messages" in row and "interactions" in row:
+        raise DataFormatError("messages", "both messages and interactions are given: keep one")
+    key = "interactions" if "interactions" in row and "messages" not in row else "messages"
+    messages_in = row.get(key)
     if not isinstance(messages_in, list):
-        raise DataFormatError("messages", "missing or not a list")
+        raise DataFormatError(key, "missing or not a list")
     messages, images = [], list(row.get("images") or [])
     for i, message in enumerate(messages_in):
         if not isinstance(message, dict):
-            raise DataFormatError(f"messages[{i}]", "not an object")
-        content = message.get("content")
-        if isinstance(content, list):
-            parts = []
-            for j, part in enumerate(content):
-                kind = part.get("type") if isinstance(part, dict) else None
-                if kind == "image_url":
-                    url = (
-                        part["image_url"]["url"]
-                        if isinstance(part.get("image_url"), dict)
-                        else part.get("image_url")
-                    )
-                    images.append(url)
-                    parts.append({"type": "image"})
-                elif kind == "image":
-                    if part.get("image") is not None:
-                        images.append(part["image"])
-                    parts.append({"type": "image"})
-                elif kind == "text":
-                    parts.append({"type": "text", "text": part.get("text")})
-                else:
-                    raise DataFormatError(
-                        f"messages[{i}].content[{j}].type", f"unsupported part type {kind!r}"
-                    )
-            content = parts
-        messages.append({"role": message.get("role"), "content": content})
-    return {"messages": messages, "images": images}
+            raise DataFormatError(f"{key}[{i}]", "not an object")
+        messages.append(_convert_message(message, i, images, key))
+    record = {"messages": messages, "images": images}
+    tools = _tools_of(row)
+    if tools is not None:
+        record["tools"] = tools
+    return record
 
 
 def from_plateforme(row: dict) -> dict:
-    """Mistral la Plateforme fine-tuning JSONL (OpenAI-like; ``weight`` on assistant turns is dropped)."""
+    """Mistral la Plateforme fine-tuning JSONL (OpenAI-like, ``weight`` on assistant turns kept)."""
     return from_openai(row)
 
 
+def from_prompt_completion(row: dict) -> dict:
+    """TRL's prompt-completion rows. Conversational (lists of messages) are joined; plain strings become
+    one user turn and one assistant reply (TRL itself would train them as raw text continuation)."""
+    prompt, completion = row.get("prompt"), row.get("completion")
+    if isinstance(prompt, str) and isinstance(completion, str):
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+        return {"messages": messages, "images": list(row.get("images") or [])}
+    if isinstance(prompt, list) and isinstance(completion, list):
+        joined = dict(row, messages=prompt + completion)
+        for drop in ("prompt", "completion"):
+            joined.pop(drop)
+        return from_openai(joined)
+    raise DataFormatError(
+        "completion",
+        f"prompt and completion must both be strings or both lists of messages, got "
+        f"{type(prompt).__name__} and {type(completion).__name__}",
+    )
+
+
+def from_text(row: dict) -> dict:
+    """Plain text for language modelling (TRL's ``text``, mistral-finetune's pretraining rows)."""
+    if "text" in row and "content" in row:
+        raise DataFormatError("text", "both text and content are given (mistral-finetune takes one)")
+    return {"text": row.get("text", row.get("content"))}
+
+
 def detect_format(row: dict) -> str:
-    """Which converter a row needs: ``alpaca``, ``sharegpt`` or ``openai`` (also canonical/Plateforme)."""
+    """Which converter a row needs: ``sharegpt``, ``openai`` (also canonical, la Plateforme and
+    mistral-finetune's ``interactions``), ``alpaca``, ``prompt_completion`` (TRL) or ``text``."""
     if "conversations" in row:
         return "sharegpt"
-    if "messages" in row:
+    if "messages" in row or "interactions" in row:
         return "openai"
     if "instruction" in row and "output" in row:
         return "alpaca"
+    if "prompt" in row and "completion" in row:
+        return "prompt_completion"
+    if "chosen" in row or "rejected" in row:
+        raise DataFormatError(
+            "(row)", "preference data (chosen/rejected) is for DPO-style training, not supervised fine-tuning"
+        )
+    if "text" in row or ("content" in row and "role" not in row):
+        return "text"
     raise DataFormatError(
         "(row)",
-        f"unknown format: keys {sorted(row)[:6]} — expected messages, conversations or instruction/output",
+        f"unknown format: keys {sorted(row)[:6]} — expected messages, interactions, conversations, "
+        "instruction/output, prompt/completion or text",
     )
 
 
@@ -159,7 +364,37 @@ CONVERTERS = {
     "sharegpt": from_sharegpt,
     "openai": from_openai,
     "plateforme": from_plateforme,
+    "prompt_completion": from_prompt_completion,
+    "text": from_text,
 }
+
+# What each converter reads; anything else in a row is reported (counted per file), never ignored silently.
+_KNOWN_KEYS = {
+    "alpaca": {"instruction", "input", "output", "system", "history", "image", "images"},
+    "sharegpt": {"conversations", "system", "tools", "images", "image"},
+    "openai": {"messages", "interactions", "images", "tools", "available_tools"},
+    "prompt_completion": {"prompt", "completion", "images", "tools"},
+    "text": {"text", "content"},
+}
+_KNOWN_KEYS["plateforme"] = _KNOWN_KEYS["openai"]
+_MESSAGE_KEYS = {"role", "content", "text", "weight", "tool_calls", "tool_call_id"}
+
+
+def unknown_fields(row: dict, fmt: str) -> list[str]:
+    """Keys of a raw row that its converter does not carry over (``messages[].name`` for every turn)."""
+    known = _KNOWN_KEYS.get(fmt, set()) | {"id", "system_prompt"}
+    found = [str(k) for k, v in row.items() if k not in known and v is not None]
+    lists = {"sharegpt": [("conversations", {"from", "value", "weight"})]}.get(
+        fmt, [(k, _MESSAGE_KEYS) for k in ("messages", "interactions", "prompt", "completion")]
+    )
+    for key, allowed in lists:
+        turns = row.get(key)
+        for turn in turns if isinstance(turns, list) else []:
+            if isinstance(turn, dict):
+                extra = {k for k, v in turn.items() if v is not None} - allowed
+                extra -= {"name"} if turn.get("role") == "tool" else set()
+                found += [f"{key}[].{k}" for k in sorted(map(str, extra)) if f"{key}[].{k}" not in found]
+    return found
 
 
 def to_canonical(row: dict, fmt: str = "auto") -> dict:
@@ -167,17 +402,267 @@ def to_canonical(row: dict, fmt: str = "auto") -> dict:
     if fmt not in CONVERTERS:
         raise DataFormatError("(format)", f"unknown format {fmt!r}; use one of auto, {', '.join(CONVERTERS)}")
     record = CONVERTERS[fmt](row)
+    if "system_prompt" in row:  # mistral-finetune (and others): a top-level system prompt
+        if "messages" not in record:
+            raise DataFormatError("system_prompt", "a text row cannot carry a system prompt")
+        record["messages"] = _with_system(record["messages"], row["system_prompt"], "system_prompt")
     if "id" in row:
         record["id"] = row["id"]
     return record
 
 
-def from_hf_dataset(dataset: Iterable[dict], fmt: str = "auto") -> list[dict]:
-    """Rows of a Hugging Face ``datasets.Dataset`` (or any iterable of dicts) → canonical records.
+def from_hf_dataset(
+    dataset, fmt: str = "auto", issues: list[Issue] | None = None, name: str = "dataset"
+) -> list[dict]:
+    """Rows of a Hugging Face ``Dataset``/``DatasetDict`` (or any iterable of dicts) → canonical records.
 
-    PIL images in ``image``/``images`` columns are kept as objects (they are already loaded).
+    Every row is tried: rows that cannot be converted are reported as ``Issue`` (row = index, or
+    ``split[index]``) into ``issues`` when given; otherwise one ``DataFormatError`` lists them all at the
+    end. PIL images in ``image``/``images`` columns are kept as objects (they are already loaded).
     """
-    return [to_canonical(dict(row), fmt) for row in dataset]
+    records, problems = [], []
+    for row_id, row in dataset_rows(dataset):
+        try:
+            records.append(to_canonical(dict(row), fmt))
+        except DataFormatError as exc:
+            problems.append(Issue(name, row_id, exc.field, exc.reason))
+    if issues is not None:
+        issues.extend(problems)
+    elif problems:
+        shown = "; ".join(str(p) for p in problems[:3])
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise DataFormatError("(rows)", f"{len(problems)} row(s) could not be converted: {shown}{more}")
+    return records
+
+
+def dataset_rows(dataset) -> list[tuple[int | str, dict]]:
+    """(row id, row) pairs of a ``Dataset`` (0-based index), a ``DatasetDict`` or a dict of row lists
+    (``split[index]``), or any iterable of rows (index)."""
+    if isinstance(dataset, dict):  # DatasetDict is a dict of Datasets
+        return [(f"{split}[{i}]", row) for split in dataset.keys() for i, row in enumerate(dataset[split])]
+    return list(enumerate(dataset))
+
+
+# --- Reading files -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Undecodable:
+    """A JSON Lines row whose bytes are not valid text in the file's encoding."""
+
+    reason: str
+
+
+@dataclass
+class LoadedRows:
+    """The raw rows of a file: (row id, JSON text or object) pairs and how the file was read."""
+
+    rows: list[tuple[int | str, object]]
+    container: str  # "JSON Lines", "JSON array", …, "+ gzip"
+    row_kind: Literal["line", "index"]
+    notes: list[str] = field(default_factory=list)
+
+
+_BOMS = [
+    (codecs.BOM_UTF32_LE, "utf-32"),
+    (codecs.BOM_UTF32_BE, "utf-32"),
+    (codecs.BOM_UTF16_LE, "utf-16"),
+    (codecs.BOM_UTF16_BE, "utf-16"),
+]
+
+
+def guess_encoding(data: bytes) -> str:
+    """A best guess at a non-UTF-8 file's encoding, from byte-order marks and byte patterns."""
+    for bom, name in _BOMS:
+        if data.startswith(bom):
+            return name
+    sample = data[:4096]
+    if sample and sample.count(b"\x00") > len(sample) // 4:
+        return "utf-16-le" if sample[1:2] == b"\x00" else "utf-16-be"
+    try:
+        sample.decode("cp1252")
+        return "cp1252"
+    except UnicodeDecodeError:
+        return "latin-1"
+
+
+def _encoding_hint(path: str, encoding: str) -> str:
+    iconv = {"utf-16-le": "UTF-16LE", "utf-16-be": "UTF-16BE"}.get(encoding, encoding.upper())
+    return (
+        f"it looks like {encoding}: pass --encoding {encoding} (encoding='{encoding}'), or convert it once "
+        f"with `iconv -f {iconv} -t UTF-8 {path} > {Path(path).stem}.utf8{Path(path).suffix}`"
+    )
+
+
+def _decode_lines(data: bytes, path: str, encoding: str | None) -> list[tuple[int, object]]:
+    """JSON Lines → (line number, text or Undecodable). A file in another encoding is one error; a
+    few broken lines in a UTF-8 file are row problems and the other rows are kept."""
+    if encoding:
+        try:
+            text = data.decode(encoding)
+        except (UnicodeDecodeError, LookupError) as exc:
+            raise DataReadError(f"{path}: cannot be read as {encoding}: {exc}") from None
+        text = text.removeprefix("\ufeff")
+        return [(n, line) for n, line in enumerate(text.split("\n"), start=1) if line.strip()]
+    for bom, name in _BOMS:
+        if data.startswith(bom):
+            raise DataReadError(
+                f"{path}: byte 0: a {name.upper()} byte-order mark, not UTF-8 — {_encoding_hint(path, name)}"
+            )
+    data = data.removeprefix(codecs.BOM_UTF8)
+    rows: list[tuple[int, object]] = []
+    bad: list[tuple[int, int, bytes]] = []
+    multibyte_ok = False
+    offset = 0
+    for number, raw in enumerate(data.split(b"\n"), start=1):
+        try:
+            line = raw.decode("utf-8")
+            multibyte_ok |= not line.isascii()
+            if line.strip():
+                rows.append((number, line))
+        except UnicodeDecodeError as exc:
+            bad.append((number, offset + exc.start, raw[exc.start : exc.start + 1]))
+            rows.append((number, None))
+        offset += len(raw) + 1
+    if not bad:
+        return rows
+    guess = guess_encoding(data)
+    if len(bad) > 1 and not multibyte_ok:  # the whole file is in another encoding
+        line, byte, value = bad[0]
+        raise DataReadError(
+            f"{path}: line {line} (byte offset {byte}): byte {value!r} is not UTF-8 — "
+            f"{len(bad)} lines are affected; {_encoding_hint(path, guess)}"
+        )
+    reasons = {
+        line: Undecodable(
+            f"not UTF-8: byte {value!r} at byte offset {byte} of the file ({guess}?); the row is skipped"
+        )
+        for line, byte, value in bad
+    }
+    return [(n, reasons.get(n, raw)) for n, raw in rows]
+
+
+def _json_error(path: str, text: str, exc: json.JSONDecodeError) -> DataReadError:
+    byte = len(text[: exc.pos].encode("utf-8"))
+    return DataReadError(
+        f"{path}: not valid JSON at line {exc.lineno}, column {exc.colno} (byte offset {byte}): {exc.msg} "
+        "— one broken element makes a JSON array unreadable; fix it there "
+        "(JSON Lines files keep the other rows)"
+    )
+
+
+def _looks_like_one_row(document: dict) -> bool:
+    """A row, not columns: its main key holds text or a list of turns (columns hold one per row)."""
+    try:
+        detect_format(document)
+    except DataFormatError:
+        return False
+    keys = ("conversations", "messages", "interactions", "instruction", "prompt", "text", "content")
+    value = document[next(k for k in keys if k in document)]
+    return isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, dict) for v in value))
+
+
+def _rows_of_json(document, path: str) -> tuple[list[tuple[int | str, object]], str]:
+    if isinstance(document, list):
+        return list(enumerate(document)), "JSON array"
+    if not isinstance(document, dict):
+        raise DataReadError(
+            f"{path}: a JSON {type(document).__name__}, not rows (expected an array of objects)"
+        )
+    if _looks_like_one_row(document):
+        return [(0, document)], "JSON object (one row)"
+    values = list(document.values())
+    if values and all(isinstance(v, list) and all(isinstance(r, dict) for r in v) for v in values):
+        return [(f"{key}[{i}]", row) for key, rows in document.items() for i, row in enumerate(rows)], (
+            "JSON object of arrays"
+        )
+    if values and all(isinstance(v, list) for v in values) and len({len(v) for v in values}) == 1:
+        columns = list(document)
+        return [(i, {c: document[c][i] for c in columns}) for i in range(len(values[0]))], "JSON columns"
+    raise DataReadError(
+        f"{path}: a JSON object that is neither a row nor arrays of rows (keys {sorted(document)[:6]})"
+    )
+
+
+def read_rows(path: str | os.PathLike, encoding: str | None = None) -> LoadedRows:
+    """The raw rows of a ``.jsonl``, ``.json`` (array, object of arrays, columns, or JSON Lines named
+    .json), ``.parquet`` or gzipped file. UTF-8 with or without BOM is read; anything else is a
+    ``DataReadError`` naming the byte offset, the guessed encoding and the fix (or pass ``encoding``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    data = path.read_bytes()
+    name, suffixes, zipped = str(path), [s.lower() for s in path.suffixes], ""
+    if data[:2] == b"\x1f\x8b":
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError, zlib.error) as exc:
+            raise DataReadError(f"{name}: a gzip file that cannot be decompressed ({exc})") from None
+        suffixes, zipped = [s for s in suffixes if s != ".gz"], " + gzip"
+    elif suffixes[-1:] == [".gz"]:
+        raise DataReadError(f"{name}: named .gz but not gzip-compressed (it starts with {data[:8]!r})")
+    if data[:4] == b"PAR1" or suffixes[-1:] == [".parquet"]:
+        return LoadedRows(_parquet_rows(data, name), "Parquet" + zipped, "index")
+    if encoding is None and not any(data.startswith(bom) for bom, _ in _BOMS):
+        if data[:4096].count(b"\x00") > len(data[:4096]) // 4:
+            first_nul = data.index(b"\x00")
+            raise DataReadError(
+                f"{name}: byte offset {first_nul}: NUL bytes, not UTF-8 text — "
+                + _encoding_hint(name, guess_encoding(data))
+            )
+        head = data.removeprefix(codecs.BOM_UTF8).lstrip()[:1]
+        if head and head not in b"[{":
+            raise DataReadError(
+                f"{name}: does not start like JSON (first bytes {data[:20]!r}); the validator reads "
+                ".jsonl, .json, .parquet and their .gz; load CSV with datasets.load_dataset('csv', …)"
+            )
+    else:
+        head = None
+    is_lines = suffixes[-1:] in ([".jsonl"], [".ndjson"])
+    text = _whole_text(data, name, encoding, head)
+    start = text.lstrip()[:1] if text is not None else ""
+    if start == "[" or (start == "{" and not is_lines):  # one JSON document, unless it is JSON Lines
+        try:
+            document = json.loads(text)
+        except json.JSONDecodeError as exc:
+            if start == "[" and not is_lines:
+                raise _json_error(name, text, exc) from None
+        else:
+            rows, container = _rows_of_json(document, name)
+            notes = [f"{name}: named {suffixes[-1]} but holds a {container}"] if is_lines else []
+            return LoadedRows(rows, container + zipped, "index", notes)
+    rows = _decode_lines(data, name, encoding)
+    notes = [] if is_lines or not rows else [f"{name}: read as JSON Lines (one object per line)"]
+    return LoadedRows(rows, "JSON Lines" + zipped, "line", notes)
+
+
+def _whole_text(data: bytes, name: str, encoding: str | None, head: bytes | None) -> str | None:
+    """The file as one text when it decodes; a JSON array that does not is a ``DataReadError`` (no
+    line of it can be kept); other files are read line by line, which names each bad line."""
+    try:
+        return data.decode(encoding or "utf-8").removeprefix("\ufeff")
+    except LookupError:
+        raise DataReadError(f"{name}: unknown encoding {encoding!r}") from None
+    except UnicodeDecodeError as exc:
+        if head == b"[" and not encoding:
+            line = data[: exc.start].count(b"\n") + 1
+            raise DataReadError(
+                f"{name}: line {line} (byte offset {exc.start}): byte {data[exc.start : exc.start + 1]!r} "
+                f"is not UTF-8 — {_encoding_hint(name, guess_encoding(data))}"
+            ) from None
+        return None
+
+
+def _parquet_rows(data: bytes, name: str) -> list[tuple[int, object]]:
+    try:
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(io.BytesIO(data))
+    except ImportError:  # pragma: no cover - pyarrow comes with datasets
+        raise DataReadError(f"{name}: reading Parquet needs pyarrow (`pip install pyarrow`)") from None
+    except Exception as exc:  # pyarrow raises ArrowInvalid, OSError, … for a corrupt file
+        raise DataReadError(f"{name}: not a readable Parquet file ({type(exc).__name__}: {exc})") from None
+    return list(enumerate(table.to_pylist()))
 
 
 # --- Validation ----------------------------------------------------------------------------------
@@ -186,11 +671,13 @@ def from_hf_dataset(dataset: Iterable[dict], fmt: str = "auto") -> list[dict]:
 @dataclass
 class Issue:
     file: str
-    row: int
+    row: int | str | None  # None: the file as a whole
     field: str
     reason: str
 
     def __str__(self) -> str:
+        if self.row is None:
+            return f"{self.file}: {self.reason}"
         return f"{self.file}:{self.row}:{self.field}: {self.reason}"
 
 
@@ -199,22 +686,26 @@ class ValidationReport:
     file: str
     total: int = 0
     valid: list[dict] = field(default_factory=list)
-    valid_rows: list[int] = field(default_factory=list)
+    valid_rows: list[int | str] = field(default_factory=list)
     issues: list[Issue] = field(default_factory=list)
     fixes: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # nothing wrong, but worth knowing (dropped keys, …)
+    container: str = "JSON Lines"
+    row_kind: Literal["line", "index"] = "line"
 
     @property
-    def invalid_rows(self) -> list[int]:
-        return sorted({i.row for i in self.issues})
+    def invalid_rows(self) -> list[int | str]:
+        return list(dict.fromkeys(i.row for i in self.issues if i.row is not None))
 
     @property
     def ok(self) -> bool:
         return not self.issues
 
     def summary(self) -> str:
+        where = "" if self.row_kind == "line" else f" ({self.container}; rows are 0-based indexes)"
         return (
             f"{self.file}: {self.total} rows, {len(self.valid)} valid, {len(self.invalid_rows)} invalid "
-            f"({len(self.issues)} problems), {len(self.fixes)} fixes applied"
+            f"({len(self.issues)} problems), {len(self.fixes)} fixes applied{where}"
         )
 
 
@@ -229,29 +720,62 @@ def _text_of(content) -> list[tuple[str, str]]:
     ]
 
 
+def _check_weight(message: dict, where: str, role) -> list[tuple[str, str]]:
+    if "weight" not in message:
+        return []
+    weight = message["weight"]
+    if role != "assistant":
+        return [(f"{where}.weight", f"only assistant turns may carry a weight, not {role}")]
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight not in (0, 1):
+        return [(f"{where}.weight", f"must be 0 or 1 (0 = not trained on), got {weight!r}")]
+    return []
+
+
 def check_record(record: dict, base_dir: Path | None = None) -> list[tuple[str, str]]:
     """Problems of one canonical record as (field, reason) pairs; empty when it is fine."""
+    if "messages" not in record and "text" in record:
+        return _check_text_record(record)
     problems: list[tuple[str, str]] = []
     messages = record.get("messages")
     if not isinstance(messages, list) or not messages:
         return [("messages", "missing or empty")]
-    expected = "user"
+    expected = {"user"}
     image_parts = 0
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
         role = message.get("role") if isinstance(message, dict) else None
         if role not in ROLES:
             problems.append((f"{where}.role", f"unknown role {role!r}; use system, user or assistant"))
-            expected = "assistant" if expected == "user" else "user"  # one problem, not a cascade
+            expected = {"assistant"} if "user" in expected else {"user"}  # one problem, not a cascade
             continue
+        problems += _check_weight(message, where, role)
+        calls = message.get("tool_calls")
         if role == "system":
             if i != 0:
-                problems.append((f"{where}.role", "system message must come first"))
-        elif role != expected:
-            problems.append((f"{where}.role", f"expected {expected} (user and assistant must alternate)"))
+                problems.append((f"{where}.role", SYSTEM_NOT_FIRST))
+        elif role not in expected:
+            if role == "tool":
+                reason = "a tool message must follow an assistant message with tool_calls"
+            elif expected == {"tool"}:
+                reason = "expected tool (the tool results of the assistant's tool_calls come next)"
+            else:
+                reason = f"expected {' or '.join(sorted(expected))} (user and assistant must alternate)"
+            problems.append((f"{where}.role", reason))
+        elif role == "user":
+            expected = {"assistant"}
+        elif role == "assistant":
+            expected = {"tool"} if calls else {"user"}
         else:
-            expected = "assistant" if role == "user" else "user"
+            expected = {"tool", "assistant", "user"}
         content = message.get("content")
+        if role == "assistant" and calls and content in (None, "", []):
+            continue  # a tool-call turn needs no text
+        if role == "tool":
+            if not isinstance(content, str):
+                problems.append(
+                    (f"{where}.content", f"a tool result must be a string, got {type(content).__name__}")
+                )
+            continue
         if isinstance(content, list):
             if not content:
                 problems.append((f"{where}.content", "empty"))
@@ -274,19 +798,16 @@ def check_record(record: dict, base_dir: Path | None = None) -> list[tuple[str, 
             )
         elif not content.strip():
             problems.append((f"{where}.content", "empty"))
-        for suffix, text in _text_of(content) if isinstance(content, (str, list)) else []:
-            found = contains_control_tokens(text) if isinstance(text, str) else []
-            if found:
-                problems.append(
-                    (
-                        f"{where}.content{suffix}",
-                        f"contains control token(s) {found}: they would become real special tokens",
-                    )
-                )
-    if isinstance(messages[-1], dict) and messages[-1].get("role") in ("system", "user"):
+        problems += _control_token_problems(content, f"{where}.content")
+    problems += check_tool_calls(record)
+    last = messages[-1]
+    if isinstance(last, dict) and last.get("role") in ("system", "user", "tool"):
         problems.append(
             (f"messages[{len(messages) - 1}].role", "the conversation must end with an assistant reply")
         )
+    assistants = [m for m in messages if isinstance(m, dict) and m.get("role") == "assistant"]
+    if assistants and all(m.get("weight", 1) == 0 for m in assistants):
+        problems.append(("messages", "every assistant turn has weight 0: nothing to train on"))
     images = record.get("images") or []
     if len(images) != image_parts:
         problems.append(
@@ -299,7 +820,227 @@ def check_record(record: dict, base_dir: Path | None = None) -> list[tuple[str, 
     return problems
 
 
+def _control_token_problems(content, where: str) -> list[tuple[str, str]]:
+    problems = []
+    for suffix, text in _text_of(content) if isinstance(content, (str, list)) else []:
+        found = contains_control_tokens(text) if isinstance(text, str) else []
+        if found:
+            problems.append(
+                (
+                    f"{where}{suffix}",
+                    f"contains control token(s) {found}: they would become real special tokens",
+                )
+            )
+    return problems
+
+
+def _check_text_record(record: dict) -> list[tuple[str, str]]:
+    text = record.get("text")
+    if not isinstance(text, str):
+        return [("text", f"must be a string, got {type(text).__name__}")]
+    if not text.strip():
+        return [("text", "empty")]
+    return _control_token_problems(text, "text")
+
+
+def check_tool_calls(record: dict) -> list[tuple[str, str]]:
+    """Mistral's tool-calling rules for one canonical record, as (field, reason) pairs.
+
+    ``tools``: a list of ``{"type": "function", "function": {"name", "description", "parameters"}}``
+    with names ``[a-zA-Z0-9_-]{1,64}`` and ``parameters`` a valid JSON schema (Draft 7). Assistant
+    ``tool_calls``: ``{"id", "type": "function", "function": {"name", "arguments"}}`` with ``id`` exactly
+    9 characters ``[A-Za-z0-9]``, unique in the row, and ``arguments`` a JSON string holding an object.
+    ``tool`` messages: ``tool_call_id`` answering an earlier, still unanswered call (``name``, if given,
+    its function). Calls must be answered before the next user or assistant turn (a row may end on
+    the call itself: that trains the model to make it).
+    """
+    problems: list[tuple[str, str]] = []
+    names = _check_tools(record.get("tools"), problems)
+    messages = record.get("messages") if isinstance(record.get("messages"), list) else []
+    pending: dict[str, str] = {}  # call id -> function name, waiting for a result
+    all_ids: set[str] = set()
+    answered: set[str] = set()
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            continue
+        where, role = f"messages[{i}]", message.get("role")
+        if role in ("user", "assistant", "system") and pending:
+            problems.append((where, f"tool call(s) {sorted(pending)} got no tool result before this message"))
+            pending.clear()
+        if "tool_calls" in message and role != "assistant":
+            problems.append((f"{where}.tool_calls", f"only assistant messages make tool calls, not {role}"))
+        elif role == "assistant" and message.get("tool_calls") is not None:
+            calls = message["tool_calls"]
+            if not isinstance(calls, list) or not calls:
+                problems.append((f"{where}.tool_calls", "must be a non-empty list of calls"))
+                continue
+            for j, call in enumerate(calls):
+                _check_call(call, f"{where}.tool_calls[{j}]", names, all_ids, pending, problems)
+        elif role == "tool":
+            call_id = message.get("tool_call_id")
+            if not isinstance(call_id, str) or not call_id:
+                problems.append(
+                    (f"{where}.tool_call_id", "missing: a tool result must name the call it answers")
+                )
+            elif call_id in pending:
+                expected_name = pending.pop(call_id)
+                answered.add(call_id)
+                if "name" in message and message["name"] != expected_name:
+                    problems.append(
+                        (f"{where}.name", f"{message['name']!r} but call {call_id} called {expected_name!r}")
+                    )
+            elif call_id in answered:
+                problems.append((f"{where}.tool_call_id", f"call {call_id!r} already has a result"))
+            else:
+                problems.append(
+                    (f"{where}.tool_call_id", f"{call_id!r} matches no earlier tool call in this row")
+                )
+    return problems
+
+
+def _check_tools(tools, problems: list[tuple[str, str]]) -> set[str] | None:
+    if tools is None:
+        return None
+    if not isinstance(tools, list):
+        problems.append(("tools", f"must be a list of tools, got {type(tools).__name__}"))
+        return None
+    from jsonschema import Draft7Validator
+    from jsonschema.exceptions import SchemaError
+
+    names: set[str] = set()
+    for k, tool in enumerate(tools):
+        where = f"tools[{k}]"
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(function, dict):
+            problems.append(
+                (where, 'must be {"type": "function", "function": {name, description, parameters}}')
+            )
+            continue
+        if tool.get("type", "function") != "function":
+            problems.append((f"{where}.type", f"must be 'function', got {tool.get('type')!r}"))
+        name = function.get("name")
+        if not isinstance(name, str) or not FUNCTION_NAME.match(name):
+            problems.append((f"{where}.function.name", f"{name!r} must be 1-64 characters [a-zA-Z0-9_-]"))
+        elif name in names:
+            problems.append((f"{where}.function.name", f"{name!r} is defined twice"))
+        else:
+            names.add(name)
+        parameters = function.get("parameters", {})
+        if not isinstance(parameters, dict):
+            problems.append((f"{where}.function.parameters", "must be a JSON schema object ({} for none)"))
+            continue
+        try:
+            Draft7Validator.check_schema(parameters)
+        except SchemaError as exc:
+            problems.append((f"{where}.function.parameters", f"not a valid JSON schema: {exc.message}"))
+    return names
+
+
+def _check_call(call, where: str, names, all_ids: set[str], pending: dict, problems: list) -> None:
+    if not isinstance(call, dict):
+        problems.append((where, "must be an object {id, type, function}"))
+        return
+    call_id = call.get("id")
+    if not isinstance(call_id, str) or not call_id:
+        problems.append((f"{where}.id", "missing (Mistral needs a 9-character id per call)"))
+    elif not TOOL_CALL_ID.match(call_id):
+        hint = (
+            " — an OpenAI-style id: the opt-in fix --fix-tool-call-ids (fix_tool_call_ids) rewrites the "
+            "row's ids consistently"
+        )
+        problems.append(
+            (f"{where}.id", f"{call_id!r} must be exactly 9 characters [A-Za-z0-9] (Mistral's rule){hint}")
+        )
+    if isinstance(call_id, str) and call_id:
+        if call_id in all_ids:
+            problems.append((f"{where}.id", f"{call_id!r} is used twice in this row"))
+        all_ids.add(call_id)
+    if call.get("type", "function") != "function":
+        problems.append((f"{where}.type", f"must be 'function', got {call.get('type')!r}"))
+    function = call.get("function")
+    if not isinstance(function, dict):
+        problems.append((f"{where}.function", "missing: {name, arguments}"))
+        return
+    name = function.get("name")
+    if not isinstance(name, str) or not FUNCTION_NAME.match(name):
+        problems.append((f"{where}.function.name", f"{name!r} must be 1-64 characters [a-zA-Z0-9_-]"))
+    elif names is not None and name not in names:
+        problems.append((f"{where}.function.name", f"{name!r} is not one of the row's tools {sorted(names)}"))
+    arguments = function.get("arguments")
+    if isinstance(arguments, str):
+        try:
+            decoded = json.loads(arguments)
+        except json.JSONDecodeError as exc:
+            decoded = exc
+        if not isinstance(decoded, dict):
+            problems.append((f"{where}.function.arguments", "must be a JSON object encoded as a string"))
+    elif arguments is None:
+        problems.append((f"{where}.function.arguments", "missing (a JSON string, '{}' for none)"))
+    else:
+        problems.append(
+            (
+                f"{where}.function.arguments",
+                f"must be a JSON string, got {type(arguments).__name__} (json.dumps it)",
+            )
+        )
+    if isinstance(call_id, str) and call_id:
+        pending[call_id] = name
+
+
+def fix_tool_call_ids(record: dict) -> list[str]:
+    """Opt-in fix: rewrite tool-call ids that break Mistral's 9-character rule (OpenAI's ``call_…``)
+    to deterministic 9-character ids, consistently in ``tool_calls`` and ``tool_call_id``. Returns the
+    changed fields (``messages[2].tool_calls[0].id: 'call_…' → 'Xy…'``)."""
+    messages = record.get("messages") if isinstance(record.get("messages"), list) else []
+    calls = [
+        (i, j, call)
+        for i, m in enumerate(messages)
+        if isinstance(m, dict) and isinstance(m.get("tool_calls"), list)
+        for j, call in enumerate(m["tool_calls"])
+        if isinstance(call, dict) and isinstance(call.get("id"), str) and call["id"]
+    ]
+    taken = {c["id"] for _, _, c in calls if TOOL_CALL_ID.match(c["id"])}
+    mapping: dict[str, str] = {}
+    changes = []
+    for i, j, call in calls:
+        old = call["id"]
+        if TOOL_CALL_ID.match(old):
+            continue
+        if old not in mapping:
+            mapping[old] = short_tool_call_id(old, taken)
+            taken.add(mapping[old])
+        call["id"] = mapping[old]
+        changes.append(f"messages[{i}].tool_calls[{j}].id: {old!r} → {mapping[old]!r}")
+    for i, message in enumerate(messages):
+        if (
+            isinstance(message, dict)
+            and message.get("role") == "tool"
+            and message.get("tool_call_id") in mapping
+        ):
+            old = message["tool_call_id"]
+            message["tool_call_id"] = mapping[old]
+            changes.append(f"messages[{i}].tool_call_id: {old!r} → {mapping[old]!r}")
+    return changes
+
+
+_fix_ids = fix_tool_call_ids  # validate_rows' keyword of the same name shadows the function
+
+
 def _check_image(image, base_dir: Path | None) -> str | None:
+    if isinstance(image, dict):  # Hugging Face / Parquet image: {"bytes": …, "path": …}
+        if image.get("bytes"):
+            try:
+                from PIL import Image
+
+                with Image.open(io.BytesIO(image["bytes"])) as img:
+                    img.verify()
+                return None
+            except Exception as exc:
+                return f"image bytes cannot be read as an image ({type(exc).__name__})"
+        if isinstance(image.get("path"), str):
+            image = image["path"]
+        else:
+            return "an image object with neither bytes nor path"
     if not isinstance(image, str):
         return None if hasattr(image, "size") else f"not a path, URL or image: {type(image).__name__}"
     if image.startswith(("http://", "https://")):
@@ -337,7 +1078,14 @@ def _file_digest(path: str) -> str:
 
 def _image_identity(image) -> str:
     """An image's identity: the bytes of a local file (so the key does not depend on where the
-    checkout lives), else the URL / data URI / description itself."""
+    checkout lives), the pixels of an image in memory, else the URL / data URI itself."""
+    if isinstance(image, dict):
+        if image.get("bytes"):
+            return "sha256:" + hashlib.sha256(image["bytes"]).hexdigest()
+        image = image.get("path")
+    if hasattr(image, "tobytes") and hasattr(image, "size") and hasattr(image, "mode"):  # PIL, in memory
+        digest = hashlib.sha256(f"{image.mode}:{image.size}:".encode() + image.tobytes()).hexdigest()
+        return "pixels:" + digest
     if (
         isinstance(image, str)
         and not image.startswith(("http://", "https://", "data:"))
@@ -348,26 +1096,39 @@ def _image_identity(image) -> str:
 
 
 def record_key(record: dict) -> str:
-    """A content hash of messages + images, for duplicate detection and leak-free splits."""
-    payload = json.dumps(
-        {"m": record.get("messages"), "i": [_image_identity(i) for i in record.get("images") or []]},
-        sort_keys=True,
-        ensure_ascii=False,
-    )
-    return hashlib.sha256(payload.encode()).hexdigest()
+    """A content hash of messages (weights included) + images + tools, for duplicate detection and
+    leak-free splits. A weight of 1 is the default, so it counts as no weight."""
+    if "messages" not in record and "text" in record:
+        payload = {"text": record["text"]}
+    else:
+        messages = [
+            {k: v for k, v in m.items() if not (k == "weight" and v == 1)} if isinstance(m, dict) else m
+            for m in record.get("messages") or []
+        ]
+        payload = {"m": messages, "i": [_image_identity(i) for i in record.get("images") or []]}
+        if record.get("tools"):
+            payload["t"] = record["tools"]
+    encoded = json.dumps(payload, sort_keys=True, ensure_ascii=False, default=repr)
+    return hashlib.sha256(encoded.encode()).hexdigest()
 
 
 def _strip_whitespace(record: dict) -> list[str]:
     changed = []
+    if "messages" not in record:
+        if isinstance(record.get("text"), str) and record["text"] != record["text"].strip():
+            record["text"] = record["text"].strip()
+            changed.append("text")
+        return changed
     for i, message in enumerate(record["messages"]):
-        content = message.get("content")
+        content = message.get("content") if isinstance(message, dict) else None
         if isinstance(content, str) and content != content.strip():
             message["content"] = content.strip()
             changed.append(f"messages[{i}].content")
         elif isinstance(content, list):
             for j, part in enumerate(content):
                 if (
-                    part.get("type") == "text"
+                    isinstance(part, dict)
+                    and part.get("type") == "text"
                     and isinstance(part.get("text"), str)
                     and part["text"] != part["text"].strip()
                 ):
@@ -377,7 +1138,7 @@ def _strip_whitespace(record: dict) -> list[str]:
 
 
 def validate_rows(
-    rows: Iterable[tuple[int, object]],
+    rows: Iterable[tuple[int | str, object]],
     file: str,
     *,
     fmt: str = "auto",
@@ -386,18 +1147,34 @@ def validate_rows(
     max_seq_length: int | None = None,
     strip_whitespace: bool = False,
     drop_duplicates: bool = False,
+    fix_tool_call_ids: bool = False,
 ) -> ValidationReport:
-    """Validate (row number, raw line or dict) pairs; valid rows are kept, invalid ones reported."""
+    """Validate (row id, raw line or dict) pairs; valid rows are kept, invalid ones reported.
+
+    Keys a converter does not carry over are counted per file in ``report.notes`` (with the first row
+    they appear in); an empty input is an error (training on nothing is never what was meant).
+    """
+    fix_ids = fix_tool_call_ids
     report = ValidationReport(file)
-    seen: dict[str, int] = {}
+    seen: dict[str, int | str] = {}
+    unknown: dict[str, list] = {}  # key -> [rows, first row, format]
+    plain_prompt_completion = []
     for row_number, raw in rows:
         report.total += 1
         issues = []
+        if isinstance(raw, Undecodable):
+            report.issues.append(Issue(file, row_number, "(encoding)", raw.reason))
+            continue
         try:
             row = json.loads(raw.strip()) if isinstance(raw, str) else raw
             if not isinstance(row, dict):
                 raise DataFormatError("(row)", f"expected a JSON object, got {type(row).__name__}")
-            record = to_canonical(row, fmt)
+            row_format = detect_format(row) if fmt == "auto" else fmt
+            record = to_canonical(row, row_format)
+            if row_format == "prompt_completion" and isinstance(row.get("prompt"), str):
+                plain_prompt_completion.append(row_number)
+            for key in unknown_fields(row, row_format):
+                unknown.setdefault(key, [0, row_number, row_format])[0] += 1
         except json.JSONDecodeError as exc:
             report.issues.append(
                 Issue(file, row_number, "(json)", f"bad JSON: {exc.msg} at column {exc.colno}")
@@ -406,12 +1183,26 @@ def validate_rows(
         except DataFormatError as exc:
             report.issues.append(Issue(file, row_number, exc.field, exc.reason))
             continue
+        except Exception as exc:  # a shape no converter foresaw: a row problem, never a traceback
+            report.issues.append(
+                Issue(file, row_number, "(row)", f"cannot be converted ({type(exc).__name__}: {exc})")
+            )
+            continue
         if strip_whitespace:
             for field_name in _strip_whitespace(record):
                 report.fixes.append(f"{file}:{row_number}:{field_name}: stripped leading/trailing whitespace")
-        for field_name, reason in check_record(record, base_dir):
-            issues.append(Issue(file, row_number, field_name, reason))
-        key = record_key(record)
+        if fix_ids:
+            for change in _fix_ids(record):
+                report.fixes.append(f"{file}:{row_number}:{change}")
+        try:
+            for field_name, reason in check_record(record, base_dir):
+                issues.append(Issue(file, row_number, field_name, reason))
+            key = record_key(record)
+        except Exception as exc:  # pragma: no cover - last line of defence, reported like any problem
+            report.issues.append(
+                Issue(file, row_number, "(row)", f"cannot be checked ({type(exc).__name__}: {exc})")
+            )
+            continue
         if not issues and key in seen:
             if drop_duplicates:
                 report.fixes.append(f"{file}:{row_number}:(row): dropped, exact duplicate of row {seen[key]}")
@@ -422,8 +1213,12 @@ def validate_rows(
                 )
             )
         if not issues and processor is not None and max_seq_length is not None:
-            length = count_tokens(record, processor, base_dir)
-            if length > max_seq_length:
+            try:
+                length = count_tokens(record, processor, base_dir)
+            except Exception as exc:  # e.g. a template that cannot render tool calls
+                length = None
+                issues.append(Issue(file, row_number, "(tokens)", f"cannot be templated: {exc}"))
+            if length is not None and length > max_seq_length:
                 issues.append(
                     Issue(
                         file,
@@ -438,18 +1233,39 @@ def validate_rows(
             seen[key] = row_number
             report.valid.append(record)
             report.valid_rows.append(row_number)
+    if report.total == 0:
+        report.issues.append(Issue(file, None, "(file)", "no rows: the file is empty (nothing to train on)"))
+    for key, (count, first, row_format) in unknown.items():
+        report.notes.append(
+            f"{file}: field {key!r} is not part of the {row_format} format: ignored in {count} row(s), "
+            f"first at row {first} (it is not in --write-valid's output)"
+        )
+    if plain_prompt_completion:
+        report.notes.append(
+            f"{file}: {len(plain_prompt_completion)} plain prompt/completion row(s) (first at row "
+            f"{plain_prompt_completion[0]}) became one user turn and one assistant reply (the chat template "
+            "is applied; TRL would train them as raw text continuation)"
+        )
     return report
 
 
-def validate_file(path: str | os.PathLike, **kwargs) -> ValidationReport:
-    """Validate a JSONL file line by line (images resolve relative to the file's folder)."""
+def validate_file(path: str | os.PathLike, encoding: str | None = None, **kwargs) -> ValidationReport:
+    """Validate a ``.jsonl``/``.json``/``.parquet`` file (gzipped or not) row by row; images resolve
+    relative to the file's folder. A file that cannot be read at all raises ``DataReadError``."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    with open(path, encoding="utf-8") as f:
-        lines = [(n, line) for n, line in enumerate(f, start=1) if line.strip()]
+    loaded = read_rows(path, encoding)
     kwargs.setdefault("base_dir", path.parent)
-    return validate_rows(lines, str(path), **kwargs)
+    report = validate_rows(loaded.rows, str(path), **kwargs)
+    report.container, report.row_kind = loaded.container, loaded.row_kind
+    report.notes[:0] = loaded.notes
+    return report
+
+
+def validate_dataset(dataset, name: str = "dataset", **kwargs) -> ValidationReport:
+    """Validate a Hugging Face ``Dataset``/``DatasetDict`` (rows are indexes, ``split[index]``)."""
+    report = validate_rows(dataset_rows(dataset), name, **kwargs)
+    report.container, report.row_kind = "Hugging Face dataset", "index"
+    return report
 
 
 def write_jsonl(
@@ -458,7 +1274,8 @@ def write_jsonl(
     """Write records atomically; refuse to replace an existing file unless ``overwrite``.
 
     With ``base_dir`` (where the records' relative image paths point), image paths are rewritten
-    relative to the new file, so the written dataset still finds its images.
+    relative to the new file, so the written dataset still finds its images. Images held in memory
+    (PIL, or ``{"bytes": …}``) are written as data URIs.
     """
     path = Path(path)
     if path.exists() and not overwrite:
@@ -478,10 +1295,29 @@ def _relocate(image: str, old_base: Path, new_base: Path) -> str:
     return os.path.relpath(Path(old_base).resolve() / image, Path(new_base).resolve())
 
 
+def _image_as_text(image):
+    """A record's image as JSON can hold it: paths and URLs as they are, images in memory as data URIs."""
+    import base64
+
+    if isinstance(image, str):
+        return image
+    if isinstance(image, dict) and image.get("bytes"):
+        from PIL import Image
+
+        with Image.open(io.BytesIO(image["bytes"])) as img:
+            kind = (img.format or "png").lower()
+        return f"data:image/{kind};base64," + base64.b64encode(image["bytes"]).decode("ascii")
+    if isinstance(image, dict) and isinstance(image.get("path"), str):
+        return image["path"]
+    from course_utils.chat import to_data_uri
+
+    return to_data_uri(image)
+
+
 def _jsonable(record: dict) -> dict:
     out = dict(record)
     if out.get("images"):
-        out["images"] = [i if isinstance(i, str) else "<in-memory image>" for i in out["images"]]
+        out["images"] = [_image_as_text(i) for i in out["images"]]
     return out
 
 
@@ -489,31 +1325,38 @@ def _jsonable(record: dict) -> dict:
 
 
 def to_plateforme(record: dict, base_dir: Path | None = None) -> dict:
-    """A canonical record as Mistral la Plateforme fine-tuning JSONL: images inlined as data URIs."""
+    """A canonical record as Mistral la Plateforme fine-tuning JSONL: images inlined as data URIs;
+    weights, tool calls and ``tools`` kept."""
     from course_utils.chat import to_data_uri
 
+    if "messages" not in record:
+        raise DataFormatError("text", "la Plateforme's fine-tuning files take chat rows (messages) only")
     images = iter(record.get("images") or [])
     messages = []
     for message in record["messages"]:
-        content = message["content"]
+        content = message.get("content")
         if isinstance(content, list):
             parts = []
             for part in content:
                 if part["type"] == "image":
-                    image = next(images)
-                    if isinstance(image, str) and not image.startswith(("http://", "https://", "data:")):
-                        image = resolve_image_path(image, base_dir)
-                    url = (
-                        image
-                        if isinstance(image, str) and image.startswith(("http", "data:"))
-                        else to_data_uri(image)
-                    )
-                    parts.append({"type": "image_url", "image_url": url})
+                    image = _image_as_text(next(images))
+                    if not image.startswith(("http://", "https://", "data:")):
+                        image = to_data_uri(resolve_image_path(image, base_dir))
+                    parts.append({"type": "image_url", "image_url": image})
                 else:
                     parts.append({"type": "text", "text": part["text"]})
             content = parts
-        messages.append({"role": message["role"], "content": content})
-    return {"messages": messages}
+        out = {"role": message["role"], "content": content}
+        if content is None:
+            del out["content"]
+        for key in ("tool_calls", "tool_call_id", "name", "weight"):
+            if key in message:
+                out[key] = message[key]
+        messages.append(out)
+    row = {"messages": messages}
+    if record.get("tools"):
+        row["tools"] = record["tools"]
+    return row
 
 
 def check_plateforme(row: dict) -> list[str]:
@@ -530,7 +1373,11 @@ def check_plateforme(row: dict) -> list[str]:
             problems.append(f"messages[{i}].role: {role!r} is not system/user/assistant/tool")
         if "weight" in message and (role != "assistant" or message["weight"] not in (0, 1)):
             problems.append(f"messages[{i}].weight: only assistant messages may have weight 0 or 1")
+        if role == "tool" and not message.get("tool_call_id"):
+            problems.append(f"messages[{i}].tool_call_id: a tool message needs the id of the call it answers")
         content = message.get("content")
+        if role == "assistant" and message.get("tool_calls") and content in (None, ""):
+            continue  # Mistral's documented function-calling rows: a call needs no text
         if isinstance(content, list):
             for j, part in enumerate(content):
                 if part.get("type") == "image_url" and not isinstance(part.get("image_url"), str):
@@ -548,17 +1395,22 @@ def check_plateforme(row: dict) -> list[str]:
 
 
 def with_images(record: dict, base_dir: Path | None = None) -> list[dict]:
-    """The record's messages with each image part carrying its image (path → PIL), for the processor."""
+    """The record's messages with each image part carrying its image (path → PIL), for the processor.
+
+    Tool calls, tool results and their ids travel with their messages; ``weight`` does not (the
+    template does not know it: :func:`tokenize_record` applies it to the labels)."""
     images = iter(record.get("images") or [])
     messages = []
     for message in record["messages"]:
-        content = message["content"]
+        content = message.get("content")
         if isinstance(content, list):
             content = [
                 dict(p, image=_image_source(next(images), base_dir)) if p.get("type") == "image" else p
                 for p in content
             ]
-        messages.append({"role": message["role"], "content": content})
+        out = {"role": message["role"], "content": content}
+        out.update({k: message[k] for k in ("tool_calls", "tool_call_id", "name") if k in message})
+        messages.append(out)
     return messages
 
 
@@ -566,6 +1418,12 @@ def _image_source(image, base_dir):
     """A PIL image from a record's image entry (relative paths resolve against ``base_dir``)."""
     from course_utils.chat import load_image
 
+    if isinstance(image, dict):  # Hugging Face / Parquet: {"bytes": …, "path": …}
+        if image.get("bytes"):
+            from PIL import Image
+
+            return Image.open(io.BytesIO(image["bytes"]))
+        image = image.get("path")
     if isinstance(image, str) and not image.startswith(("http://", "https://", "data:")):
         return load_image(resolve_image_path(image, base_dir))
     return load_image(image)
@@ -594,14 +1452,28 @@ def response_only_labels(input_ids: list[int]) -> list[int]:
 def tokenize_record(
     record: dict, processor, base_dir: Path | None = None, max_seq_length: int | None = None
 ) -> dict:
-    """Template + tokenize one record and attach response-only ``labels``.
+    """Template + tokenize one record and attach response-only ``labels``; assistant turns with
+    ``weight: 0`` are context too (their labels are -100). A ``{"text": …}`` record trains on all of
+    its tokens (``<s>`` text ``</s>``, as mistral-finetune's pretraining rows).
 
     Raises ``ValueError`` if no token is left to train on (the classic "losses are all 0").
     """
-    messages = with_images(record, base_dir)
-    out = processor.apply_chat_template(messages, tokenize=True, return_dict=True, return_tensors="pt")
-    ids = out["input_ids"][0].tolist()
-    labels = response_only_labels(ids)
+    if "messages" not in record and "text" in record:
+        ids = [
+            BOS_ID,
+            *processor_tokenizer(processor)(record["text"], add_special_tokens=False)["input_ids"],
+            EOS_ID,
+        ]
+        out: dict = {}
+        labels = [IGNORE_INDEX, *ids[1:]]
+    else:
+        messages = with_images(record, base_dir)
+        kwargs = {"tools": record["tools"]} if record.get("tools") else {}
+        out = processor.apply_chat_template(
+            messages, tokenize=True, return_dict=True, return_tensors="pt", **kwargs
+        )
+        ids = out["input_ids"][0].tolist()
+        labels = _apply_weights(response_only_labels(ids), record["messages"])
     if max_seq_length is not None and len(ids) > max_seq_length:
         if "pixel_values" in out:
             raise ValueError(
@@ -620,11 +1492,54 @@ def tokenize_record(
     return example
 
 
+def processor_tokenizer(processor):
+    """The text tokenizer of a processor (or the tokenizer itself)."""
+    return getattr(processor, "tokenizer", processor)
+
+
+def _apply_weights(labels: list[int], messages: list[dict]) -> list[int]:
+    """Mask the trained spans of assistant turns with ``weight: 0`` (the k-th span is the k-th
+    assistant turn). Rows whose spans do not map one-to-one onto assistant turns are refused rather
+    than trained wrongly."""
+    weights = [m.get("weight", 1) for m in messages if m.get("role") == "assistant"]
+    if all(w == 1 for w in weights):
+        return labels
+    spans, start = [], None
+    for position, label in enumerate(labels):
+        if label != IGNORE_INDEX and start is None:
+            start = position
+        if label == EOS_ID and start is not None:
+            spans.append((start, position + 1))
+            start = None
+    if start is not None:
+        spans.append((start, len(labels)))
+    if len(spans) != len(weights):
+        raise ValueError(
+            f"cannot apply per-turn weights: {len(weights)} assistant turns but {len(spans)} trained spans "
+            "(tool-call rows with weight 0 are not supported by the course's labels yet)"
+        )
+    labels = list(labels)
+    for (begin, end), weight in zip(spans, weights):
+        if weight == 0:
+            labels[begin:end] = [IGNORE_INDEX] * (end - begin)
+    return labels
+
+
+def _template_messages(record: dict) -> list[dict]:
+    """The record's messages for templating without decoding pixels (weights left out)."""
+    return [{k: v for k, v in m.items() if k != "weight"} for m in record["messages"]]
+
+
 def count_tokens(record: dict, processor, base_dir: Path | None = None) -> int:
     """Sequence length of a record without decoding pixels: text tokens + each image's token cost."""
     from course_utils.chat import image_token_cost
 
-    rendered = processor.apply_chat_template(record["messages"], tokenize=False)  # one [IMG] per image
+    if "messages" not in record and "text" in record:
+        return len(processor_tokenizer(processor)(record["text"], add_special_tokens=False)["input_ids"]) + 2
+    kwargs = {"tools": record["tools"]} if record.get("tools") else {}
+    rendered = processor.apply_chat_template(
+        _template_messages(record), tokenize=False, **kwargs
+    )  # one [IMG] per image
     ids = processor.tokenizer(rendered, add_special_tokens=False)["input_ids"]
     total = len(ids)
     for image in record.get("images") or []:

@@ -22,18 +22,30 @@ Where each term comes from (bytes; P = parameters, s = sequence length, b = batc
   also offloads those inputs to CPU RAM.
 * **logits** — the loss needs s·b·V logits; a plain loss keeps the bf16 logits, their fp32 upcast,
   the fp32 log-softmax and its fp32 gradient (2 + 4 + 4 + 4 = 14 bytes each — huge with a 131k
-  vocabulary); Unsloth's fused, chunked cross-entropy never materialises them.
+  vocabulary); Unsloth's fused, chunked cross-entropy (and axolotl's Cut Cross Entropy) never
+  materialises them.
 * **CUDA context** ≈ 0.6 GiB, and the caching allocator's fragmentation ≈ 8 %.
 
-Calibrated against published measurements (``CALIBRATION``); ``calibration_report()`` prints the
-error of each. Treat the result as a plan, then check the measured peak after a few steps.
+The **backend** decides the last two memory savers. ``"unsloth"``: offloaded gradient checkpointing
+(``use_gradient_checkpointing="unsloth"``) and the fused cross-entropy. ``"transformers"``
+(transformers + peft + bitsandbytes): checkpoints stay on the GPU and a plain loss materialises the
+logits (the course's own CPU trainer computes logits only at the labelled positions, so it needs less).
+Either can be overridden with ``offload_checkpoints`` / ``fused_cross_entropy``.
+
+MoE experts: transformers' bitsandbytes 4-bit converts ``nn.Linear`` only, so Small 4's 3-D expert
+weights stay 16-bit unless the trainer quantises them itself (axolotl's ``quantize_moe_experts``):
+``quantize_moe_experts=False`` plans that plain case.
+
+Calibrated per backend against published peaks (``CALIBRATION``: each with its source);
+``calibration_report()`` prints the error of each and ``calibration_summary()`` the worst per backend.
+Treat the result as a plan, then check the measured peak after a few steps.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from course_utils.profiles import MODELS, GiB, Method, ModelSpec
+from course_utils.profiles import MODELS, Backend, GiB, Method, ModelSpec
 
 CUDA_CONTEXT_GIB = 0.6
 ALLOCATOR_OVERHEAD = 0.08
@@ -96,6 +108,13 @@ ARCHITECTURES: dict[str, Architecture] = {key: architecture_of(spec) for key, sp
 }
 
 METHODS = ("qlora", "lora", "full")
+BACKENDS: tuple[Backend, ...] = ("unsloth", "transformers")
+
+# What each backend does by default: (offload the checkpointed layer inputs to CPU, fused cross-entropy)
+BACKEND_DEFAULTS: dict[str, tuple[bool, bool]] = {
+    "unsloth": (True, True),  # use_gradient_checkpointing="unsloth" + its chunked cross-entropy
+    "transformers": (False, False),  # checkpoints on the GPU, plain cross-entropy over all logits
+}
 
 
 @dataclass(frozen=True)
@@ -106,6 +125,7 @@ class Estimate:
     batch_size: int
     lora_r: int
     gradient_checkpointing: bool
+    backend: Backend
     weights_gib: float
     adapters_gib: float
     gradients_gib: float
@@ -154,18 +174,33 @@ def estimate_training_memory(
     lora_r: int = 16,
     gradient_checkpointing: bool = True,
     optimizer: str = "adamw_8bit",
-    offload_checkpoints: bool = False,
-    fused_cross_entropy: bool = True,
+    offload_checkpoints: bool | None = None,
+    fused_cross_entropy: bool | None = None,
+    *,
+    backend: Backend = "unsloth",
+    quantize_moe_experts: bool = True,
 ) -> Estimate:
-    """Peak training memory, term by term (see the module docstring for the formula)."""
+    """Peak training memory, term by term (see the module docstring for the formula).
+
+    ``offload_checkpoints`` / ``fused_cross_entropy`` left at ``None`` take the ``backend``'s defaults
+    (``BACKEND_DEFAULTS``).
+    """
     arch = ARCHITECTURES[model] if isinstance(model, str) else model
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if seq_len < 1 or batch_size < 1 or lora_r < 1:
         raise ValueError("seq_len, batch_size and lora_r must be positive")
+    if backend not in BACKEND_DEFAULTS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    default_offload, default_fused = BACKEND_DEFAULTS[backend]
+    offload_checkpoints = default_offload if offload_checkpoints is None else offload_checkpoints
+    fused_cross_entropy = default_fused if fused_cross_entropy is None else fused_cross_entropy
     embeddings = arch.vocab_size * arch.hidden_size * (1 if arch.tie_word_embeddings else 2)
     unquantized = embeddings + arch.vision_params
     quantizable = arch.total_params - unquantized
+    if method == "qlora" and not quantize_moe_experts:  # 3-D expert weights left in 16-bit
+        unquantized += arch.moe_expert_params
+        quantizable -= arch.moe_expert_params
     if method == "qlora":
         weights = quantizable * NF4_BITS / 8 + unquantized * 2
     else:
@@ -201,6 +236,7 @@ def estimate_training_memory(
         batch_size,
         lora_r,
         gradient_checkpointing,
+        backend,
         g(weights),
         g(adapters),
         g(gradients),
@@ -213,56 +249,205 @@ def estimate_training_memory(
     )
 
 
-# Published peaks: (model, method, seq_len, batch, lora_r, checkpointing, offload, fused CE,
-# measured GiB, source)
-CALIBRATION = [
-    (
+@dataclass(frozen=True)
+class CalibrationPoint:
+    """A published peak-memory measurement of one training run, and where it was published."""
+
+    model: str
+    method: Method
+    seq_len: int
+    batch_size: int
+    lora_r: int
+    backend: Backend
+    measured_gib: float
+    source: str
+    url: str
+    fused_cross_entropy: bool | None = None  # None: the backend's default
+    quantize_moe_experts: bool = True
+
+    def estimate(self) -> Estimate:
+        return estimate_training_memory(
+            self.model,
+            self.method,
+            self.seq_len,
+            self.batch_size,
+            self.lora_r,
+            fused_cross_entropy=self.fused_cross_entropy,
+            backend=self.backend,
+            quantize_moe_experts=self.quantize_moe_experts,
+        )
+
+
+# Unsloth's context-length benchmarks (QLoRA 4-bit on every linear layer, r 32, batch 1, every sequence
+# padded to the length shown: the longest that fits the card, so the real peak is at most the card).
+UNSLOTH_BENCHMARKS = "https://github.com/unslothai/unsloth (README, context length benchmarks; also its docs)"
+CALIBRATION_TOLERANCE_PCT = 20.0
+
+CALIBRATION: list[CalibrationPoint] = [
+    CalibrationPoint(
         "llama-3.1-8b",
         "qlora",
         40724,
         1,
         32,
-        True,
-        True,
-        True,
+        "unsloth",
         16.0,
-        "Unsloth README: 8B QLoRA r32, longest context in 16 GB",
+        "Unsloth benchmarks: Llama 3.1 8B, longest context in 16 GB",
+        UNSLOTH_BENCHMARKS,
     ),
-    ("llama-3.1-8b", "qlora", 78475, 1, 32, True, True, True, 24.0, "Unsloth README: 8B, 24 GB"),
-    ("llama-3.1-8b", "qlora", 342733, 1, 32, True, True, True, 80.0, "Unsloth README: 8B, 80 GB"),
-    ("llama-3.3-70b", "qlora", 12106, 1, 32, True, True, True, 48.0, "Unsloth README: 70B QLoRA r32, 48 GB"),
-    ("llama-3.3-70b", "qlora", 89389, 1, 32, True, True, True, 80.0, "Unsloth README: 70B, 80 GB"),
-    ("llama-3.1-8b", "qlora", 5789, 1, 32, True, False, False, 24.0, "Unsloth README: HF + FA2, 8B, 24 GB"),
-    ("llama-3.1-8b", "qlora", 28454, 1, 32, True, False, False, 80.0, "Unsloth README: HF + FA2, 8B, 80 GB"),
-    ("llama-3.3-70b", "qlora", 6916, 1, 32, True, False, False, 80.0, "Unsloth README: HF + FA2, 70B, 80 GB"),
+    CalibrationPoint(
+        "llama-3.1-8b",
+        "qlora",
+        78475,
+        1,
+        32,
+        "unsloth",
+        24.0,
+        "Unsloth benchmarks: Llama 3.1 8B, 24 GB",
+        UNSLOTH_BENCHMARKS,
+    ),
+    CalibrationPoint(
+        "llama-3.1-8b",
+        "qlora",
+        342733,
+        1,
+        32,
+        "unsloth",
+        80.0,
+        "Unsloth benchmarks: Llama 3.1 8B, 80 GB",
+        UNSLOTH_BENCHMARKS,
+    ),
+    CalibrationPoint(
+        "llama-3.3-70b",
+        "qlora",
+        12106,
+        1,
+        32,
+        "unsloth",
+        48.0,
+        "Unsloth benchmarks: Llama 3.3 70B, 48 GB",
+        UNSLOTH_BENCHMARKS,
+    ),
+    CalibrationPoint(
+        "llama-3.3-70b",
+        "qlora",
+        89389,
+        1,
+        32,
+        "unsloth",
+        80.0,
+        "Unsloth benchmarks: Llama 3.3 70B, 80 GB (A100)",
+        UNSLOTH_BENCHMARKS,
+    ),
+    # Unsloth's Magistral Small 2509 notebook (Mistral Small 3.2's 24B architecture), run on a Colab L4
+    # and saved with its outputs: max_seq_length 2048, batch 2, r 32, use_gradient_checkpointing="unsloth",
+    # adamw_8bit -> "Peak reserved memory = 18.139 GB" (torch.cuda.max_memory_reserved() / 1024**3).
+    CalibrationPoint(
+        "mistral-small-3.2",
+        "qlora",
+        2048,
+        2,
+        32,
+        "unsloth",
+        18.139,
+        "Unsloth notebook: Magistral Small 24B QLoRA on an L4, peak reserved",
+        "https://github.com/unslothai/notebooks/blob/main/nb/Magistral_(24B)-Reasoning-Conversational.ipynb",
+    ),
+    CalibrationPoint(
+        "llama-3.1-8b",
+        "qlora",
+        5789,
+        1,
+        32,
+        "transformers",
+        24.0,
+        "Unsloth benchmarks: Hugging Face + FA2, Llama 3.1 8B, 24 GB",
+        UNSLOTH_BENCHMARKS,
+    ),
+    CalibrationPoint(
+        "llama-3.1-8b",
+        "qlora",
+        28454,
+        1,
+        32,
+        "transformers",
+        80.0,
+        "Unsloth benchmarks: Hugging Face + FA2, Llama 3.1 8B, 80 GB",
+        UNSLOTH_BENCHMARKS,
+    ),
+    CalibrationPoint(
+        "llama-3.3-70b",
+        "qlora",
+        6916,
+        1,
+        32,
+        "transformers",
+        80.0,
+        "Unsloth benchmarks: Hugging Face + FA2, Llama 3.3 70B, 80 GB",
+        UNSLOTH_BENCHMARKS,
+    ),
+    # axolotl (transformers + peft + bitsandbytes, its quantize_moe_experts and the Cut Cross Entropy
+    # plugin): examples/mistral4/qlora-vision.yml, r 32, sequence_len 2048, micro-batch 1 -> "~68 GiB".
+    CalibrationPoint(
+        "mistral-small-4",
+        "qlora",
+        2048,
+        1,
+        32,
+        "transformers",
+        68.0,
+        "axolotl examples/mistral4 README: Small 4 QLoRA (vision, no experts)",
+        "https://github.com/axolotl-ai-cloud/axolotl/blob/main/examples/mistral4/README.md",
+        fused_cross_entropy=True,
+    ),
 ]
 
 
-def calibration_report() -> list[dict]:
-    """Estimate vs each published measurement, with the relative error."""
+def calibration_report(backend: Backend | None = None) -> list[dict]:
+    """Estimate vs each published measurement (of one backend, or all), with the relative error."""
     rows = []
-    for model, method, seq, batch, r, ckpt, offload, fused, measured, source in CALIBRATION:
-        est = estimate_training_memory(
-            model, method, seq, batch, r, ckpt, "adamw_8bit", offload, fused
-        ).total_gib
+    for point in CALIBRATION:
+        if backend is not None and point.backend != backend:
+            continue
+        est = point.estimate().total_gib
         rows.append(
             {
-                "source": source,
-                "seq_len": seq,
-                "measured_gib": measured,
+                "backend": point.backend,
+                "source": point.source,
+                "seq_len": point.seq_len,
+                "measured_gib": point.measured_gib,
                 "estimate_gib": round(est, 1),
-                "error_pct": round(100 * (est - measured) / measured, 1),
+                "error_pct": round(100 * (est - point.measured_gib) / point.measured_gib, 1),
             }
         )
     return rows
 
 
-def method_table(model: str, seq_len: int = 2048, batch_size: int = 1, lora_r: int = 16) -> list[dict]:
+def calibration_summary() -> list[dict]:
+    """Per backend: how many published points, the mean error (bias) and the worst error."""
+    rows = []
+    for backend in BACKENDS:
+        errors = [r["error_pct"] for r in calibration_report(backend)]
+        rows.append(
+            {
+                "backend": backend,
+                "points": len(errors),
+                "mean_error_pct": round(sum(errors) / len(errors), 1),
+                "worst_error_pct": max(errors, key=abs),
+                "tolerance_pct": CALIBRATION_TOLERANCE_PCT,
+            }
+        )
+    return rows
+
+
+def method_table(
+    model: str, seq_len: int = 2048, batch_size: int = 1, lora_r: int = 16, backend: Backend = "unsloth"
+) -> list[dict]:
     """QLoRA / LoRA / full for one model — the honest version of the usual hardware table."""
     rows = []
     for method in METHODS:
         est = estimate_training_memory(
-            model, method, seq_len, batch_size, lora_r, optimizer="adamw_8bit", fused_cross_entropy=True
+            model, method, seq_len, batch_size, lora_r, optimizer="adamw_8bit", backend=backend
         )
         rows.append(
             {

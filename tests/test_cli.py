@@ -61,3 +61,17 @@ def test_run_executes_in_order_and_reports_failures(tmp_path, capsys):
     assert [(r["notebook"], r["status"]) for r in summary] == [("00_a.ipynb", "ok"), ("01_b.ipynb", "FAILED")]
     executed = nbformat.read(tmp_path / "runs" / "00_a.ipynb", as_version=4)
     assert executed.cells[0].outputs[0]["text"].strip() == "cpu-tiny"
+
+
+def test_checkpoint_runs_the_lessons_up_to_the_one_asked_for(tmp_path, capsys):
+    nbs = tmp_path / "nbs"
+    nbs.mkdir()
+    marker = tmp_path / "ran.txt"
+    for name in ("00_a", "01_b", "02_c"):
+        _notebook(nbs / f"{name}.ipynb", f"open({str(marker)!r}, 'a').write('{name[:2]} ')")
+    out = tmp_path / "runs"
+    assert main(["checkpoint", "--upto", "1", "--notebooks", str(nbs), "--out", str(out)]) == 0
+    assert marker.read_text().split() == ["00", "01"]  # in order, and not lesson 02
+    assert "Lesson 02 can start from here." in capsys.readouterr().out
+    assert main(["checkpoint", "--upto", "09", "--notebooks", str(nbs), "--out", str(out)]) == 2
+    assert "choose one of 00, 01, 02" in capsys.readouterr().err

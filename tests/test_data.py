@@ -88,12 +88,16 @@ def test_openai_image_url_parts_become_images():
 
 def test_plateforme_rows_and_format_detection():
     row = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": 1}]}
-    assert from_plateforme(row)["messages"][1] == {"role": "assistant", "content": "a"}
+    assert from_plateforme(row)["messages"][1] == {"role": "assistant", "content": "a", "weight": 1}
     assert detect_format(row) == "openai"
     assert detect_format({"conversations": []}) == "sharegpt"
     assert detect_format({"instruction": "i", "output": "o"}) == "alpaca"
+    assert detect_format({"prompt": "x", "completion": "y"}) == "prompt_completion"
+    assert detect_format({"interactions": []}) == "openai" and detect_format({"text": "t"}) == "text"
     with pytest.raises(DataFormatError, match="unknown format"):
-        detect_format({"prompt": "x", "completion": "y"})
+        detect_format({"question": "x", "answer": "y"})
+    with pytest.raises(DataFormatError, match="preference data"):
+        detect_format({"prompt": "x", "chosen": "y", "rejected": "z"})
 
 
 def test_hf_dataset_rows_convert():
