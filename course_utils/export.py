@@ -41,6 +41,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from course_utils.paths import atomic_write, staged
 
@@ -115,6 +116,126 @@ def disk_preflight(folder: str | os.PathLike, needed_bytes: float, free_bytes: i
     return free
 
 
+# --- Where and how to merge: planned from the profile and the machine, before anything loads --------
+
+MergeMethod = Literal["peft-cpu", "peft-in-place", "unsloth-merged-16bit"]
+GIB = 2**30
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    """Lesson 06's export on this machine. Never a second full copy of the model: on a GPU the model
+    trained in lesson 04 is merged where it already is (peft, in place) or written 16-bit shard by shard
+    by Unsloth (``save_pretrained_merged``), never reloaded in 16/32-bit beside it."""
+
+    method: MergeMethod
+    load_in_4bit: bool  # how the tuned model is loaded for the merge
+    peak_vram_gib: float
+    peak_ram_gib: float
+    disk_gib: float  # downloads + merged safetensors + GGUFs, checked before anything is downloaded
+    parity: Literal["in-memory", "before-after", "skip"]  # how merged = base + adapter is checked
+    task_rows: int | None  # rows of the GGUF task check (None: the whole test split)
+    task_quants: tuple[str, ...]
+    n_gpu_layers: int  # llama.cpp offload for the task check (-1: all layers, 0: CPU)
+    reasons: tuple[str, ...]
+
+    def rows(self) -> list[dict]:
+        return [{"step": k, "plan": v} for k, v in self.__dict__.items() if k != "reasons"]
+
+
+def plan_merge(
+    profile,
+    hardware,
+    quantizations: tuple[str, ...] = ("F16", "Q8_0", "Q5_K_M", "Q4_K_M"),
+    llama_cpp_gpu: bool | None = None,
+    gpu_task_rows: int = 16,
+) -> MergePlan:
+    """How lesson 06 merges, verifies and task-checks on ``hardware`` (a ``HardwareInfo``) for ``profile``.
+
+    ``llama_cpp_gpu``: whether the installed llama-cpp-python can offload to CUDA
+    (``llama_cpp.llama_supports_gpu_offload()``; asked when None). Raises :class:`ExportError` naming what
+    is short — VRAM, RAM or disk — before any download.
+    """
+    from course_utils.profiles import MODELS
+
+    if profile.is_stand_in:
+        return MergePlan(
+            "peft-cpu", False, 0.0, 1.0, 0.5, "in-memory", None, ("F16", "Q8_0", "Q4_K_M"), 0,
+            ("stand-in: merged in fp32 on the CPU and compared with base + adapter in memory",),
+        )  # fmt: skip
+    if hardware.accelerator != "cuda":
+        raise ExportError(
+            f"profile {profile.name!r} exports a {MODELS[profile.model_key].total_params_b:.0f}B model: "
+            "merging it needs the GPU it was trained on (this machine has none)"
+        )
+    params = MODELS[profile.model_key].total_params_b * 1e9
+    bf16_gib = params * 2 / GIB
+    gguf_gib = sum(params * QUANT_TYPES[q][1] / 8 for q in quantizations) / GIB
+    vram = hardware.vram_gib or 0.0
+    reasons = []
+    if profile.load_in_4bit:
+        # Unsloth keeps the 4-bit model on the GPU, downloads the original 16-bit shards one at a time,
+        # merges each with the adapter and writes it (unsloth_zoo.saving_utils.merge_and_overwrite_lora).
+        method, load_4bit = "unsloth-merged-16bit", True
+        peak_vram = profile.min_vram_gib
+        peak_ram = 6.0  # one ≈5 GB shard in flight, plus Python
+        disk = bf16_gib * 2 + gguf_gib  # the 16-bit download + the merged copy
+        reasons.append(
+            "the tuned model stays 4-bit on the GPU; Unsloth writes the 16-bit merge shard by shard "
+            f"(≈{bf16_gib:.0f} GiB downloaded + {bf16_gib:.0f} GiB written)"
+        )
+    else:
+        method, load_4bit = "peft-in-place", False
+        peak_vram = bf16_gib * 1.1 + 2
+        peak_ram = 6.0
+        disk = bf16_gib + gguf_gib
+        reasons.append("the 16-bit model on the GPU is merged in place (merge_and_unload), then saved")
+    # parity: merged vs base + adapter. In place: logits before and after merging, same weights in memory.
+    if method == "peft-in-place":
+        parity = "before-after"
+    elif bf16_gib * 1.1 + 2 <= vram:
+        parity = "in-memory"
+        reasons.append("the merged 16-bit model fits the GPU: compared with the 4-bit tuned model's replies")
+    else:
+        parity = "skip"
+        reasons.append(
+            f"the merged model ({bf16_gib:.0f} GiB in bf16) does not fit {vram:.0f} GiB of VRAM: the logit "
+            "check is left to the GGUF and task checks below"
+        )
+    if llama_cpp_gpu is None:
+        try:
+            import llama_cpp
+
+            llama_cpp_gpu = bool(llama_cpp.llama_supports_gpu_offload())
+        except Exception:  # no llama-cpp-python: the task check will say so itself
+            llama_cpp_gpu = False
+    if llama_cpp_gpu:
+        rows, quants, layers = gpu_task_rows, ("Q8_0", "Q4_K_M"), -1
+        reasons.append(f"task check: {rows} rows per file, all layers on the GPU (llama.cpp with CUDA)")
+    else:
+        rows, quants, layers = max(4, gpu_task_rows // 4), ("Q4_K_M",), 0
+        reasons.append(
+            f"task check: llama-cpp-python here has no CUDA, so {rows} rows of Q4_K_M only on the CPU "
+            "(a 24B model answers at a few tokens/s there)"
+        )
+    problems = []
+    if peak_vram > vram:
+        problems.append(f"{peak_vram:.0f} GiB of GPU memory (this GPU has {vram:.0f})")
+    if peak_ram > hardware.ram_gib:
+        problems.append(f"{peak_ram:.0f} GiB of RAM (this machine has {hardware.ram_gib:.1f})")
+    if disk * 1.1 > hardware.disk_free_gib:
+        problems.append(f"{disk * 1.1:.0f} GiB of disk (+10 %; {hardware.disk_free_gib:.0f} GiB is free)")
+    if problems:
+        raise ExportError(
+            f"exporting {profile.model_key} ({method}) needs " + ", ".join(problems)
+            + ": free space (or set COURSE_OUTPUTS to a bigger disk) or export fewer quantizations"
+        )
+    return MergePlan(
+        method, load_4bit, round(peak_vram, 1), peak_ram, round(disk, 1), parity, rows, quants, layers,
+        tuple(reasons),
+    )  # fmt: skip
+
+
 # --- Merge ---------------------------------------------------------------------------------------
 
 
@@ -156,9 +277,12 @@ def unsloth_llama_cpp_env(tools: Path) -> dict[str, str]:
     """Variables that make Unsloth's ``save_pretrained_gguf`` use this local llama.cpp instead of
     cloning and building one from GitHub.
 
-    unsloth_zoo reads ``UNSLOTH_LLAMA_CPP_PATH`` when it is imported: set these in ``os.environ``
-    *before* ``import unsloth``. Without built llama.cpp binaries, ask Unsloth for ``f16``/``q8_0``
-    (converter only) and make K-quants with :func:`course_utils.gguf_export.quantize`.
+    unsloth_zoo reads ``UNSLOTH_LLAMA_CPP_PATH`` once, when it is imported — so
+    :func:`course_utils.models.load` sets it (to the course's tools folder) before its ``import
+    unsloth``; the other two are read at each call and can be set any time. The folder needs
+    ``convert_hf_to_gguf.py`` and an executable ``llama-quantize`` (Unsloth's ``check_llama_cpp``
+    demands one even for f16): :func:`course_utils.gguf_export.llama_cpp_tools` writes a
+    ``llama-quantize`` that runs llama-cpp-python's quantizer when there is no built binary.
     """
     return {
         "UNSLOTH_LLAMA_CPP_PATH": str(tools),

@@ -48,8 +48,10 @@ def llama_cpp_tools(
         if not (own / "convert_hf_to_gguf.py").is_file():
             raise ExportError(f"${TOOLS_ENV_VAR}={own} has no convert_hf_to_gguf.py")
         return own
-    target = Path(cache_dir) if cache_dir else outputs_dir("tools") / f"llama.cpp-{LLAMA_CPP_PYTHON}"
+    target = Path(cache_dir) if cache_dir else default_tools_dir()
     if (target / "convert_hf_to_gguf.py").is_file():
+        if not (target / "llama-quantize").is_file():  # a cache from before the shim existed
+            write_quantize_shim(target)
         return target
     with (
         # the course's own cache: a folder there without the converter is an unfinished extraction
@@ -67,7 +69,59 @@ def llama_cpp_tools(
             if not any(m.name == "convert_hf_to_gguf.py" for m in members):
                 raise ExportError(f"{archive} holds no vendor/llama.cpp/convert_hf_to_gguf.py")
             tar.extractall(staging, members=members, filter="data")
+        write_quantize_shim(staging)
     return target
+
+
+def default_tools_dir() -> Path:
+    """Where :func:`llama_cpp_tools` keeps the converters (known before they are fetched, so Unsloth can
+    be pointed at it before ``import unsloth``)."""
+    return outputs_dir("tools") / f"llama.cpp-{LLAMA_CPP_PYTHON}"
+
+
+QUANTIZE_SHIM = """#!{python}
+# llama-quantize for a folder without llama.cpp's binaries, written by course_utils.gguf_export: the same
+# llama_model_quantize function, from the installed llama-cpp-python. Unsloth's save_pretrained_gguf
+# looks for this file (unsloth_zoo.llama_cpp.check_llama_cpp) and calls `llama-quantize IN OUT TYPE N`.
+import ctypes
+import sys
+
+TYPES = {types}
+USAGE = "usage: llama-quantize INPUT.gguf OUTPUT.gguf TYPE [NTHREADS]   TYPE: " + ", ".join(TYPES)
+
+
+def main(argv):
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0
+    if len(argv) not in (3, 4) or any(a.startswith("-") for a in argv):
+        print(USAGE + " (no --options here: build llama.cpp's own llama-quantize for those)", file=sys.stderr)
+        return 2
+    src, dst, qtype = argv[0], argv[1], argv[2].upper()
+    if qtype not in TYPES:
+        print(f"unknown type {{argv[2]!r}}; " + USAGE, file=sys.stderr)
+        return 2
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = TYPES[qtype]
+    params.nthread = int(argv[3]) if len(argv) == 4 else 0
+    return 1 if llama_cpp.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(params)) else 0
+
+
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def write_quantize_shim(folder: str | os.PathLike) -> Path:
+    """An executable ``llama-quantize`` in ``folder`` that runs llama-cpp-python's quantizer, so tools
+    that expect llama.cpp's binary (Unsloth's ``save_pretrained_gguf``) work offline without a build."""
+    types = {name: code for name, (code, _) in QUANT_TYPES.items()}
+    path = Path(folder) / "llama-quantize"
+    with staged(path, overwrite=True) as tmp:
+        tmp.write_text(QUANTIZE_SHIM.format(python=sys.executable, types=types))
+    path.chmod(0o755)
+    return path
 
 
 def _download_sdist(folder: Path) -> Path:

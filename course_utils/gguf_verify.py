@@ -127,6 +127,7 @@ def served_replies(
     n_ctx: int = 2048,
     progress: bool = True,
     details: list | None = None,
+    n_gpu_layers: int = 0,
 ) -> list[str]:
     """Like :func:`gguf_replies`, but the GGUF is served by its own llama.cpp server process
     (``serve.llama_server``: 127.0.0.1, the model's template, images through ``mmproj``) and asked over
@@ -141,7 +142,9 @@ def served_replies(
     from course_utils.evaluate import prompts_of
 
     replies = []
-    with serve.llama_server(model_path, mmproj=mmproj, alias="eval", n_ctx=n_ctx) as server:
+    with serve.llama_server(
+        model_path, mmproj=mmproj, alias="eval", n_ctx=n_ctx, n_gpu_layers=n_gpu_layers
+    ) as server:
         api = serve.client(server.url + "/v1", timeout=600)
         for prompt in tqdm(
             prompts_of(records), desc=f"llama.cpp server {Path(model_path).name}", disable=not progress

@@ -50,15 +50,22 @@ def choose_backend(profile: Profile, hardware: HardwareInfo) -> tuple[str, str]:
     )
 
 
-def _quantization_config():
+def _quantization_config(environ=None):
+    """NF4 with double quantization, bf16 compute. Under FSDP (accelerate sets ``ACCELERATE_USE_FSDP``
+    in each process it launches) the packed 4-bit weights are stored as bf16 too: FSDP shards only
+    parameters of one dtype, and bitsandbytes' default uint8 storage would leave them unsharded (peft's
+    and bitsandbytes' FSDP-QLoRA recipe: ``bnb_4bit_quant_storage`` = the compute dtype)."""
     import torch
     from transformers import BitsAndBytesConfig
 
+    env = os.environ if environ is None else environ
+    fsdp = env.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes")
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_quant_storage=torch.bfloat16 if fsdp else torch.uint8,
         llm_int8_skip_modules=SKIP_QUANTIZATION,
     )
 
@@ -106,6 +113,15 @@ def model_source(
     return ModelSource(source, four_bit, backend, prof, tuple(reasons))
 
 
+def point_unsloth_at_course_llama_cpp(environ=None) -> str:
+    """Before ``import unsloth``: unless you chose your own, Unsloth's llama.cpp folder is the course's
+    (``outputs/tools/llama.cpp-…``, lesson 06), read once at import. Returns the folder in effect."""
+    from course_utils.gguf_export import default_tools_dir
+
+    env = os.environ if environ is None else environ
+    return env.setdefault("UNSLOTH_LLAMA_CPP_PATH", str(default_tools_dir()))
+
+
 def load(
     profile: str | Profile = "auto",
     *,
@@ -132,6 +148,7 @@ def load(
     reasons = list(chosen.reasons)
 
     if backend == "unsloth":
+        point_unsloth_at_course_llama_cpp()
         from unsloth import FastVisionModel  # the one deliberate place the course imports unsloth
 
         model, processor = FastVisionModel.from_pretrained(

@@ -294,7 +294,7 @@ PROFILES: dict[str, Profile] = {
         min_vram_gib=75.0,
         backend="unsloth",
         load_id="mistralai/Mistral-Small-3.2-24B-Instruct-2506",
-        alternatives=("mistral-small-4 QLoRA (≈69 GiB; transformers+peft+bitsandbytes)",),
+        alternatives=("mistral-small-4 QLoRA (≈68 GiB with axolotl's quantize_moe_experts recipe)",),
     ),
 }
 

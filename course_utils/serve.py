@@ -135,6 +135,7 @@ def llama_server(
     n_ctx: int = 4096,
     n_threads: int | None = None,
     api_key_env: str | None = None,
+    n_gpu_layers: int = 0,
 ) -> Server:
     """llama-cpp-python's OpenAI-compatible server for an exported GGUF (not started yet).
 
@@ -170,6 +171,8 @@ def llama_server(
     ]
     if mmproj:
         command += ["--clip_model_path", str(mmproj)]
+    if n_gpu_layers:  # -1: every layer on the GPU (a llama-cpp-python built with CUDA)
+        command += ["--n_gpu_layers", str(n_gpu_layers)]
     env, headers = {}, {}
     if api_key_env:
         key = os.environ.get(api_key_env)

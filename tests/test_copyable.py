@@ -213,7 +213,7 @@ SPECS: dict[str, Spec] = {
     "merge": Spec(
         prelude=lambda env: (
             f"BASE_ID = {str(env['stand_in'])!r}\nADAPTER_DIR = {str(env['adapter'])!r}\n"
-            f"MERGED_DIR = {str(env['tmp'] / 'merged')!r}\n"
+            f"MERGED_DIR = {str(env['tmp'] / 'merged')!r}\nLOAD_IN_4BIT = False\n"
         ),
         check=report("{'files': sorted(p.name for p in Path(MERGED_DIR).iterdir())}"),
     ),
@@ -555,7 +555,7 @@ def unsloth_parameters(package: str, class_name: str, method: str) -> set[str]:
     return {a.arg for a in fn.args.args + fn.args.kwonlyargs}
 
 
-@pytest.mark.parametrize("name", ["train-gpu", "lora", "load"])
+@pytest.mark.parametrize("name", ["train-gpu", "lora", "load", "merge"])
 def test_gpu_branches_pass_only_keywords_the_pinned_libraries_take(name):
     import inspect
 
@@ -576,6 +576,19 @@ def test_gpu_branches_pass_only_keywords_the_pinned_libraries_take(name):
     for call in checked:
         unknown = calls[call] - accepted[call]
         assert not unknown, f"copy:{name}: {call} does not take {sorted(unknown)} in the pinned version"
+
+
+def test_gpu_merge_writes_16bit_shard_by_shard_without_a_second_copy():
+    """On a GPU the merge cell must not load the base again in 16-bit beside the tuned model."""
+    import importlib.util
+
+    tree = ast.parse(CELLS["merge"].source)
+    gpu_branch = next(n for n in tree.body if isinstance(n, ast.If) and "cuda" in ast.unparse(n.test))
+    code = ast.unparse(gpu_branch.body)
+    assert "save_pretrained_merged" in code and "merged_16bit" in code
+    assert "AutoModelForImageTextToText" not in code and "PeftModel" not in code
+    save = Path(importlib.util.find_spec("unsloth").origin).parent / "save.py"
+    assert '"merged_16bit"' in save.read_text()  # the pinned Unsloth still takes that save_method
 
 
 def test_gpu_training_cell_does_nothing_without_a_gpu():

@@ -370,3 +370,106 @@ def test_served_replies_equal_in_process_replies_and_report_why_they_ended(expor
         exported["processor"].apply_chat_template(text_only, tokenize=True, return_dict=True)["input_ids"]
     )
     assert served_details[0]["prompt_tokens"] > n_text + 50  # the image's embeddings are in the prompt
+
+
+def _unsloths_check_llama_cpp():
+    """unsloth_zoo's own ``check_llama_cpp``, taken from its source (importing unsloth_zoo needs a GPU)."""
+    import ast
+    import importlib.util
+    import os
+    import subprocess
+    from pathlib import Path
+
+    path = Path(importlib.util.find_spec("unsloth_zoo").origin).parent / "llama_cpp.py"
+    tree = ast.parse(path.read_text())
+    wanted = {"check_llama_cpp", "LLAMA_CPP_CONVERTER_FILENAMES"}
+    nodes = [
+        n
+        for n in tree.body
+        if (isinstance(n, ast.FunctionDef) and n.name in wanted)
+        or (isinstance(n, ast.Assign) and any(getattr(t, "id", None) in wanted for t in n.targets))
+    ]
+    assert len(nodes) == 2, "unsloth_zoo's check_llama_cpp moved: re-read it"
+    for node in nodes:  # the default folder is read at import; the test always passes one
+        if isinstance(node, ast.FunctionDef):
+            node.args.defaults = [ast.Constant(None)]
+    namespace = {"os": os, "subprocess": subprocess, "IS_WINDOWS": False, "LLAMA_CPP_DEFAULT_DIR": None}
+    module = ast.fix_missing_locations(ast.Module(nodes, type_ignores=[]))
+    exec(compile(module, str(path), "exec"), namespace)
+    return namespace["check_llama_cpp"]
+
+
+def test_unsloth_accepts_the_course_tools_folder_offline(exported, tmp_path):
+    """Unsloth's save_pretrained_gguf demands an executable llama-quantize even for f16 (fails without)."""
+    import shutil
+
+    check = _unsloths_check_llama_cpp()
+    bare = tmp_path / "converters-only"
+    bare.mkdir()
+    shutil.copy(exported["tools"] / "convert_hf_to_gguf.py", bare)
+    with pytest.raises(RuntimeError, match="No working quantizer"):
+        check(str(bare))
+    shim = gguf_export.write_quantize_shim(bare)
+    assert check(str(bare)) == (str(shim), str(bare / "convert_hf_to_gguf.py"))
+    assert (exported["tools"] / "llama-quantize").is_file()  # llama_cpp_tools() writes it
+
+
+def test_the_quantize_shim_is_llama_quantize(exported, tmp_path):
+    import subprocess
+
+    shim = gguf_export.write_quantize_shim(tmp_path)
+    out = tmp_path / "shim-Q4_K_M.gguf"
+    # as Unsloth calls it: lower-case type and a thread count, an argument list
+    done = subprocess.run(
+        [str(shim), str(exported["files"]["F16"]), str(out), "q4_k_m", "2"], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-1000:]
+    assert export.sha256(out) == export.sha256(exported["files"]["Q4_K_M"])
+    bad = subprocess.run([str(shim), "a", "b", "IQ1_S"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown type 'IQ1_S'" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_unsloth_is_pointed_at_the_course_llama_cpp_before_import():
+    from course_utils.models import point_unsloth_at_course_llama_cpp
+
+    env = {}
+    assert point_unsloth_at_course_llama_cpp(env) == str(gguf_export.default_tools_dir())
+    assert env["UNSLOTH_LLAMA_CPP_PATH"].endswith(f"llama.cpp-{gguf_export.LLAMA_CPP_PYTHON}")
+    mine = {"UNSLOTH_LLAMA_CPP_PATH": "/opt/my-llama.cpp"}
+    assert point_unsloth_at_course_llama_cpp(mine) == "/opt/my-llama.cpp"  # a learner's own choice wins
+
+
+def _card(vram, ram=83.0, disk=500.0, name="GPU"):
+    from course_utils.hardware import HardwareInfo
+
+    return HardwareInfo("cuda", name, vram, ram_gib=ram, disk_free_gib=disk, cpu_count=8, environment="local")
+
+
+def test_merge_plan_never_loads_a_second_full_copy_on_a_gpu():
+    from course_utils.profiles import PROFILES
+
+    # a free Colab T4: 15 GB VRAM, 12.7 GB RAM — Ministral 3 8B in 16-bit (≈16 GiB) fits neither
+    t4 = export.plan_merge(PROFILES["t4-16gb"], _card(14.7, ram=12.7, disk=200), llama_cpp_gpu=False)
+    assert t4.method == "unsloth-merged-16bit" and t4.load_in_4bit
+    assert t4.peak_vram_gib <= 14.7 and t4.peak_ram_gib <= 12.7
+    assert t4.parity == "skip"  # the merged 16-bit model does not fit the card to compare
+    assert t4.task_quants == ("Q4_K_M",) and t4.task_rows <= 4 and t4.n_gpu_layers == 0  # CPU llama.cpp
+    small = export.plan_merge(PROFILES["gpu-24gb"], _card(24.0, disk=300), llama_cpp_gpu=True)
+    assert small.method == "unsloth-merged-16bit" and small.peak_vram_gib <= 24
+    assert small.n_gpu_layers == -1 and small.task_rows == 16
+    big = export.plan_merge(PROFILES["gpu-80gb"], _card(80.0, disk=300), llama_cpp_gpu=True)
+    assert big.method == "peft-in-place" and not big.load_in_4bit and big.parity == "before-after"
+    assert 48 < big.peak_vram_gib < 80  # one bf16 copy of 24B (≈45 GiB) + margin, not two
+    stand_in = export.plan_merge(PROFILES["cpu-tiny"], _card(0))
+    assert stand_in.method == "peft-cpu" and stand_in.task_rows is None and stand_in.parity == "in-memory"
+
+
+def test_merge_plan_checks_disk_before_anything_is_downloaded():
+    from course_utils.profiles import PROFILES
+
+    with pytest.raises(export.ExportError, match=r"disk \(\+10 %; 60 GiB is free\)"):
+        export.plan_merge(PROFILES["gpu-24gb"], _card(24.0, disk=60), llama_cpp_gpu=True)
+    with pytest.raises(export.ExportError, match="needs the GPU it was trained on"):
+        from course_utils.hardware import HardwareInfo
+
+        export.plan_merge(PROFILES["gpu-24gb"], HardwareInfo("cpu", "CPU", None, 64, 500, 8, "local"))

@@ -76,3 +76,15 @@ def test_generate_with_an_image(stand_in_dir, cpu_hardware):
         max_new_tokens=5,
     )
     assert isinstance(reply, str)
+
+
+def test_fsdp_qlora_stores_4bit_weights_in_the_compute_dtype():
+    """FSDP shards one dtype: under accelerate's FSDP launch the packed NF4 weights are bf16-stored."""
+    import torch
+
+    from course_utils.models import _quantization_config
+
+    single = _quantization_config({})
+    assert single.bnb_4bit_quant_storage == torch.uint8
+    fsdp = _quantization_config({"ACCELERATE_USE_FSDP": "true"})  # what accelerate launch sets
+    assert fsdp.bnb_4bit_quant_storage == fsdp.bnb_4bit_compute_dtype == torch.bfloat16
