@@ -3,18 +3,26 @@
 Backs lessons 01 (chat template, streaming) and 02 (vision prompting, JSON extraction).
 
 mistral-common is Mistral's own reference implementation of the chat format; the course checks the
-Hugging Face chat template against it token for token (see ``tests/test_template_parity.py``).
+Hugging Face chat template against it token for token (``tests/test_template_parity.py`` for Small
+3's v7 format, ``tests/test_small4_format.py`` for Small 4's v15: reasoning effort, thinking, tools).
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterator
 from functools import lru_cache
+from pathlib import Path
 
 CONTROL_TOKENS = (
     "<s>", "</s>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]",
     "[IMG]", "[IMG_BREAK]", "[IMG_END]", "[TOOL_CALLS]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]",
+)  # fmt: skip
+# Small 4 (v15) adds these: tool results, tool-call arguments, thinking and model settings.
+CONTROL_TOKENS_V15 = CONTROL_TOKENS + (
+    "[TOOL_RESULTS]", "[/TOOL_RESULTS]", "[ARGS]", "[CALL_ID]", "[THINK]", "[/THINK]",
+    "[MODEL_SETTINGS]", "[/MODEL_SETTINGS]",
 )  # fmt: skip
 
 
@@ -76,13 +84,176 @@ def _to_mistral_common_content(content):
     return parts
 
 
-def reference_token_ids(messages: list[dict], processor=None) -> list[int]:
-    """Token ids of ``messages`` as mistral-common's v7 tokenizer encodes them.
+@lru_cache(maxsize=8)
+def _tokenizer_from_file(tekken_file: str, finetuning: bool):
+    from mistral_common.protocol.instruct.validator import ValidationMode
+    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+    mode = ValidationMode.finetuning if finetuning else ValidationMode.test
+    return MistralTokenizer.from_file(tekken_file, mode=mode)
+
+
+def reference_tokenizer_from_file(tekken_file: str | os.PathLike, finetuning: bool = False):
+    """mistral-common's tokenizer for a ``tekken.json`` — for the Small 4 stand-in's file, tokenizer
+    v15 (model settings, ``[THINK]``, tools, images with the file's image settings).
+
+    ``finetuning=True`` validates conversations that end with the assistant's reply (training
+    examples); the default mode validates prompts that await one.
+    """
+    path = Path(tekken_file)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found: a Small 4 stand-in folder holds tekken.json "
+            "(rebuild it with course_utils.tiny.build_stand_in('tiny-mistral-small-4'))."
+        )
+    return _tokenizer_from_file(str(path.resolve()), finetuning)
+
+
+def _to_openai_message(message: dict) -> dict:
+    """A Hugging Face chat message as the OpenAI-style dict ``ChatCompletionRequest.from_openai`` takes:
+    image parts holding a PIL image, path or URL become ``image_url`` parts (PIL → PNG data URI)."""
+    out = {key: value for key, value in message.items() if key != "content"}
+    content = message.get("content")
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if part.get("type") in ("image", "image_url"):
+                source = part.get("image") or part.get("image_url") or part.get("url") or part.get("path")
+                if isinstance(source, dict):
+                    source = source.get("url")
+                url = (
+                    source
+                    if isinstance(source, str) and source.startswith(("http://", "https://", "data:"))
+                    else to_data_uri(source)
+                )
+                parts.append({"type": "image_url", "image_url": {"url": url}})
+            else:
+                parts.append(part)
+        content = parts
+    out["content"] = content
+    return out
+
+
+def canonical_arguments(arguments: str | None) -> str:
+    """A tool call's argument string as mistral-common encodes it: valid JSON re-serialized
+    (``json.dumps(..., ensure_ascii=False)``: ``{"a": 1}``, no ``\\u`` escapes), empty as ``{}``, other
+    text as a quoted JSON string."""
+    import json
+
+    if not arguments:
+        return "{}"
+    try:
+        return json.dumps(json.loads(arguments), ensure_ascii=False)
+    except json.JSONDecodeError:
+        return json.dumps(arguments, ensure_ascii=False)
+
+
+def normalize_like_mistral_common(messages: list[dict]) -> list[dict]:
+    """``messages`` written the way mistral-common encodes them, so that Small 4's chat template gives
+    the same tokens: each tool call's ``arguments`` re-serialized (:func:`canonical_arguments`), the
+    tool results of one assistant turn in the order of its calls, and trailing spaces dropped from
+    text-only assistant replies (mistral-common strips them; it keeps them when the reply has a
+    ``[THINK]`` part).
+
+    mistral-common (and so vLLM's Mistral tokenizer) applies these rules; a Hugging Face chat
+    template copies what it is given: ``'{"a":1}'`` and ``'{"a": 1}'`` are one prompt to
+    mistral-common and two token sequences through the template. Run Small 4 training data through
+    this before templating it, so training and serving see the same tokens. The input is not modified.
+    """
+    out: list[dict] = []
+    for message in messages:
+        message = dict(message)
+        if message.get("tool_calls"):
+            calls = []
+            for call in message["tool_calls"]:
+                function = dict(call["function"])
+                if function.get("arguments") is None or isinstance(function["arguments"], str):
+                    function["arguments"] = canonical_arguments(function.get("arguments"))
+                calls.append({**call, "function": function})
+            message["tool_calls"] = calls
+        content = message.get("content")
+        thinking = message.get("reasoning_content") or message.get("reasoning")
+        if message.get("role") == "assistant" and not thinking and content:
+            if isinstance(content, list) and all(part.get("type") == "text" for part in content):
+                content = "".join(part["text"] for part in content)
+            if isinstance(content, str):
+                message["content"] = content.rstrip(" ")
+        out.append(message)
+    # results of one turn, stably sorted by the position of their call (unknown ids last)
+    start = 0
+    while start < len(out):
+        if out[start].get("role") != "tool":
+            start += 1
+            continue
+        end = start
+        while end < len(out) and out[end].get("role") == "tool":
+            end += 1
+        calls_before = next(
+            (m for m in reversed(out[:start]) if m.get("role") == "assistant"), {"tool_calls": None}
+        )
+        order = {c.get("id") or "null": i for i, c in enumerate(calls_before.get("tool_calls") or [])}
+        out[start:end] = sorted(
+            out[start:end], key=lambda m: order.get(m.get("tool_call_id") or "null", len(order))
+        )
+        start = end
+    return out
+
+
+def reference_token_ids(
+    messages: list[dict],
+    processor=None,
+    *,
+    tools: list[dict] | None = None,
+    reasoning_effort: str | None = None,
+    tekken_file: str | os.PathLike | None = None,
+) -> list[int]:
+    """Token ids of ``messages`` as mistral-common encodes them (``encode_chat_completion``).
+
+    Without ``tekken_file``: the v7 format of Small 3.x over the shipped Tekken vocabulary; with
+    ``processor``, images use its image settings. With ``tekken_file`` (a Small 4 stand-in's
+    ``tekken.json``): that file's format (v15) — ``tools`` (OpenAI-style definitions), assistant
+    ``tool_calls``, ``tool`` results, ``reasoning_content`` or ``thinking`` parts, and
+    ``reasoning_effort`` ("none" | "high"; unset = the file's default); images use the file's settings.
 
     A conversation ending with an assistant turn is encoded as a finished (training) example;
-    otherwise as a prompt awaiting the reply. With ``processor``, images use its image settings.
+    otherwise as a prompt awaiting the reply.
     """
     from mistral_common.protocol.instruct.request import ChatCompletionRequest
+
+    ends_with_reply = bool(messages) and messages[-1]["role"] == "assistant"
+    if tekken_file is not None:
+        tok = reference_tokenizer_from_file(tekken_file, finetuning=ends_with_reply)
+        image = tok.instruct_tokenizer.tokenizer.image
+        if processor is not None and image is not None:
+            in_file = (image.image_patch_size, image.spatial_merge_size, image.max_image_size)
+            in_processor = processor_image_settings(processor)
+            if in_processor != in_file:
+                raise ValueError(
+                    f"{tekken_file}: image settings (patch, merge, longest edge) {in_file} differ from the "
+                    f"processor's {in_processor}; load the processor from the same folder."
+                )
+        builder = tok.instruct_tokenizer.tokenizer.model_settings_builder
+        if reasoning_effort is not None:
+            allowed = (
+                [str(v) for v in builder.reasoning_effort.values]
+                if builder and builder.reasoning_effort
+                else []
+            )
+            if reasoning_effort not in allowed:
+                raise ValueError(
+                    f"reasoning_effort={reasoning_effort!r} is not accepted by {tekken_file}: "
+                    f"use one of {', '.join(allowed) or '(none: this tokenizer has no reasoning effort)'}."
+                )
+        extra = {} if reasoning_effort is None else {"reasoning_effort": reasoning_effort}
+        request = ChatCompletionRequest.from_openai(
+            [_to_openai_message(m) for m in messages], tools=tools, **extra
+        )
+        return tok.encode_chat_completion(request).tokens
+    if tools is not None or reasoning_effort is not None:
+        raise ValueError(
+            "tools and reasoning_effort are encoded with Small 4's tokenizer: pass "
+            "tekken_file=<the tiny-mistral-small-4 folder>/tekken.json"
+        )
 
     kwargs = {}
     if processor is not None:
@@ -91,21 +262,21 @@ def reference_token_ids(messages: list[dict], processor=None) -> list[int]:
     tok = reference_tokenizer(**kwargs)
     converted = [{"role": m["role"], "content": _to_mistral_common_content(m["content"])} for m in messages]
     request = ChatCompletionRequest(messages=converted)
-    if messages and messages[-1]["role"] == "assistant":
+    if ends_with_reply:
         instruct = tok.instruct_tokenizer
         normalized = tok._instruct_request_normalizer.from_chat_completion_request(request)
         return instruct.encode_instruct(normalized).tokens
     return tok.encode_chat_completion(request).tokens
 
 
-def contains_control_tokens(text: str) -> list[str]:
+def contains_control_tokens(text: str, control_tokens: tuple[str, ...] = CONTROL_TOKENS) -> list[str]:
     """Control-token strings (``[INST]``, ``</s>``, …) typed inside message text.
 
-    The HF tokenizer turns such text into real control tokens (a prompt-injection risk and the one
-    place its ids differ from mistral-common, which encodes them as plain text). Validate user data
-    with this before training.
+    The HF tokenizer turns such text into real control tokens (a prompt-injection risk, and ids that
+    differ from mistral-common's, which encodes them as plain text). Validate user data
+    with this before training; for Small 4 pass ``control_tokens=CONTROL_TOKENS_V15``.
     """
-    return [t for t in CONTROL_TOKENS if t in text]
+    return [t for t in control_tokens if t in text]
 
 
 def user_message(text: str, images: list | None = None) -> dict:

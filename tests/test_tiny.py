@@ -3,8 +3,9 @@ import json
 
 import pytest
 
+from course_utils import tiny
 from course_utils.profiles import stand_in_spec
-from course_utils.tiny import BUILD_INFO_FILE, RECIPES, build_stand_in, stand_in_info
+from course_utils.tiny import BUILD_INFO_FILE, RECIPES, TEKKEN_FILE, build_stand_in, stand_in_info
 
 
 def sha256(path):
@@ -67,6 +68,27 @@ def test_same_seed_gives_byte_identical_weights(stand_in_dir, tmp_path):
     assert sha256(stand_in_dir / "tiny-mistral-small-4" / "model.safetensors") != sha256(
         rebuilt / "model.safetensors"
     )
+
+
+def test_small_4_rebuilds_byte_identical_with_its_own_tekken_json(stand_in_dir, tmp_path):
+    rebuilt = build_stand_in("tiny-mistral-small-4", tmp_path)
+    files = ("model.safetensors", TEKKEN_FILE, "tokenizer.json", "chat_template.jinja", "README.md")
+    for f in files:
+        assert sha256(rebuilt / f) == sha256(stand_in_dir / "tiny-mistral-small-4" / f), f
+    # the same Tekken vocabulary as Small 3 (and the shipped file): only the special-token table differs
+    small3 = json.loads((stand_in_dir / "tiny-mistral-small-3" / "tokenizer.json").read_text())["model"]
+    small4 = json.loads((rebuilt / "tokenizer.json").read_text())["model"]
+    renamed = {token: rank for rank, token in tiny.SMALL_4_SPECIAL_TOKENS.items()}
+    kept = {token: rank for token, rank in small3["vocab"].items() if rank not in tiny.SMALL_4_SPECIAL_TOKENS}
+    assert kept | renamed == small4["vocab"]
+    assert small3["merges"] == small4["merges"]
+
+
+def test_the_fingerprint_follows_small_4_special_table(monkeypatch):
+    small3, small4 = (RECIPES[n].fingerprint() for n in tiny.STAND_INS)
+    monkeypatch.setitem(tiny.SMALL_4_SPECIAL_TOKENS, 36, "[SETTINGS]")
+    assert RECIPES["tiny-mistral-small-4"].fingerprint() != small4  # a cached build would be rebuilt
+    assert RECIPES["tiny-mistral-small-3"].fingerprint() == small3
 
 
 def test_cached_build_is_reused_and_a_stale_one_rebuilt(tmp_path):
