@@ -9,11 +9,17 @@ want=$(cat requirements.txt pyproject.toml | sha256sum | cut -d' ' -f1)
 if [ ! -x .venv/bin/python ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "Setting up .venv with the pinned requirements (first time: a few minutes)…"
   "$PYTHON" -m venv .venv
-  .venv/bin/python -m pip install -q --upgrade "pip>=24"
+  # WHEELHOUSE=DIR (scripts/build_wheelhouse.sh): install from those wheels only, no network at all.
+  offline=()
+  if [ -n "${WHEELHOUSE:-}" ]; then
+    offline=(--no-index --find-links "$WHEELHOUSE")
+    echo "…from the wheelhouse $WHEELHOUSE (--no-index)"
+  fi
+  .venv/bin/python -m pip install -q ${offline[@]+"${offline[@]}"} --upgrade "pip>=24"
   # torch/torchvision are pinned exactly in requirements.txt and installed in the same command,
   # so pip never pulls an unexpected multi-GB build.
-  .venv/bin/python -m pip install -q -r requirements.txt
-  .venv/bin/python -m pip install -q --no-deps -e .
+  .venv/bin/python -m pip install -q ${offline[@]+"${offline[@]}"} -r requirements.txt
+  .venv/bin/python -m pip install -q ${offline[@]+"${offline[@]}"} --no-deps -e .
   .venv/bin/python -m pip check
   echo "$want" > "$stamp"
 fi
