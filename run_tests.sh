@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Style (ruff) + unit tests + every notebook under nbval on the CPU profile, offline.
+# Style (ruff) + unit tests + every lesson's solutions notebook under nbval on the CPU profile, offline.
 # Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")"

@@ -44,7 +44,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 # Subcommands that live beside their code: each module has ``add_parser(subparsers)`` and imports
 # nothing heavy at module level (the CLI imports them to build its help).
-COMMAND_MODULES = ("course_utils.costs",)
+COMMAND_MODULES = ("course_utils.costs", "course_utils.launch")
 
 
 def read_pins(requirements: Path) -> dict[str, str]:
@@ -270,6 +270,8 @@ def run(args) -> int:
     os.environ["COURSE_PROFILE"] = (
         args.profile if args.profile != "auto" else os.environ.get("COURSE_PROFILE", "")
     )
+    if getattr(args, "model", None):  # every notebook's MODEL follows COURSE_MODEL
+        os.environ["COURSE_MODEL"] = args.model
     rows, failed = [], False
     for nb_path in notebooks:
         nb = nbformat.read(nb_path, as_version=4)
@@ -388,8 +390,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=vram)
 
+    from course_utils.profiles import COURSE_MODELS
+
     p = sub.add_parser("run", help="execute every notebook in order")
     p.add_argument("--profile", default="auto")
+    p.add_argument(
+        "--model",
+        choices=COURSE_MODELS,
+        help="the notebooks' MODEL (sets COURSE_MODEL; default: COURSE_MODEL, else mistral-small-3.2)",
+    )
     p.add_argument("--out", default="runs")
     p.add_argument("--notebooks", default=str(REPO_ROOT / "notebooks"))
     p.add_argument("--only", action="append", help="notebook name prefix, e.g. 01 (repeatable)")
@@ -399,6 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("checkpoint", help="run lessons 00 … N so a later lesson can start (skip-ahead)")
     p.add_argument("--upto", required=True, help="last lesson to run, e.g. 04")
+    p.add_argument("--model", choices=COURSE_MODELS, help="default: COURSE_MODEL, else mistral-small-3.2")
     p.add_argument("--profile", default="auto")
     p.add_argument("--out", default="runs/checkpoint")
     p.add_argument("--notebooks", default=str(REPO_ROOT / "notebooks"))

@@ -46,7 +46,11 @@ from course_utils.paths import staged
 
 ROLES = ("system", "user", "assistant", "tool")
 IGNORE_INDEX = -100  # label value that the loss skips
-INST_END_ID, EOS_ID, BOS_ID = 4, 2, 1  # [/INST], </s> and <s> in the Tekken vocabulary
+# Control-token ids in the Tekken vocabulary (Small 3.x and Small 4 alike; tests read them back from
+# both stand-ins' tokenizers, and tokenize_record checks them against the tokenizer it is given).
+INST_END_ID, EOS_ID, BOS_ID = 4, 2, 1  # [/INST], </s> and <s>
+INST_ID, TOOL_RESULTS_ID, TOOL_RESULTS_END_ID = 3, 7, 8  # [INST], [TOOL_RESULTS], [/TOOL_RESULTS]
+THINK_ID, THINK_END_ID = 34, 35  # [THINK], [/THINK]: v13+ tokenizers (Small 4); unused ranks before
 
 # Mistral's tool rules, as mistral-common 1.13.1 enforces them for v7 (protocol/instruct/validator.py)
 TOOL_CALL_ID = re.compile(r"^[a-zA-Z0-9]{9}$")
@@ -1429,32 +1433,67 @@ def _image_source(image, base_dir):
     return load_image(image)
 
 
-def response_only_labels(input_ids: list[int]) -> list[int]:
-    """Labels that train on assistant replies only: each reply runs from after ``[/INST]`` up to and
-    including its ``</s>``; the system prompt, user turns and image tokens get -100.
+def response_only_labels(input_ids: list[int], train_on_thinking: bool = True) -> list[int]:
+    """Labels that train on assistant replies only: a reply runs from after ``[/INST]`` — or after
+    ``[/TOOL_RESULTS]``, the answer to a tool's result — up to and including its ``</s>``; the system
+    prompt, user turns, tool results and image tokens get -100. With ``train_on_thinking=False`` a
+    reasoning trace ``[THINK]…[/THINK]`` (Small 4) is context too: the model learns the answer only.
 
-    Structural (v7 format), so it works for vision rows too — transformers 5.17's
+    Structural (Mistral's v7 and v15 formats), so it works for vision rows too — transformers 5.17's
     ``return_assistant_tokens_mask`` marks the wrong tokens once images are expanded.
     """
-    labels, inside = [], False
+    labels, inside, thinking = [], False, False
     for token in input_ids:
-        if inside:
-            labels.append(token)
-            if token == EOS_ID:
-                inside = False
-        else:
-            labels.append(IGNORE_INDEX)
-            if token == INST_END_ID:
-                inside = True
+        if token in (INST_ID, TOOL_RESULTS_ID):  # the user's or a tool's words begin: no reply here
+            inside = False
+        if inside and token == THINK_ID:
+            thinking = True
+        learn = inside and not (thinking and not train_on_thinking)
+        labels.append(token if learn else IGNORE_INDEX)
+        if token == THINK_END_ID:
+            thinking = False
+        if token == EOS_ID:
+            inside = False
+        if token in (INST_END_ID, TOOL_RESULTS_END_ID):  # the model's turn starts after these
+            inside = True
     return labels
 
 
+CONTROL_IDS = {
+    "[/INST]": INST_END_ID,
+    "</s>": EOS_ID,
+    "[INST]": INST_ID,
+    "[TOOL_RESULTS]": TOOL_RESULTS_ID,
+    "[/TOOL_RESULTS]": TOOL_RESULTS_END_ID,
+    "[THINK]": THINK_ID,
+    "[/THINK]": THINK_END_ID,
+}
+
+
+def check_control_ids(tokenizer) -> None:
+    """Refuse a tokenizer whose control tokens sit at other ids than the labels assume (a non-Tekken
+    vocabulary): one line naming the token. Tokens the tokenizer lacks (``[THINK]`` before v13) pass."""
+    unknown = tokenizer.convert_tokens_to_ids(getattr(tokenizer, "unk_token", None) or "<unk>")
+    for name, expected in CONTROL_IDS.items():
+        found = tokenizer.convert_tokens_to_ids(name)
+        if found not in (expected, None, unknown):
+            raise ValueError(
+                f"tokenizer {type(tokenizer).__name__}: {name} is id {found}, the labels expect {expected} "
+                "(the Tekken vocabulary of Mistral Small 3.x/4); use that model's tokenizer"
+            )
+
+
 def tokenize_record(
-    record: dict, processor, base_dir: Path | None = None, max_seq_length: int | None = None
+    record: dict,
+    processor,
+    base_dir: Path | None = None,
+    max_seq_length: int | None = None,
+    train_on_thinking: bool = True,
 ) -> dict:
     """Template + tokenize one record and attach response-only ``labels``; assistant turns with
-    ``weight: 0`` are context too (their labels are -100). A ``{"text": …}`` record trains on all of
-    its tokens (``<s>`` text ``</s>``, as mistral-finetune's pretraining rows).
+    ``weight: 0`` are context too (their labels are -100), and so are reasoning traces when
+    ``train_on_thinking`` is False. A ``{"text": …}`` record trains on all of its tokens (``<s>`` text
+    ``</s>``, as mistral-finetune's pretraining rows).
 
     Raises ``ValueError`` if no token is left to train on (the classic "losses are all 0").
     """
@@ -1473,7 +1512,8 @@ def tokenize_record(
             messages, tokenize=True, return_dict=True, return_tensors="pt", **kwargs
         )
         ids = out["input_ids"][0].tolist()
-        labels = _apply_weights(response_only_labels(ids), record["messages"])
+        check_control_ids(processor_tokenizer(processor))
+        labels = _apply_weights(response_only_labels(ids, train_on_thinking), record["messages"])
     if max_seq_length is not None and len(ids) > max_seq_length:
         if "pixel_values" in out:
             raise ValueError(
@@ -1516,7 +1556,8 @@ def _apply_weights(labels: list[int], messages: list[dict]) -> list[int]:
     if len(spans) != len(weights):
         raise ValueError(
             f"cannot apply per-turn weights: {len(weights)} assistant turns but {len(spans)} trained spans "
-            "(tool-call rows with weight 0 are not supported by the course's labels yet)"
+            "(an assistant turn with no trained token, e.g. a reply that is only a [THINK] trace while "
+            "train_on_thinking is False)"
         )
     labels = list(labels)
     for (begin, end), weight in zip(spans, weights):

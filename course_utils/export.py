@@ -227,7 +227,8 @@ def plan_merge(
         problems.append(f"{disk * 1.1:.0f} GiB of disk (+10 %; {hardware.disk_free_gib:.0f} GiB is free)")
     if problems:
         raise ExportError(
-            f"exporting {profile.model_key} ({method}) needs " + ", ".join(problems)
+            f"exporting {profile.model_key} ({method}) needs "
+            + ", ".join(problems)
             + ": free space (or set COURSE_OUTPUTS to a bigger disk) or export fewer quantizations"
         )
     return MergePlan(

@@ -198,7 +198,10 @@ def required_resources(profile: Profile) -> dict[str, float]:
     if profile.is_stand_in:
         return {"memory_gib": 1.0, "disk_gib": 0.5}
     spec = MODELS[profile.model_key]
-    download = spec.weights_gib(_BITS["qlora"] if profile.load_in_4bit else _BITS["lora"])
+    # a pre-quantized (bnb-4bit) repository downloads 4-bit weights; anything else downloads 16-bit
+    # weights and quantizes them while loading (Small 4's BF16 re-upload: ≈ 220 GiB on disk)
+    prequantized = profile.load_in_4bit and "bnb-4bit" in (profile.load_id or "")
+    download = spec.weights_gib(_BITS["qlora"] if prequantized else _BITS["lora"])
     # Merging an adapter and exporting GGUF later writes the 16-bit model once more.
     return {"memory_gib": profile.min_vram_gib, "disk_gib": download * 1.1 + 2}
 

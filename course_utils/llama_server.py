@@ -1,7 +1,8 @@
 """``python -m llama_cpp.server`` with the course's vision chat format (used by :mod:`course_utils.serve`),
-and that format's pieces (used in process by :mod:`course_utils.gguf_verify`).
+and that format's pieces (used in process by :mod:`course_utils.gguf_verify`); and a tool-calling chat
+format for Mistral's ``[TOOL_CALLS]`` replies (``--chat_format mistral-tools``).
 
-Backs lessons 06 and 07.
+Backs lessons 06, 07 and 08.
 
 Usage: the same options as ``python -m llama_cpp.server``. With ``--clip_model_path`` (the exported
 projector), image requests are formatted with the model's own embedded chat template instead of
@@ -11,6 +12,7 @@ wrapper installs the course's handler under the ``llava-1-5`` name before the se
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import sys
@@ -21,6 +23,8 @@ from course_utils.export import ExportError
 def main(argv: list[str]) -> None:
     import llama_cpp.llama_chat_format as chat_format
 
+    if TOOL_CHAT_FORMAT in argv:
+        chat_format.register_chat_completion_handler(TOOL_CHAT_FORMAT)(tool_chat_handler)
     if "--clip_model_path" in argv:
         model = argv[argv.index("--model") + 1]
         chat_format.Llava15ChatHandler = vision_handler_class(model)
@@ -73,6 +77,110 @@ def vision_handler_class(model_path: str | os.PathLike):
         CHAT_FORMAT = serving_template(template, bos, eos)
 
     return MistralVisionChatHandler
+
+
+# --- Tool calling: Mistral's [TOOL_CALLS] format behind OpenAI's `tools` / `tool_calls` ------------
+
+TOOL_CHAT_FORMAT = "mistral-tools"
+
+
+def tool_prompt_ids(llama, messages: list[dict], tools: list[dict] | None) -> list[int]:
+    """The prompt's token ids: the course's tool template (the one the model was trained with) rendered
+    and tokenized with special tokens parsed — equal to mistral-common's encoding (a test checks)."""
+    from course_utils.tools import render_prompt
+
+    text = render_prompt(messages, tools).removeprefix("<s>")  # BOS goes in as its id, not as text
+    return [llama.token_bos(), *llama.tokenize(text.encode("utf-8"), add_bos=False, special=True)]
+
+
+def tool_chat_handler(
+    llama,
+    messages: list[dict],
+    tools: list[dict] | None = None,
+    temperature: float = 0.2,
+    top_p: float = 0.95,
+    top_k: int = 40,
+    min_p: float = 0.05,
+    typical_p: float = 1.0,
+    stream: bool = False,
+    seed: int | None = None,
+    max_tokens: int | None = None,
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
+    repeat_penalty: float = 1.1,
+    model: str | None = None,
+    **_ignored,
+) -> dict:
+    """A llama-cpp-python chat handler: OpenAI ``tools`` in, OpenAI ``tool_calls`` out.
+
+    The reply is generated with special tokens kept; what follows ``[TOOL_CALLS]`` is parsed into
+    ``tool_calls`` (``finish_reason: "tool_calls"``), with the model's 9-character id or a fresh one.
+    A reply whose calls do not parse comes back as plain ``content``, so a client sees what the model
+    wrote. No streaming (a tool call is only useful whole).
+    """
+    import random
+    import time
+    import uuid
+
+    from course_utils.tools import CALL_ID_PATTERN, new_call_id, parse_tool_calls
+
+    if stream:
+        raise ValueError("the mistral-tools chat format does not stream; send stream=false")
+    prompt = tool_prompt_ids(llama, messages, tools)
+    if seed is not None:
+        llama.set_seed(seed)
+    limit = max_tokens or max(1, llama.n_ctx() - len(prompt))
+    generated, finish = [], "length"
+    for token in llama.generate(
+        prompt,
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
+        typical_p=typical_p,
+        temp=temperature,
+        repeat_penalty=repeat_penalty,
+        frequency_penalty=frequency_penalty,
+        presence_penalty=presence_penalty,
+    ):
+        if token == llama.token_eos():
+            finish = "stop"
+            break
+        generated.append(token)
+        if len(generated) >= limit:
+            break
+    text = llama.detokenize(generated, special=True).decode("utf-8", errors="replace")
+    parsed = parse_tool_calls(text)
+    message: dict = {"role": "assistant", "content": parsed.content or None}
+    if parsed.calls:
+        rng = random.Random()
+        message["tool_calls"] = [
+            {
+                "id": call["id"] if CALL_ID_PATTERN.match(str(call.get("id", ""))) else new_call_id(rng),
+                "type": "function",
+                "function": {
+                    "name": call["name"],
+                    "arguments": call["arguments"]
+                    if isinstance(call.get("arguments"), str)
+                    else json.dumps(call.get("arguments", {}), ensure_ascii=False),
+                },
+            }
+            for call in parsed.calls
+        ]
+        finish = "tool_calls"
+    elif "[TOOL_CALLS]" in text:
+        message["content"] = text  # an unparseable call: show it as written
+    return {
+        "id": "chatcmpl-" + uuid.uuid4().hex,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model or llama.model_path,
+        "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
+        "usage": {
+            "prompt_tokens": len(prompt),
+            "completion_tokens": len(generated),
+            "total_tokens": len(prompt) + len(generated),
+        },
+    }
 
 
 if __name__ == "__main__":

@@ -13,8 +13,16 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from course_utils.hardware import HardwareInfo, detect, preflight
-from course_utils.profiles import Backend, Profile, resolve_profile
+from course_utils.hardware import HardwareInfo, PreflightError, detect, preflight
+from course_utils.profiles import (
+    DEFAULT_MODEL,
+    MODELS,
+    Backend,
+    Profile,
+    profile_for_model,
+    resolve_model,
+    resolve_profile,
+)
 
 # Keep the Pixtral tower, its projector and the output head in 16-bit when the language model is
 # quantized (full module names: a bare "vision_tower" would not match inside Mistral3's wrapper).
@@ -60,12 +68,15 @@ def _quantization_config(environ=None):
 
     env = os.environ if environ is None else environ
     fsdp = env.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes")
+    # fp16 on cards without bf16 (T4, V100), as the training presets do
+    no_bf16 = torch.cuda.is_available() and not torch.cuda.is_bf16_supported()
+    compute = torch.float16 if no_bf16 else torch.bfloat16
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16,
-        bnb_4bit_quant_storage=torch.bfloat16 if fsdp else torch.uint8,
+        bnb_4bit_compute_dtype=compute,
+        bnb_4bit_quant_storage=compute if fsdp else torch.uint8,
         llm_int8_skip_modules=SKIP_QUANTIZATION,
     )
 
@@ -80,20 +91,57 @@ class ModelSource:
     profile: Profile
     reasons: tuple[str, ...]
 
+    @property
+    def tekken_file(self) -> Path | None:
+        """The ``tekken.json`` mistral-common encodes this model's chat format with: the stand-in's own
+        file, Small 4's from its Hub repository; None for Small 3.x (the v7 format over the shipped
+        vocabulary, ``course_utils.chat.reference_token_ids``' default)."""
+        local = Path(self.model_id) / "tekken.json"
+        if local.is_file():
+            return local
+        if self.profile.model == DEFAULT_MODEL:
+            return None
+        from huggingface_hub import hf_hub_download
+
+        return Path(hf_hub_download(MODELS[self.profile.model].hf_id, "tekken.json"))
+
+
+def refuse_unfit_model(prof: Profile) -> None:
+    """Refuse, before any download, a rung that cannot hold its model (Small 4 below 80 GB)."""
+    if prof.runs_model:
+        return
+    from course_utils.memory import estimate_training_memory
+
+    need = estimate_training_memory(
+        prof.model, "qlora", 2048, 1, 32, fused_cross_entropy=True, backend="transformers"
+    ).total_gib
+    raise PreflightError(
+        f"Preflight refused before any download: {MODELS[prof.model].display_name} needs ≈ {need:.0f} GiB "
+        f"of GPU memory even as QLoRA with 4-bit experts (axolotl's recipe, r 32, 2048 tokens), more than "
+        f"profile {prof.name!r} has. Set MODEL = 'mistral-small-3.2' (or COURSE_MODEL) on this GPU, or "
+        "PROFILE = 'gpu-80gb' on an 80 GB one; on any CPU, PROFILE = 'cpu-tiny' runs Small 4's stand-in."
+    )
+
 
 def model_source(
     profile: str | Profile = "auto",
     *,
+    model: str | None = None,
     stand_in: str | None = None,
     stand_in_dir: str | os.PathLike | None = None,
     hardware: HardwareInfo | None = None,
     load_in_4bit: bool | None = None,
 ) -> ModelSource:
-    """The model id, precision and backend for ``profile``, and why. Builds the stand-in on
-    ``cpu-tiny``; refuses early (:class:`~course_utils.hardware.PreflightError`) when the model will
-    not fit, before any download."""
+    """The model id, precision and backend for ``profile`` running ``model`` (a notebook's ``MODEL``;
+    ``COURSE_MODEL`` overrides it, see :func:`~course_utils.profiles.resolve_model`), and why. Builds
+    the stand-in on ``cpu-tiny``; refuses early (:class:`~course_utils.hardware.PreflightError`) when
+    the model will not fit, before any download. ``stand_in`` names a stand-in outright."""
     hw = hardware or detect()
-    prof = profile if isinstance(profile, Profile) else resolve_profile(profile, hardware=hw)
+    if isinstance(profile, Profile):
+        prof = profile if model is None else profile_for_model(profile, resolve_model(model))
+    else:
+        prof = resolve_profile(profile, hardware=hw, model=model)
+    refuse_unfit_model(prof)
     preflight(prof, hw)
     backend, why = choose_backend(prof, hw)
     reasons = [f"Profile {prof.name!r}: {prof.description}", why]
@@ -113,6 +161,16 @@ def model_source(
     return ModelSource(source, four_bit, backend, prof, tuple(reasons))
 
 
+def _device_map(environ) -> dict:
+    """One process: spread the model over the GPUs. Several (``accelerate launch``): DDP puts each process's
+    copy on its own GPU; FSDP wants no device map (accelerate places the shards)."""
+    if int(environ.get("WORLD_SIZE", "1")) == 1:
+        return {"device_map": "auto"}
+    if environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes"):
+        return {}
+    return {"device_map": {"": int(environ.get("LOCAL_RANK", "0"))}}
+
+
 def point_unsloth_at_course_llama_cpp(environ=None) -> str:
     """Before ``import unsloth``: unless you chose your own, Unsloth's llama.cpp folder is the course's
     (``outputs/tools/llama.cpp-…``, lesson 06), read once at import. Returns the folder in effect."""
@@ -125,6 +183,7 @@ def point_unsloth_at_course_llama_cpp(environ=None) -> str:
 def load(
     profile: str | Profile = "auto",
     *,
+    model: str | None = None,
     stand_in: str | None = None,
     stand_in_dir: str | os.PathLike | None = None,
     hardware: HardwareInfo | None = None,
@@ -134,15 +193,20 @@ def load(
     """Load model + processor for ``profile`` and say what was chosen and why (lesson 01 shows the
     same calls as plain library code).
 
-    ``stand_in`` picks the CPU stand-in (``tiny-mistral-small-3`` by default, or
-    ``tiny-mistral-small-4``); ``load_in_4bit`` overrides the profile (QLoRA on CPU works through
-    bitsandbytes, slowly).
+    ``model`` is the family (``"mistral-small-3.2"`` or ``"mistral-small-4"``; ``COURSE_MODEL``
+    overrides it): on ``cpu-tiny`` it picks the matching stand-in, which ``stand_in`` can name outright;
+    ``load_in_4bit`` overrides the profile (QLoRA on CPU works through bitsandbytes, slowly).
     """
     import torch
 
     hw = hardware or detect()
     chosen = model_source(
-        profile, stand_in=stand_in, stand_in_dir=stand_in_dir, hardware=hw, load_in_4bit=load_in_4bit
+        profile,
+        model=model,
+        stand_in=stand_in,
+        stand_in_dir=stand_in_dir,
+        hardware=hw,
+        load_in_4bit=load_in_4bit,
     )
     prof, backend, source, four_bit = chosen.profile, chosen.backend, chosen.model_id, chosen.load_in_4bit
     reasons = list(chosen.reasons)
@@ -168,7 +232,8 @@ def load(
             "bitsandbytes NF4 for the language model; vision tower, projector and lm_head stay 16-bit."
         )
     if hw.accelerator == "cuda":
-        kwargs.update(dtype=torch.bfloat16, device_map="auto")
+        kwargs["dtype"] = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        kwargs.update(_device_map(os.environ))
     else:
         kwargs.update(dtype=torch.float32)  # bf16 matmuls are slow on most CPUs; the stand-in is small
     processor = AutoProcessor.from_pretrained(source)

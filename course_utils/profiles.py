@@ -12,14 +12,24 @@ A *profile* decides model and method; the notebooks' code path does not change w
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
-from typing import Literal
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import Literal, get_args
 
 GiB = 1024**3
 Method = Literal["qlora", "lora", "full"]
 Backend = Literal["unsloth", "transformers"]
 PROFILE_ENV_VAR = "COURSE_PROFILE"
+# The model family a notebook runs (its ``MODEL`` parameter); ``COURSE_MODEL`` overrides it.
+CourseModel = Literal["mistral-small-3.2", "mistral-small-4"]
+COURSE_MODELS: tuple[str, ...] = get_args(CourseModel)
+DEFAULT_MODEL: CourseModel = "mistral-small-3.2"
+MODEL_ENV_VAR = "COURSE_MODEL"
+# Each family's offline stand-in (course_utils.tiny builds them).
+STAND_IN_OF_MODEL: dict[str, str] = {
+    "mistral-small-3.2": "tiny-mistral-small-3",
+    "mistral-small-4": "tiny-mistral-small-4",
+}
 
 
 @dataclass(frozen=True)
@@ -246,10 +256,23 @@ class Profile:
     backend: Backend
     load_id: str | None  # the id handed to from_pretrained (None: the locally built stand-in)
     alternatives: tuple[str, ...] = field(default_factory=tuple)
+    model: CourseModel = DEFAULT_MODEL  # the model family (MODEL / COURSE_MODEL) this rung runs
 
     @property
     def is_stand_in(self) -> bool:
         return self.load_id is None
+
+    @property
+    def runs_model(self) -> bool:
+        """False where this rung cannot hold its model (Small 4 needs the 80 GB rung): ``models``
+        refuses it before any download."""
+        return self.model == DEFAULT_MODEL or self.name in SMALL_4_RUNGS
+
+    @property
+    def outputs_name(self) -> str:
+        """The folder name under ``outputs/`` for what this rung's lessons write: the profile for the
+        default model, profile and model otherwise, so two models' adapters never overwrite each other."""
+        return self.name if self.model == DEFAULT_MODEL else f"{self.name}-{self.model}"
 
 
 PROFILES: dict[str, Profile] = {
@@ -298,6 +321,69 @@ PROFILES: dict[str, Profile] = {
     ),
 }
 
+# Mistral Small 4 on each rung that can hold it. The 80 GB rung: QLoRA from the BF16 re-upload (the
+# official checkpoint is FP8) with the routed experts quantized to 4-bit too — axolotl's recipe,
+# ≈ 68 GiB measured (axolotl examples/mistral4 README, course_utils.memory CALIBRATION); plain
+# transformers 4-bit leaves the 3-D expert weights in bf16 (≈ 216 GiB), Unsloth quantizes them itself.
+# The T4 and 24 GB rungs cannot hold 119B parameters at any precision the course trains in.
+SMALL_4_RUNGS: dict[str, dict] = {
+    "cpu-tiny": dict(
+        model_key="tiny-mistral-small-4",
+        description="Any CPU (tests, CI, laptops): the Small 4 stand-in (MoE + MLA, v15 chat format).",
+        alternatives=("tiny-mistral-small-3",),
+    ),
+    "gpu-80gb": dict(
+        model_key="mistral-small-4",
+        description="A100/H100 80 GB, H200: Mistral Small 4 119B MoE, QLoRA with 4-bit experts (≈68 GiB).",
+        method="qlora",
+        load_in_4bit=True,
+        load_id="axolotl-ai-co/Mistral-Small-4-119B-2603-BF16",
+        alternatives=("mistralai/Mistral-Small-4-119B-2603 (FP8, for serving: lesson 07's vLLM command)",),
+    ),
+}
+
+
+def resolve_model(requested: str | None = None, environ: Mapping[str, str] | None = None) -> CourseModel:
+    """The model family to run: ``COURSE_MODEL`` when set (``python -m course_utils run --model``
+    sets it for every notebook), else ``requested`` (a notebook's ``MODEL``), else Small 3.2.
+
+    Unknown names raise a one-line ``ValueError`` that lists the valid ones.
+    """
+    env = os.environ if environ is None else environ
+    from_env = env.get(MODEL_ENV_VAR, "").strip()
+    name = from_env or (requested or DEFAULT_MODEL).strip()
+    if name not in COURSE_MODELS:
+        where = MODEL_ENV_VAR if from_env else "MODEL"
+        raise ValueError(f"Unknown model {name!r} (from {where}). Choose one of: {', '.join(COURSE_MODELS)}.")
+    return name  # type: ignore[return-value]
+
+
+def profile_for_model(profile: Profile, model: str) -> Profile:
+    """``profile``'s rung running ``model``: the matching stand-in on ``cpu-tiny``, the real
+    checkpoint on a GPU rung. A rung that cannot hold the model keeps ``runs_model`` False and
+    ``course_utils.models`` refuses it before any download (``hardware.preflight`` checks the rest)."""
+    if model not in COURSE_MODELS:
+        raise ValueError(f"Unknown model {model!r}. Choose one of: {', '.join(COURSE_MODELS)}.")
+    if model == profile.model:
+        return profile
+    if model == DEFAULT_MODEL:
+        return PROFILES[profile.name]
+    rung = SMALL_4_RUNGS.get(profile.name)
+    if rung is None:  # does not fit: the 80 GB rung's checkpoint and floor, refused when loading
+        big = SMALL_4_RUNGS["gpu-80gb"]
+        return replace(
+            profile,
+            model=model,
+            model_key=big["model_key"],
+            method=big["method"],
+            load_in_4bit=big["load_in_4bit"],
+            load_id=big["load_id"],
+            min_vram_gib=PROFILES["gpu-80gb"].min_vram_gib,
+            alternatives=(),
+        )
+    return replace(profile, model=model, **rung)
+
+
 # Largest first: ``auto`` takes the first profile whose VRAM need the accelerator meets.
 _LADDER = ("gpu-80gb", "gpu-24gb", "t4-16gb")
 
@@ -312,8 +398,9 @@ def pick_profile(accelerator: str, vram_gib: float | None) -> str:
     return "cpu-tiny"
 
 
-def resolve_profile(requested: str | None = "auto", hardware=None) -> Profile:
-    """Turn ``"auto"`` (or a name, or the ``COURSE_PROFILE`` variable) into a :class:`Profile`.
+def resolve_profile(requested: str | None = "auto", hardware=None, model: str | None = None) -> Profile:
+    """Turn ``"auto"`` (or a name, or the ``COURSE_PROFILE`` variable) into a :class:`Profile`
+    running ``model`` (see :func:`resolve_model`: ``COURSE_MODEL`` > ``model`` > Small 3.2).
 
     Precedence: an explicit name passed in > ``COURSE_PROFILE`` > detection, which needs
     ``hardware`` (``course_utils.hardware.detect()``; this module stays free of hardware code).
@@ -337,7 +424,7 @@ def resolve_profile(requested: str | None = "auto", hardware=None) -> Profile:
             f"(from {'COURSE_PROFILE' if requested in (None, 'auto') else 'the argument'}). "
             f"Choose one of: auto, {', '.join(PROFILES)}."
         )
-    return PROFILES[name]
+    return profile_for_model(PROFILES[name], resolve_model(model))
 
 
 def model_spec(key: str) -> ModelSpec:

@@ -540,3 +540,112 @@ def load_test(
     with ThreadPoolExecutor(max_workers=concurrency) as pool:
         list(tqdm(pool.map(one, range(requests)), total=requests, desc="load test", disable=not progress))
     return LoadResult(latencies, ttfts, tokens, errors, time.perf_counter() - started)
+
+
+# --- Structured output and tool calling (lesson 08) ------------------------------------------------
+
+TOOL_CHAT_FORMAT = "mistral-tools"  # course_utils.llama_server registers the handler under this name
+_SCHEMA_NAME_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-"
+
+
+def llama_tool_server(model: str | os.PathLike, alias: str = "tools", **kwargs) -> Server:
+    """:func:`llama_server` with the course's Mistral tool-calling chat format: requests take OpenAI
+    ``tools``, replies carry OpenAI ``tool_calls`` parsed from the model's ``[TOOL_CALLS]`` output."""
+    server = llama_server(model, alias=alias, **kwargs)
+    server.command += ["--chat_format", TOOL_CHAT_FORMAT]
+    return server
+
+
+def llama_cpp_response_format(schema: dict) -> dict:
+    """llama-cpp-python's JSON-schema mode: the schema becomes a grammar that constrains sampling.
+    Source: https://llama-cpp-python.readthedocs.io/en/latest/#json-and-json-schema-mode (2026-11-29);
+    its server takes ``type: "json_object"`` plus ``schema``
+    (``llama_types.ChatCompletionRequestResponseFormat``).
+    """
+    return {"type": "json_object", "schema": schema}
+
+
+def vllm_structured_request(
+    model: str, messages: list[dict], schema: dict, name: str = "receipt", max_tokens: int = 256
+) -> dict:
+    """A ``/v1/chat/completions`` body for vLLM with OpenAI's ``response_format: json_schema``, which
+    vLLM enforces with its structured-output backend. Source: https://docs.vllm.ai/en/latest/features/
+    structured_outputs.html (2026-11-29)."""
+    if not name or len(name) > 64 or any(c not in _SCHEMA_NAME_CHARS for c in name):
+        raise ValueError(f"schema name {name!r}: use 1–64 of a-z, A-Z, 0-9, _ and - (OpenAI's rule)")
+    return {
+        "model": model,
+        "messages": messages,
+        "temperature": 0.0,
+        "max_tokens": max_tokens,
+        "response_format": {
+            "type": "json_schema",
+            "json_schema": {"name": name, "schema": schema, "strict": True},
+        },
+    }
+
+
+def ollama_structured_request(model: str, messages: list[dict], schema: dict) -> dict:
+    """Ollama's native ``/api/chat`` body with ``format`` set to a JSON schema (structured outputs).
+    Source: https://github.com/ollama/ollama/blob/main/docs/api.md#chat-request-structured-outputs
+    (2026-11-29)."""
+    return {
+        "model": model,
+        "messages": messages,
+        "stream": False,
+        "format": schema,
+        "options": {"temperature": 0},
+    }
+
+
+def check_openai_structured_request(body: dict) -> list[str]:
+    """Problems with a chat body's ``response_format`` against the ``openai`` package's own types
+    (the documented shape vLLM follows); empty if it conforms."""
+    import jsonschema
+    from openai.types.shared_params import ResponseFormatJSONSchema
+    from pydantic import TypeAdapter, ValidationError
+
+    problems = []
+    for key in ("model", "messages"):
+        if key not in body:
+            problems.append(f"missing {key!r}")
+    response_format = body.get("response_format")
+    if response_format is None:
+        return [*problems, "missing 'response_format'"]
+    try:
+        TypeAdapter(ResponseFormatJSONSchema).validate_python(response_format)
+    except ValidationError as error:
+        problems += [f"response_format.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors()]
+        return problems
+    schema = response_format["json_schema"].get("schema")
+    try:
+        jsonschema.Draft202012Validator.check_schema(schema or {})
+    except jsonschema.SchemaError as error:
+        problems.append(f"response_format.json_schema.schema is not a JSON schema: {error.message}")
+    return problems
+
+
+def check_ollama_structured_request(body: dict) -> list[str]:
+    """Problems with an Ollama ``/api/chat`` body against its documented fields; empty if it conforms."""
+    import jsonschema
+
+    problems = [f"missing {k!r}" for k in ("model", "messages") if k not in body]
+    known = {"model", "messages", "tools", "format", "options", "stream", "keep_alive", "think"}
+    problems += [f"unknown field {k!r} (Ollama ignores it)" for k in body if k not in known]
+    for i, message in enumerate(body.get("messages", [])):
+        if message.get("role") not in ("system", "user", "assistant", "tool"):
+            problems.append(f"messages[{i}].role {message.get('role')!r} is not system/user/assistant/tool")
+        if not isinstance(message.get("content"), str):
+            problems.append(f"messages[{i}].content must be a string (images go in 'images')")
+    fmt = body.get("format")
+    if fmt is None:
+        problems.append("missing 'format'")
+    elif fmt != "json":
+        if not isinstance(fmt, dict):
+            problems.append("format must be 'json' or a JSON schema object")
+        else:
+            try:
+                jsonschema.Draft202012Validator.check_schema(fmt)
+            except jsonschema.SchemaError as error:
+                problems.append(f"format is not a JSON schema: {error.message}")
+    return problems

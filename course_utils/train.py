@@ -63,6 +63,7 @@ class TrainPreset:
     finetune_attention_modules: bool = True
     finetune_mlp_modules: bool = True
     bf16: bool = True
+    fp16: bool = False  # for cards without bf16 (T4, V100); preset_for decides from the card
     max_new_tokens_eval: int = 256
 
     def as_dict(self) -> dict:
@@ -101,6 +102,7 @@ PRESETS: dict[str, TrainPreset] = {
         max_seq_length=2048,
         max_steps=60,
         bf16=False,
+        fp16=True,  # the T4 has no bf16
     ),
     "gpu-24gb": TrainPreset(
         lora_r=16,
@@ -124,11 +126,31 @@ PRESETS: dict[str, TrainPreset] = {
 }
 
 
-def preset_for(profile_name: str, **overrides) -> TrainPreset:
-    """The preset of a profile, with any field overridden (unknown names raise ``TypeError``)."""
+CPU_PROFILES = ("cpu-tiny",)  # bf16 there is CPU autocast, unrelated to a CUDA card's support
+
+
+def cuda_bf16_supported() -> bool | None:
+    """Whether this machine's CUDA card computes in bf16 (Ampere and newer); ``None`` without a card."""
+    return torch.cuda.is_bf16_supported() if torch.cuda.is_available() else None
+
+
+def preset_for(profile_name: str, *, bf16_supported: bool | None = None, **overrides) -> TrainPreset:
+    """The preset of a profile, with any field overridden (unknown names raise ``TypeError``).
+
+    On a GPU profile the precision follows the card: a card without bf16 (a V100 32 GB resolves to
+    ``gpu-24gb``) trains in fp16 — Unsloth loads it in fp16 and its trainer raises when asked for bf16.
+    ``bf16_supported``: the card's answer; ``None`` asks ``torch.cuda.is_bf16_supported()`` (no CUDA card:
+    the preset is kept as written, for the card it was written for).
+    """
     if profile_name not in PRESETS:
         raise KeyError(f"No preset for profile {profile_name!r}; known: {', '.join(PRESETS)}")
-    return replace(PRESETS[profile_name], **overrides)
+    preset = replace(PRESETS[profile_name], **overrides)
+    if profile_name in CPU_PROFILES:
+        return preset
+    supported = cuda_bf16_supported() if bf16_supported is None else bf16_supported
+    if supported is False and preset.bf16:
+        preset = replace(preset, bf16=False, fp16=True)
+    return preset
 
 
 # --- Model ---------------------------------------------------------------------------------------
@@ -208,6 +230,44 @@ class ResponseOnlyTrainer(Trainer):
         return loss.detach(), None, None
 
 
+class DistributedResponseOnlyTrainer(ResponseOnlyTrainer):
+    """:class:`ResponseOnlyTrainer` for several processes (``python -m course_utils train --processes N``).
+
+    DDP all-reduces the gradients only of a forward that runs through its wrapper (FSDP gathers its
+    shards in hooks on the forward too), and the loss above calls the model's parts directly — so the
+    loss runs *as* the model's forward here. Without it, measured on 2 CPU processes, each rank kept its
+    own gradients and the ranks ended with different weights. The token count is summed over the
+    processes and DDP averages their gradients, so the loss is scaled by the process count, as
+    transformers' own ``Trainer.compute_loss`` does.
+    """
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss = _as_forward_of(model, lambda core: response_only_loss(core, inputs, num_items_in_batch))
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes
+        return (loss, None) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        return super().prediction_step(getattr(model, "module", model), inputs, prediction_loss_only)
+
+
+def _as_forward_of(model, loss_of):
+    """``loss_of(inner_model)`` computed as ``model``'s forward — through a DDP wrapper or FSDP's hooks."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    inner = model.module if isinstance(model, DistributedDataParallel) else model
+    inner.forward = lambda: loss_of(inner)
+    try:
+        return model()
+    finally:
+        del inner.forward
+
+
+def world_size() -> int:
+    """Processes training together (``WORLD_SIZE``, set by ``accelerate launch`` / ``torchrun``)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def shared_training_kwargs(preset: TrainPreset, output_dir: str | os.PathLike) -> dict:
     """The arguments TrainingArguments (CPU path) and TRL's SFTConfig (GPU path) share."""
     return dict(
@@ -240,11 +300,13 @@ def training_arguments(
         eval_strategy="steps" if eval_steps else "no",
         eval_steps=eval_steps,
         bf16=preset.bf16,
+        fp16=preset.fp16 and not use_cpu,
         use_cpu=use_cpu,
         data_seed=preset.seed,
         disable_tqdm=True,
         dataloader_num_workers=0,
         include_num_input_tokens_seen=True,
+        ddp_find_unused_parameters=False,  # every trainable (LoRA) weight is used in every step
     )
 
 
@@ -311,7 +373,8 @@ def build_trainer(
         use_cpu=not torch.cuda.is_available(),
         eval_steps=preset.save_steps if eval_examples else None,
     )
-    trainer = ResponseOnlyTrainer(
+    trainer_class = DistributedResponseOnlyTrainer if world_size() > 1 else ResponseOnlyTrainer
+    trainer = trainer_class(
         model=peft_model,
         args=args,
         train_dataset=train_examples,
@@ -351,7 +414,7 @@ def _build_unsloth_trainer(
     def to_rows(records):
         return [{"messages": with_images(r)} for r in records]
 
-    bf16 = preset.bf16 and torch.cuda.is_bf16_supported()  # T4 and V100 have no bf16: fp16 there
+    bf16 = preset.bf16 and torch.cuda.is_bf16_supported()  # preset_for already chose fp16 on T4/V100
     config = SFTConfig(
         **shared_training_kwargs(preset, output_dir),
         eval_strategy="steps" if eval_records else "no",
@@ -538,10 +601,17 @@ def training_card(run: TrainingRun, metrics: dict, seconds: float) -> dict:
     }
 
 
-def save_adapter(run: TrainingRun, target: str | os.PathLike, card: dict, overwrite: bool = False) -> Path:
+def save_adapter(
+    run: TrainingRun,
+    target: str | os.PathLike,
+    card: dict,
+    overwrite: bool = False,
+    state_dict: dict | None = None,
+) -> Path:
     """Save the adapter (safetensors), the processor and ``training_card.json``.
 
-    Never over an existing one (unless ``overwrite``).
+    Never over an existing one (unless ``overwrite``). ``state_dict``: the full state gathered from a
+    sharded (FSDP) model — ``accelerator.get_state_dict(model)``, which every rank must call.
     """
     target = Path(target)
     if (target / "adapter_model.safetensors").exists() and not overwrite:
@@ -551,7 +621,7 @@ def save_adapter(run: TrainingRun, target: str | os.PathLike, card: dict, overwr
     from course_utils.paths import staged
 
     with staged(target, overwrite=overwrite, folder=True) as tmp:  # all three files, or none
-        run.model.save_pretrained(tmp, safe_serialization=True)
+        run.model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         run.processor.save_pretrained(tmp)
         (tmp / "training_card.json").write_text(json.dumps(card, indent=2) + "\n")
     return target
@@ -676,12 +746,19 @@ def fsdp_layer_classes(model) -> tuple[str, ...]:
 
 
 def accelerate_fsdp_config(
-    num_processes: int = 2, cpu_offload: bool = False, *, layer_classes: Sequence[str]
+    num_processes: int = 2,
+    cpu_offload: bool = False,
+    *,
+    layer_classes: Sequence[str],
+    mixed_precision: str = "bf16",
 ) -> dict:
     """An ``accelerate launch --config_file`` config sharding the model over ``num_processes`` GPUs (FSDP).
 
     ``layer_classes``: :func:`fsdp_layer_classes` of the model you train — never a hard-coded list.
+    ``mixed_precision``: ``"bf16"``, or ``"fp16"`` on a card without bf16 (the preset's choice).
     """
+    if mixed_precision not in ("bf16", "fp16", "no"):
+        raise ValueError(f"mixed_precision must be bf16, fp16 or no, not {mixed_precision!r}")
     if num_processes < 1:
         raise ValueError("num_processes must be at least 1")
     if not layer_classes:
@@ -689,7 +766,7 @@ def accelerate_fsdp_config(
     return {
         "compute_environment": "LOCAL_MACHINE",
         "distributed_type": "FSDP",
-        "mixed_precision": "bf16",
+        "mixed_precision": mixed_precision,
         "num_machines": 1,
         "num_processes": num_processes,
         "machine_rank": 0,
@@ -753,10 +830,12 @@ def ensure_adapter(
     *,
     hardware=None,
     progress: bool = True,
+    model: str | None = None,
 ) -> tuple[Path, str]:
     """Lesson 04's adapter when it exists; otherwise train it the same way now (≈ 3 min on cpu-tiny).
 
-    Lets lessons 05–07 run on their own. Never replaces an existing adapter.
+    Lets lessons 05–07 run on their own. Never replaces an existing adapter. ``model``: the notebook's
+    ``MODEL`` (None: ``COURSE_MODEL``, else Mistral Small 3.2).
     """
     import time
 
@@ -766,7 +845,7 @@ def ensure_adapter(
     adapter_dir = Path(adapter_dir)
     if (adapter_dir / "adapter_model.safetensors").exists():
         return adapter_dir, f"adapter from lesson 04 ({adapter_dir.name})"
-    loaded = load(profile_name, hardware=hardware)
+    loaded = load(profile_name, model=model, hardware=hardware)
     preset = preset_for(loaded.profile.name)
     run_dir = outputs_dir(loaded.profile.name, "runs", time.strftime("receipts-%Y%m%d-%H%M%S"))
     run = build_trainer(

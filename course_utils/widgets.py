@@ -34,16 +34,33 @@ def choice(
     return dropdown
 
 
-def check(answer, expected, hint: str, *, tolerance: float = 0.0) -> None:
-    """Tell the learner whether an exercise answer is right; never raises, so Run-all keeps going."""
+class WrongAnswer(AssertionError):
+    """An exercise answer that is not right yet: the cell fails, with what is wrong and a hint."""
+
+
+def check(answer, expected, hint: str, *, tolerance: float = 0.0, label: str = "") -> bool:
+    """Tell the learner whether an exercise answer is right.
+
+    Right: prints ✅ and returns ``True``. ``None`` (the TODO untouched): prints ⏳ "not answered yet"
+    and returns ``False`` — "Run all" keeps going. Wrong: raises :class:`WrongAnswer` with the hint,
+    so the cell fails where the learner is looking. Numbers match within ``tolerance`` (relative to the
+    expected value, at least 1); anything else must be equal. The expected value is never printed.
+    """
+    prefix = f"{label}: " if label else ""
     if answer is None:
-        print(f"⏳ Not answered yet — replace None. Hint: {hint}")
-        return
-    try:
+        print(f"⏳ {prefix}not answered yet — replace None. Hint: {hint}")
+        return False
+    numbers = (int, float)
+    if isinstance(answer, bool) != isinstance(expected, bool):
+        ok = False  # True == 1 in Python, but True is no answer to "how many"
+    elif isinstance(answer, numbers) and isinstance(expected, numbers):
         ok = abs(float(answer) - float(expected)) <= tolerance * max(1.0, abs(float(expected)))
-    except (TypeError, ValueError):
+    else:
         ok = answer == expected
-    print("✅ Correct!" if ok else f"❌ Not yet ({answer!r}). Hint: {hint}")
+    if not ok:
+        raise WrongAnswer(f"❌ {prefix}not yet ({answer!r}). Hint: {hint}")
+    print(f"✅ {prefix}correct!")
+    return True
 
 
 def example_viewer(examples: list[dict], images: list | None = None, start: int = 0):

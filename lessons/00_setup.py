@@ -159,10 +159,11 @@ for name, path in stand_ins.items():
 # 🐢 **Read the ladder.** How many parameters does Mistral Small 4 use *per token*, in billions?
 
 # %%
-from course_utils.widgets import check
+from course_utils.exercises import check
 
 active_params_b = None  # TODO: replace None with your answer (a number, in billions)
-check(active_params_b, 6.5, "look at the 'params' column of the ladder table")
+# SOLUTION: active_params_b = 6.5  # the ladder's "params" column: 119B total (6.5B active)
+check("00-active-params", active_params_b)
 
 # %% [markdown]
 # 🐕 **Pick for a friend.** A friend has an A100 with 40 GB (it reports 39.4 GiB). Which profile does
@@ -170,19 +171,24 @@ check(active_params_b, 6.5, "look at the 'params' column of the ladder table")
 
 # %%
 friend_profile = None  # TODO: a profile name such as "t4-16gb"
-check(friend_profile, "gpu-24gb", "40 GB is above the 24 GB rung but below the 80 GB one")
+# SOLUTION: from course_utils.profiles import pick_profile
+# SOLUTION:
+# SOLUTION: friend_profile = pick_profile("cuda", 39.4)
+check("00-friend-profile", friend_profile)
 
 # %% [markdown]
 # 🦁 **Override.** Set the environment variable `COURSE_PROFILE` to `t4-16gb` *inside Python*
-# (`os.environ[...]`), resolve `"auto"` again, and check that the override wins. Then remove it again so
-# later cells keep your real profile.
+# (`os.environ[...]`), resolve `"auto"` again and keep the resolved profile's name. Then remove the
+# variable again (or use `unittest.mock.patch.dict(os.environ, …)`, which puts it back for you) so later
+# cells keep your real profile. The check looks at both.
 
 # %%
-import os
-
-from course_utils.profiles import resolve_profile
-
-# TODO: set os.environ["COURSE_PROFILE"] here
-resolved = resolve_profile("auto", hardware=hardware).name
-os.environ.pop("COURSE_PROFILE", None) if resolved == "t4-16gb" else None
-check(resolved == "t4-16gb", True, 'os.environ["COURSE_PROFILE"] = "t4-16gb" before resolving')
+overridden = None  # TODO: set the variable, then resolve_profile("auto", hardware=hardware).name
+# SOLUTION: import os
+# SOLUTION: from unittest import mock
+# SOLUTION:
+# SOLUTION: from course_utils.profiles import resolve_profile
+# SOLUTION:
+# SOLUTION: with mock.patch.dict(os.environ, {"COURSE_PROFILE": "t4-16gb"}):
+# SOLUTION:     overridden = resolve_profile("auto", hardware=hardware).name
+check("00-override", overridden)

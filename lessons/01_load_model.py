@@ -9,6 +9,7 @@
 # - Check the common claims about 'Mistral Small' against the configs.
 # - Load model + processor per profile, and know why Unsloth is (or is not) imported.
 # - Compute GQA vs MLA KV-cache cost per token and at 4k-256k context, with a plot.
+# - Read Small 4's latent attention, experts and router from its stand-in, and measure its KV cache.
 # - Read the v7 chat template and avoid the default-system-prompt gotcha.
 # - Stream a first generation.
 
@@ -58,7 +59,7 @@ for claim, config_says in claims:
 from course_utils.hardware import memory_report
 from course_utils.models import model_source
 
-source = model_source(PROFILE, hardware=hardware)
+source = model_source(PROFILE, model=MODEL, hardware=hardware)
 MODEL_ID, LOAD_IN_4BIT = source.model_id, source.load_in_4bit
 print(*source.reasons, sep="\n")
 print(memory_report("before loading"))
@@ -167,6 +168,80 @@ ax.legend()
 plt.show()
 
 # %% [markdown]
+# ### Small 4's attention and experts, read from its stand-in — and its KV cache measured
+#
+# The table above is arithmetic from the config. The Small 4 stand-in has Small 4's real architecture
+# (`Mistral4` text model: multi-head latent attention and a mixture of experts) at toy sizes, so its
+# config names every part — and a forward pass shows what the cache really holds. Whatever `MODEL` you
+# picked, this loads the stand-in (a few MB, random weights): it shows the structure and the memory
+# arithmetic, not the 119B model's quality.
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+from transformers import AutoModelForImageTextToText
+
+from course_utils.tiny import build_stand_in
+
+small4_model = AutoModelForImageTextToText.from_pretrained(
+    build_stand_in("tiny-mistral-small-4"), dtype=torch.float32
+).eval()
+
+# %%
+# NBVAL_CHECK_OUTPUT
+t4 = small4_model.config.text_config
+print(
+    f"{t4.model_type}: {t4.num_hidden_layers} layers, hidden {t4.hidden_size}, {t4.num_attention_heads} heads"
+)
+print(
+    f"MLA: queries through a {t4.q_lora_rank}-wide latent (q_a_proj -> q_b_proj); keys and values through "
+    f"a {t4.kv_lora_rank}-wide latent (kv_a_proj_with_mqa -> kv_b_proj); per head "
+    f"{t4.qk_nope_head_dim} + {t4.qk_rope_head_dim} (RoPE) key dims, {t4.v_head_dim} value dims"
+)
+layer = small4_model.model.language_model.layers[0]
+print(
+    f"MoE: {t4.n_routed_experts} routed experts, {t4.num_experts_per_tok} chosen per token, "
+    f"{t4.n_shared_experts} shared expert always on; each expert {t4.moe_intermediate_size} wide"
+)
+print(
+    f"router: {type(layer.mlp.gate).__name__}, one score per expert from the hidden state "
+    f"(weight {tuple(layer.mlp.gate.weight.shape)}), top-{t4.num_experts_per_tok} renormalised: "
+    f"{t4.norm_topk_prob}; experts stored as 3-D tensors: "
+    + ", ".join(f"{name} {tuple(p.shape)}" for name, p in layer.mlp.experts.named_parameters())
+)
+
+# %% [markdown]
+# Now measure: run 64 tokens through the stand-in with `use_cache=True` and add up the bytes the cache
+# holds. transformers' Mistral 4 caches the compressed latent (`kv_lora_rank` wide) and the RoPE key part
+# (`qk_rope_head_dim`) per layer — not full keys and values per head — so the measured bytes per token
+# should equal the MLA formula the table used (here in float32, 4 bytes per number):
+
+# %%
+# NBVAL_CHECK_OUTPUT
+from course_utils.profiles import stand_in_spec
+
+prompt_tokens = 64
+input_ids = torch.arange(1000, 1000 + prompt_tokens).unsqueeze(0)  # any token ids: only the shapes matter
+with torch.inference_mode():
+    cache = small4_model(input_ids=input_ids, use_cache=True).past_key_values
+cached_bytes = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+spec = stand_in_spec("tiny-mistral-small-4", small4_model.config, small4_model.num_parameters())
+per_head_kv = (
+    t4.num_hidden_layers
+    * t4.num_attention_heads
+    * (t4.qk_nope_head_dim + t4.qk_rope_head_dim + t4.v_head_dim)
+)
+print(
+    f"measured: {cached_bytes:,} bytes for {prompt_tokens} tokens",
+    f"= {cached_bytes // prompt_tokens} bytes per token",
+)
+print(
+    "computed: layers x (kv_lora_rank + qk_rope_head_dim) x 4 =",
+    f"{spec.kv_cache_bytes_per_token(4)} bytes per token",
+)
+print(f"full keys and values per head would be {per_head_kv * 4} bytes per token")
+print("measured == computed:", cached_bytes == spec.kv_cache_bytes_per_token(4) * prompt_tokens)
+
+# %% [markdown]
 # ## 1.5 The chat template
 #
 # Mistral's v7 format has no spaces around its tags and no roles written out:
@@ -179,6 +254,10 @@ plt.show()
 # prompt, serve through a template that adds one, and the model sees a prompt it never trained on. Pass
 # an explicit system prompt in training *and* serving — and keep one template for both (lesson 06
 # generates the Ollama Modelfile from this same template).
+#
+# With `MODEL = "mistral-small-4"` the same cells show Small 4's format (mistral-common's v15: the same
+# tags, plus `[MODEL_SETTINGS]` for `reasoning_effort` and `[THINK]…[/THINK]` traces — lesson 03), checked
+# against mistral-common with the model's own `tekken.json`.
 
 # %%
 # NBVAL_CHECK_OUTPUT
@@ -192,7 +271,8 @@ conversation = [
 print(processor.apply_chat_template(conversation, tokenize=False))
 ids = processor.apply_chat_template(conversation, tokenize=True, return_dict=True)["input_ids"]
 ids = ids.tolist()[0] if hasattr(ids, "tolist") else ids
-print(len(ids), "tokens; identical to mistral-common:", ids == reference_token_ids(conversation))
+reference = reference_token_ids(conversation, tekken_file=source.tekken_file)  # v15's own file on Small 4
+print(len(ids), "tokens; identical to mistral-common:", ids == reference)
 
 # %% [markdown]
 # The template marks the assistant's reply with `{% generation %}`, so training can compute the loss on
@@ -229,6 +309,8 @@ print()
 #
 # - Small 3.2: 24B dense, GQA (32 q / 8 kv heads), 128k context; Small 4: 119B MoE, 6.5B active,
 #   MLA, 256k context. Memory follows total parameters; the KV cache follows the attention design.
+# - Small 4's stand-in names the parts (MLA latents, routed and shared experts, router) and its measured
+#   cache equals the MLA formula: a latent plus a RoPE key per layer and token.
 # - One loading cell: Unsloth's `FastVisionModel` on CUDA, transformers (+ `BitsAndBytesConfig`) elsewhere;
 #   `model_source(profile)` says what to load and why, and refuses what will not fit.
 # - The v7 template matches mistral-common token for token; always pass an explicit system prompt.
@@ -239,10 +321,11 @@ print()
 # layers, KV heads and head dimension (or from `MODELS`).
 
 # %%
-from course_utils.widgets import check
+from course_utils.exercises import check
 
 small31_bytes_per_token = None  # TODO: layers x 2 (K and V) x kv_heads x head_dim x 2 bytes
-check(small31_bytes_per_token, 163840, "40 x 2 x 8 x 128 x 2")
+# SOLUTION: small31_bytes_per_token = MODELS["mistral-small-3.1"].kv_cache_bytes_per_token()
+check("01-kv-bytes", small31_bytes_per_token)
 
 # %% [markdown]
 # 🐕 For one 128k-token sequence, how many times more KV-cache memory does Small 3.2 need than Small 4?
@@ -250,23 +333,26 @@ check(small31_bytes_per_token, 163840, "40 x 2 x 8 x 128 x 2")
 
 # %%
 ratio = None  # TODO: use kv_cache_table() or kv_cache_bytes_per_token()
-check(ratio, round(163840 / 23040, 1), "divide the two bytes_per_token values", tolerance=0.02)
+# SOLUTION: ratio = round(
+# SOLUTION:     MODELS["mistral-small-3.2"].kv_cache_bytes_per_token()
+# SOLUTION:     / MODELS["mistral-small-4"].kv_cache_bytes_per_token(),
+# SOLUTION:     1,
+# SOLUTION: )
+check("01-kv-ratio", ratio)
 
 # %% [markdown]
-# 🦁 Write a two-turn conversation of your own **with** a system prompt and confirm the processor's ids
-# equal `reference_token_ids(...)`. Then put `[/INST]` inside a user message and see them differ — why
-# is that a prompt-injection risk when you build training data from user text?
+# 🦁 Write a two-turn conversation of your own **with** a system prompt (system, then user/assistant
+# twice); the check confirms the processor's ids equal `reference_token_ids(...)`. Then put `[/INST]`
+# inside a user message and see them differ — why is that a prompt-injection risk when you build training
+# data from user text?
 
 # %%
-my_conversation = [  # TODO: add a system message and a second user/assistant turn
-    {"role": "user", "content": "Hi"},
-    {"role": "assistant", "content": "Hello!"},
-]
-my_ids = processor.apply_chat_template(my_conversation, tokenize=True, return_dict=True)["input_ids"]
-my_ids = my_ids.tolist()[0] if hasattr(my_ids, "tolist") else my_ids
-has_system = my_conversation[0]["role"] == "system" and len(my_conversation) >= 5
-check(
-    has_system and my_ids == reference_token_ids(my_conversation),
-    True,
-    "start with a system message, then user/assistant/user/assistant",
-)
+my_conversation = None  # TODO: a list of {"role": ..., "content": ...} messages
+# SOLUTION: my_conversation = [
+# SOLUTION:     {"role": "system", "content": "You answer in one short sentence."},
+# SOLUTION:     {"role": "user", "content": "Hi"},
+# SOLUTION:     {"role": "assistant", "content": "Hello!"},
+# SOLUTION:     {"role": "user", "content": "What is a token?"},
+# SOLUTION:     {"role": "assistant", "content": "A piece of text the model reads as one unit."},
+# SOLUTION: ]
+check("01-own-conversation", my_conversation, processor=processor)

@@ -20,14 +20,16 @@
 # ## 2.1 Load the model and the course dataset
 #
 # `load_receipts` uses CORD-v2 from the Hugging Face Hub when it is reachable and the shipped synthetic
-# receipts otherwise — the same call, and it tells you which one you got.
+# receipts otherwise — the same call, and it tells you which one you got. Everything below runs unchanged
+# with `MODEL = "mistral-small-4"`: Small 4 is the same Mistral 3 vision wrapper (Pixtral encoder, `[IMG]`
+# tokens) around a different text model.
 
 # %%
 # NBVAL_IGNORE_OUTPUT
 from course_utils.models import load
 from course_utils.receipts import load_receipts
 
-model, processor, description = load(PROFILE, hardware=hardware)
+model, processor, description = load(PROFILE, model=MODEL, hardware=hardware)
 print(description)
 test_rows, where = load_receipts("test", source="local" if profile.is_stand_in else "auto", limit=8)
 print(where)
@@ -404,10 +406,11 @@ print("round trip identical:", load_image(uri).convert("RGB").tobytes() == small
 # 🐢 How many tokens does a 1024×768 (landscape) screenshot cost on Mistral Small 3.2?
 
 # %%
-from course_utils.widgets import check
+from course_utils.exercises import check
 
 screenshot_tokens = None  # TODO: 1024/28 and 768/28, rounded up, plus one token per row
-check(screenshot_tokens, image_token_cost(1024, 768), "ceil(1024/28) x ceil(768/28) + ceil(768/28)")
+# SOLUTION: screenshot_tokens = image_token_cost(1024, 768)
+check("02-screenshot-tokens", screenshot_tokens)
 
 # %% [markdown]
 # 🐕 You must send 200 receipt photos of 1200×1600 px in **one** 128k-token request (keep 2,048 tokens
@@ -415,23 +418,25 @@ check(screenshot_tokens, image_token_cost(1024, 768), "ceil(1024/28) x ceil(768/
 # check the result fits.
 
 # %%
-per_image_budget = None  # TODO: (131072 - 2048) // 200
-check(per_image_budget, (131072 - 2048) // 200, "divide what is left of the context by the number of images")
+per_image_budget = None  # TODO: what is left of the context for images, shared by 200 of them
+# SOLUTION: per_image_budget = (131072 - 2048) // 200
+check("02-per-image-budget", per_image_budget)
 
 # %% [markdown]
-# 🦁 This reply is rejected by the schema. Fix `fixed_reply` (by hand) so `extract_json(..., RECEIPT_SCHEMA)`
-# accepts it. Then look at the date: the schema accepted `2024-13-01`. Which check would catch it?
+# 🦁 This reply is rejected by the schema. Fix it (by hand: copy `broken_reply` into `fixed_reply` and
+# edit the string) so `extract_json(..., RECEIPT_SCHEMA)` accepts it; the check also makes sure it is
+# still the same receipt. Then look at the date: the schema accepted `2024-13-01`. Which check would
+# catch it?
 
 # %%
 broken_reply = (
     '{"merchant": "Bistro", "date": "2024-13-01", "currency": "eur", '
     '"items": [{"name": "Soup", "qty": 1, "unit_price": 6.5}], "subtotal": 6.5, "tax": 1.24, "total": 7.74}'
 )
-fixed_reply = broken_reply  # TODO: edit the string
 try:
-    extract_json(fixed_reply, RECEIPT_SCHEMA)
-    accepted = True
+    extract_json(broken_reply, RECEIPT_SCHEMA)
 except JSONExtractionError as error:
-    accepted = False
-    print(error)
-check(accepted, True, "currency codes are upper-case ISO codes")
+    print("rejected:", error)
+fixed_reply = None  # TODO: the edited string
+# SOLUTION: fixed_reply = broken_reply.replace('"currency": "eur"', '"currency": "EUR"')
+check("02-fixed-reply", fixed_reply, broken_reply=broken_reply)

@@ -171,7 +171,8 @@ print(cli.stdout.replace(str(broken_file), broken_file.name).splitlines()[-1])
 # Training should only learn the **replies**: the system prompt, the user's words and the image tokens
 # are context (label `-100`, skipped by the loss). In Mistral's v7 format every reply runs from after
 # `[/INST]` up to and including `</s>` — the same rule as Unsloth's
-# `train_on_responses_only(instruction_part="[INST]", response_part="[/INST]")`.
+# `train_on_responses_only(instruction_part="[INST]", response_part="[/INST]")`. A reply to a tool's
+# result starts after `[/TOOL_RESULTS]`, and Small 4's replies may carry a `[THINK]` trace (below).
 #
 # ⚠️ Why the course builds labels from this structure: the chat template's `{% generation %}` mask is
 # right for text rows, but in transformers 5.17 it is computed before the image tokens are expanded, so
@@ -183,7 +184,8 @@ print(cli.stdout.replace(str(broken_file), broken_file.name).splitlines()[-1])
 # NBVAL_IGNORE_OUTPUT
 from course_utils.models import load
 
-model, processor, description = load(PROFILE, hardware=hardware)  # lesson 01's loading cell, as a function
+# lesson 01's loading cell, as a function
+model, processor, description = load(PROFILE, model=MODEL, hardware=hardware)
 
 # %% [markdown]
 # The labelling rule in full — a dozen lines worth copying. The package holds this same function (a test
@@ -191,29 +193,39 @@ model, processor, description = load(PROFILE, hardware=hardware)  # lesson 01's 
 
 # %% tags=["copyable", "copy:labels"]
 # NBVAL_CHECK_OUTPUT
-# Response-only labels for Mistral's v7 chat format. Needs `processor` (lesson 01's loading cell).
+# Response-only labels for Mistral's chat formats (v7: Small 3.x, v15: Small 4). Needs `processor`
+# (lesson 01's loading cell).
 IGNORE_INDEX = -100  # the label PyTorch's cross-entropy skips
-INST_END_ID = processor.tokenizer.convert_tokens_to_ids("[/INST]")
-EOS_ID = processor.tokenizer.convert_tokens_to_ids("</s>")
+tokens = processor.tokenizer.convert_tokens_to_ids
+INST_ID, INST_END_ID, EOS_ID = tokens("[INST]"), tokens("[/INST]"), tokens("</s>")
+TOOL_RESULTS_ID, TOOL_RESULTS_END_ID = tokens("[TOOL_RESULTS]"), tokens("[/TOOL_RESULTS]")
+vocabulary = processor.tokenizer.get_vocab()  # [THINK] exists from v13 tokenizers on (None: never matches)
+THINK_ID, THINK_END_ID = vocabulary.get("[THINK]"), vocabulary.get("[/THINK]")
 
 
-def response_only_labels(input_ids: list[int]) -> list[int]:
-    """Labels that train on assistant replies only: each reply runs from after ``[/INST]`` up to and
-    including its ``</s>``; the system prompt, user turns and image tokens get -100.
+def response_only_labels(input_ids: list[int], train_on_thinking: bool = True) -> list[int]:
+    """Labels that train on assistant replies only: a reply runs from after ``[/INST]`` — or after
+    ``[/TOOL_RESULTS]``, the answer to a tool's result — up to and including its ``</s>``; the system
+    prompt, user turns, tool results and image tokens get -100. With ``train_on_thinking=False`` a
+    reasoning trace ``[THINK]…[/THINK]`` (Small 4) is context too: the model learns the answer only.
 
-    Structural (v7 format), so it works for vision rows too — transformers 5.17's
+    Structural (Mistral's v7 and v15 formats), so it works for vision rows too — transformers 5.17's
     ``return_assistant_tokens_mask`` marks the wrong tokens once images are expanded.
     """
-    labels, inside = [], False
+    labels, inside, thinking = [], False, False
     for token in input_ids:
-        if inside:
-            labels.append(token)
-            if token == EOS_ID:
-                inside = False
-        else:
-            labels.append(IGNORE_INDEX)
-            if token == INST_END_ID:
-                inside = True
+        if token in (INST_ID, TOOL_RESULTS_ID):  # the user's or a tool's words begin: no reply here
+            inside = False
+        if inside and token == THINK_ID:
+            thinking = True
+        learn = inside and not (thinking and not train_on_thinking)
+        labels.append(token if learn else IGNORE_INDEX)
+        if token == THINK_END_ID:
+            thinking = False
+        if token == EOS_ID:
+            inside = False
+        if token in (INST_END_ID, TOOL_RESULTS_END_ID):  # the model's turn starts after these
+            inside = True
     return labels
 
 
@@ -261,6 +273,60 @@ print(render_label_mask(example, processor.tokenizer))
 from IPython.display import HTML
 
 HTML("<b>green = trained on, grey = context</b>" + render_label_mask(example, processor.tokenizer, html=True))
+
+# %% [markdown]
+# ### Small 4's format: a reasoning trace, and whether to train on it
+#
+# Mistral Small 4 is a reasoning model with its own chat format (mistral-common's v15): a
+# `[MODEL_SETTINGS]{"reasoning_effort": "high"}[/MODEL_SETTINGS]` block switches reasoning on, and a
+# reply may open with its trace, `[THINK]…[/THINK]`, before the answer. After a tool call the answer
+# follows `[/TOOL_RESULTS]` instead of `[/INST]` — `response_only_labels` labels that reply too.
+#
+# Here a receipts row is rendered on the Small 4 stand-in (whichever `MODEL` you picked) with a short
+# trace built from the row's own numbers. Whether to train on the trace is a choice:
+# `train_on_thinking=True` teaches the model to reason before answering (keep it when your traces are
+# good, e.g. distilled from the real model); `False` keeps the trace as context and trains the answer
+# only — the safe choice when the traces are synthetic, as here. The stand-in shows the format and
+# which tokens are labelled; whether traces help is something only the real 119B model can show.
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+from transformers import AutoProcessor
+
+from course_utils.tiny import build_stand_in
+
+small4 = AutoProcessor.from_pretrained(build_stand_in("tiny-mistral-small-4"))  # v15 template + tokenizer
+
+# %%
+# NBVAL_CHECK_OUTPUT
+from course_utils import data
+from course_utils.receipts import mix_modalities
+
+row = next(r for r in mix_modalities(receipts, image_fraction=0.5, seed=0) if not r["images"])
+target = row["target"]
+trace = (
+    " + ".join(f"{item['qty']} x {item['unit_price']}" for item in target["items"])
+    + f" = {target['subtotal']}; + tax {target['tax']} = {target['total']} {target['currency']}"
+)
+system, user, answer = row["messages"]
+thinking_row = [system, user, {**answer, "reasoning_content": trace}]
+print(small4.apply_chat_template(thinking_row, tokenize=False, reasoning_effort="high"))
+
+# %% [markdown]
+# The same row's labels both ways (the package's `response_only_labels`, whose ids the tests read back
+# from this tokenizer):
+
+# %%
+# NBVAL_CHECK_OUTPUT
+rendered = small4.apply_chat_template(
+    thinking_row, tokenize=True, return_dict=True, return_tensors="pt", reasoning_effort="high"
+)
+ids = rendered["input_ids"][0].tolist()
+for train_on_thinking in (True, False):
+    labels = data.response_only_labels(ids, train_on_thinking=train_on_thinking)
+    trained = [t for t in labels if t != IGNORE_INDEX]
+    print(f"train_on_thinking={train_on_thinking}: {len(trained)} of {len(ids)} tokens trained on")
+    print("   ", repr(small4.tokenizer.decode(trained)))
 
 # %% [markdown]
 # ## 3.4 How long are the examples? Choosing `max_seq_length`
@@ -370,34 +436,43 @@ print(status)
 # 🐢 How many rows of the learner's original upload were invalid (before any fix)?
 
 # %%
-from course_utils.widgets import check
+from course_utils.exercises import check
 
 invalid_rows = None  # TODO: look at the first validation summary
-check(
-    invalid_rows, len(validate_file(broken_file).invalid_rows), "count the distinct row numbers in the report"
-)
+# SOLUTION: invalid_rows = len(validate_file(broken_file).invalid_rows)
+check("03-invalid-rows", invalid_rows, broken_file=broken_file)
 
 # %% [markdown]
-# 🐕 Make this row valid by editing it (keep the image), then check it with `check_record`.
+# 🐕 This row breaks the rules. Copy it into `my_row` and make it valid by editing it (keep the image),
+# then check it with `check_record`.
 
 # %%
 from course_utils.data import check_record
 
-my_row = {
+broken_row = {
     "messages": [
         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Total?"}]},
         {"role": "user", "content": "Please answer in JSON."},
     ],
     "images": [image],
-}  # TODO: fix the roles/turns so the row ends with an assistant reply
-problems = check_record(my_row)
-print(problems)
-check(problems == [], True, "merge the two user turns or add an assistant reply after them")
+}
+print(check_record(broken_row))
+my_row = None  # TODO: the fixed row: merge the user turns, end with an assistant reply
+# SOLUTION: question = [{"type": "image"}, {"type": "text", "text": "Total? Please answer in JSON."}]
+# SOLUTION: my_row = {
+# SOLUTION:     "messages": [
+# SOLUTION:         {"role": "user", "content": question},
+# SOLUTION:         {"role": "assistant", "content": '{"total": 7.74}'},
+# SOLUTION:     ],
+# SOLUTION:     "images": [image],
+# SOLUTION: }
+check("03-fixed-row", my_row)
 
 # %% [markdown]
-# 🦁 Which `max_seq_length` keeps **every** row of the mixed dataset intact, rounded up to a multiple of
+# 🦁 Which `max_seq_length` keeps **every** row of your mixed dataset intact, rounded up to a multiple of
 # 64? Compare with the p99 recommendation: how many rows does the p99 choice truncate?
 
 # %%
 keep_all = None  # TODO: use length_stats(lengths) and round its max up to a multiple of 64
-check(keep_all, -(-stats["max"] // 64) * 64, "ceil(max / 64) * 64")
+# SOLUTION: keep_all = -(-length_stats(lengths)["max"] // 64) * 64
+check("03-keep-all", keep_all, lengths=lengths)

@@ -81,13 +81,18 @@ for model_key in ("mistral-small-3.2", "mistral-small-4"):
     print(format_table(method_table(model_key, seq_len=2048, batch_size=1, lora_r=16)))
 
 # %% [markdown]
-# How good is the estimate? Against published peaks (Unsloth's context-length benchmarks, which report
-# the longest sequence that fits a given card) it stays within 20 %. It tends to under-estimate: a
-# "fits in 16 GB" run used *at most* 16 GB.
+# How good is the estimate? Against published peaks (Unsloth's context-length benchmarks and notebooks,
+# which print peak reserved memory; axolotl's Small 4 recipe) it stays within 20 % per backend —
+# Unsloth (gradient checkpoints offloaded to CPU RAM, fused loss) and transformers + peft (checkpoints on
+# the GPU, full logits) are calibrated apart. It tends to under-estimate: a "fits in 16 GB" run used
+# *at most* 16 GB.
 
 # %%
 # NBVAL_CHECK_OUTPUT
+from course_utils.memory import calibration_summary
+
 print(format_table(calibration_report()))
+print(format_table(calibration_summary()))
 
 # %%
 # NBVAL_IGNORE_OUTPUT
@@ -111,6 +116,57 @@ except ImportError:
     print(estimate_training_memory("mistral-small-3.2", "qlora", 2048, 1, 16).breakdown())
 
 # %% [markdown]
+# ### What will the run take, and cost?
+#
+# Dataset tokens (measured on the receipts with the real tokenizer) × epochs ÷ training tokens/s →
+# hours; × a dated $/hour quote → dollars. Nobody publishes training speeds for Small 3.2 or 4, so the
+# speed is derived — peak TFLOPS × a utilisation read off published QLoRA/LoRA timings ÷ (6 × active
+# parameters) — and each plan prints the published measurements it was checked against, with sources
+# (`course_utils.costs`). The source article's claim — "a few thousand examples, QLoRA on an A100 80 GB at
+# $2–4/h: $10–50" — is checked with its own numbers. The same from a terminal:
+# `python -m course_utils plan --model mistral-small-3.2 --rows 3000 --gpu A100-80GB`.
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+from course_utils.costs import GPUS, DoesNotFit, check_article_claim, measure_tokens_per_row, plan_training
+
+receipts = {m: measure_tokens_per_row(m) for m in ("mistral-small-3.2", "mistral-small-4")}
+
+
+def show_plan(model="mistral-small-3.2", gpu="A100-80GB", rows=3000, epochs=1.0, price_per_hour=0.0):
+    """price_per_hour 0: the dated quote in course_utils.costs.PRICES."""
+    try:
+        plan = plan_training(
+            model,
+            gpu,
+            rows,
+            tokens_per_row=receipts[model],
+            epochs=epochs,
+            price_per_hour=price_per_hour or None,
+        )
+    except DoesNotFit as exc:
+        print(f"does not fit: {exc}")
+        return
+    print(plan.report())
+    if gpu == "A100-80GB":
+        print("\n".join(check_article_claim(plan)))
+
+
+try:  # widgets; the plain call below does the same without them
+    import ipywidgets as widgets
+
+    widgets.interact(
+        show_plan,
+        model=list(receipts),
+        gpu=list(GPUS),
+        rows=widgets.IntSlider(value=3000, min=100, max=50000, step=100),
+        epochs=widgets.FloatSlider(value=1.0, min=0.5, max=5.0, step=0.5),
+        price_per_hour=widgets.FloatText(value=0.0, description="$/GPU-h"),
+    )
+except ImportError:
+    show_plan()
+
+# %% [markdown]
 # ## 4.4 Model, data and hyper-parameters
 #
 # The dataset comes from lesson 03 (`outputs/<profile>/data/`); if you run this lesson alone it is
@@ -132,7 +188,7 @@ train_rows, val_rows, test_rows, data_message = lesson_splits(profile.name)  # l
 print(data_message)
 print(len(train_rows), "train /", len(val_rows), "val /", len(test_rows), "test rows")
 
-loaded = load(PROFILE, hardware=hardware)
+loaded = load(PROFILE, model=MODEL, hardware=hardware)
 model, processor = loaded.model, loaded.processor
 print(loaded.description)
 preset = preset_for(profile.name)
@@ -263,7 +319,7 @@ import time
 
 from course_utils.train import make_callbacks
 
-RUN_DIR = outputs_dir(profile.name, "runs", time.strftime("receipts-%Y%m%d-%H%M%S"))
+RUN_DIR = outputs_dir(profile.outputs_name, "runs", time.strftime("receipts-%Y%m%d-%H%M%S"))
 callbacks, throughput = make_callbacks(plot=True)  # tokens/s, peak memory and a live loss plot
 
 # %% tags=["copyable", "copy:train-gpu"]
@@ -486,7 +542,9 @@ card = training_card(
     },
     train_seconds,
 )
-adapter_dir = save_adapter(run, outputs_dir(profile.name, "adapters") / "receipts-lora", card, overwrite=True)
+adapter_dir = save_adapter(
+    run, outputs_dir(profile.outputs_name, "adapters") / "receipts-lora", card, overwrite=True
+)
 print(sorted(p.name for p in adapter_dir.iterdir()))
 
 # %% [markdown]
@@ -504,6 +562,16 @@ print(sorted(p.name for p in adapter_dir.iterdir()))
 # axolotl train outputs/<profile>/configs/axolotl-small4.yml
 # accelerate launch --config_file outputs/<profile>/configs/fsdp-2gpu.yml your_train.py
 # ```
+#
+# This lesson's run as a script — for a rented GPU, in `tmux`, not in a kernel that dies with your
+# browser tab — with `--processes N` launching it through accelerate (FSDP with this config on CUDA;
+# on a CPU accelerate 1.15 runs DDP over gloo instead, and says so):
+#
+# ```bash
+# python -m course_utils train --out outputs/<profile>/runs/r1            # one process
+# python -m course_utils train --out outputs/<profile>/runs/r1 --resume   # after a disconnect
+# python -m course_utils train --out outputs/<profile>/runs/r2 --processes 2 --max-steps 200
+# ```
 
 # %%
 # NBVAL_CHECK_OUTPUT
@@ -511,7 +579,7 @@ import yaml
 
 from course_utils.train import accelerate_fsdp_config, axolotl_small4_qlora, fsdp_layer_classes, write_yaml
 
-configs = outputs_dir(profile.name, "configs")
+configs = outputs_dir(profile.outputs_name, "configs")
 axolotl = axolotl_small4_qlora("data/train.jsonl")  # axolotl's published recipe, our data
 ax_path = write_yaml(axolotl, configs / "axolotl-small4.yml", overwrite=True)
 fsdp = accelerate_fsdp_config(num_processes=2, layer_classes=fsdp_layer_classes(model))  # this model's layers
@@ -535,15 +603,11 @@ print(yaml.safe_load(fsdp_path.read_text())["fsdp_config"]["fsdp_auto_wrap_polic
 # 🐢 How many LoRA parameters does r = 32 add to Mistral Small 3.2? (millions, one decimal)
 
 # %%
-from course_utils.widgets import check
+from course_utils.exercises import check
 
 lora_32_millions = None  # TODO: use lora_parameters(small32, 32)
-check(
-    lora_32_millions,
-    round(lora_parameters(small32, 32) / 1e6, 1),
-    "lora_parameters(small32, 32) / 1e6",
-    tolerance=0.01,
-)
+# SOLUTION: lora_32_millions = round(lora_parameters(small32, 32) / 1e6, 1)
+check("04-lora-32", lora_32_millions)
 
 # %% [markdown]
 # 🐕 With `python -m course_utils vram` (or `estimate_training_memory`), find the longest `seq_len`
@@ -551,18 +615,21 @@ check(
 
 # %%
 longest_fitting = None  # TODO: try seq_len values
-answer = max(
-    s
-    for s in range(1024, 131073, 1024)
-    if estimate_training_memory("mistral-small-3.2", "qlora", s, 1, 16).total_gib <= 24
-)
-check(longest_fitting, answer, "loop over range(1024, 131073, 1024) and keep the last that is <= 24 GiB")
+# SOLUTION: longest_fitting = max(
+# SOLUTION:     s
+# SOLUTION:     for s in range(1024, 131073, 1024)
+# SOLUTION:     if estimate_training_memory("mistral-small-3.2", "qlora", s, 1, 16).total_gib <= 24
+# SOLUTION: )
+check("04-longest-seq", longest_fitting)
 
 # %% [markdown]
-# 🦁 Train the stand-in again with `train_embeddings=False` (`preset_for(profile.name, train_embeddings=False,
-# max_steps=60)`) and compare its loss after 60 steps with this run's. Why does it stay high? (Hint:
-# section 4.4.)
+# 🦁 Your run evaluated on the validation rows every `save_steps` steps; `trainer.state.log_history`
+# holds every logged value. At which step was the eval loss lowest? Was it the last evaluation — and if
+# not, what would you change (steps, learning rate, or `load_best_model_at_end`)? Plot the train and eval
+# losses from the history yourself to see it.
 
 # %%
-stays_high = None  # TODO: True or False, after running the experiment
-check(stays_high, True, "a frozen random output layer cannot make any token likely")
+best_eval_step = None  # TODO: the "step" of the log_history entry with the lowest "eval_loss"
+# SOLUTION: evaluations = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
+# SOLUTION: best_eval_step = min(evaluations, key=lambda entry: entry["eval_loss"])["step"]
+check("04-best-eval-step", best_eval_step, trainer=trainer)

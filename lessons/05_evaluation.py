@@ -42,13 +42,14 @@ print(
 )
 adapter_dir, adapter_message = ensure_adapter(
     profile.name,
-    outputs_dir(profile.name, "adapters") / "receipts-lora",
+    outputs_dir(profile.outputs_name, "adapters") / "receipts-lora",
     train_rows,
     val_rows[:24],
     hardware=hardware,
+    model=MODEL,
 )
 print(adapter_message)
-loaded = load(PROFILE, hardware=hardware)
+loaded = load(PROFILE, model=MODEL, hardware=hardware)
 tuned = load_tuned(loaded.model, adapter_dir)
 processor = loaded.processor
 preset = preset_for(profile.name)
@@ -301,7 +302,7 @@ context = {
 }
 report_json, report_md = save_report(
     comparison,
-    outputs_dir(profile.name, "eval", "receipts-lora"),
+    outputs_dir(profile.outputs_name, "eval", "receipts-lora"),
     context,
     overwrite=True,
     title="Receipts: base vs tuned",
@@ -396,27 +397,29 @@ print(
 # 🐢 A model wrote 8 facts, 6 of them right; the receipt has 10. What is its field F1? (two decimals)
 
 # %%
-from course_utils.widgets import check
+from course_utils.exercises import check
 
-f1_answer = None  # TODO: precision = 6/8, recall = 6/10
-check(f1_answer, round(2 * (6 / 8) * (6 / 10) / (6 / 8 + 6 / 10), 2), "F1 = 2PR / (P + R)", tolerance=0.01)
+f1_answer = None  # TODO: precision and recall first, then their harmonic mean
+# SOLUTION: precision, recall = 6 / 8, 6 / 10
+# SOLUTION: f1_answer = round(2 * precision * recall / (precision + recall), 2)
+check("05-f1", f1_answer)
 
 # %% [markdown]
 # 🐕 Which field has the highest F1 for the tuned model on this run? (use `comparison.per_field()`)
 
 # %%
 best_field = None  # TODO: a field name such as "currency"
-check(
-    best_field,
-    max(comparison.per_field(), key=lambda row: row["tuned"])["field"],
-    "max(comparison.per_field(), key=lambda row: row['tuned'])",
-)
+# SOLUTION: best_field = max(comparison.per_field(), key=lambda row: row["tuned"])["field"]
+check("05-best-field", best_field, comparison=comparison)
 
 # %% [markdown]
-# 🦁 Evaluate the tuned model with `max_new_tokens=40` and compare its JSON validity with this lesson's.
-# Why does it collapse, while the field F1 of the replies that are still valid does not? What does that
-# tell you about choosing `max_new_tokens` for an evaluation?
+# 🦁 In your evaluation, on how many test rows did the base model write no valid JSON while the tuned
+# model did (`comparison.examples` holds each row's `json_valid` per model)? Compare it with the
+# `json_valid` change in the table above: are they the same number of rows, and why could they differ?
 
 # %%
-collapses = None  # TODO: True or False, after running the experiment
-check(collapses, True, "a receipt's JSON needs ≈ 60-150 tokens; truncated JSON does not parse")
+format_fixed = None  # TODO: count the examples whose json_valid is False for base and True for tuned
+# SOLUTION: format_fixed = sum(
+# SOLUTION:     not e["json_valid"]["base"] and e["json_valid"]["tuned"] for e in comparison.examples
+# SOLUTION: )
+check("05-format-fixed", format_fixed, comparison=comparison)

@@ -47,15 +47,16 @@ print(f"merge: {merge_plan.method}; " + "; ".join(merge_plan.reasons))
 train_rows, val_rows, test_rows, data_message = lesson_splits(profile.name)
 adapter_dir, adapter_message = ensure_adapter(
     profile.name,
-    outputs_dir(profile.name, "adapters") / "receipts-lora",
+    outputs_dir(profile.outputs_name, "adapters") / "receipts-lora",
     train_rows,
     val_rows[:24],
     hardware=hardware,
+    model=MODEL,
 )
 print(data_message, "|", adapter_message)
 tools = gguf_export.llama_cpp_tools()
 print("llama.cpp converters:", tools.name, sorted(p.name for p in tools.iterdir()))
-export_dir = outputs_dir(profile.name, "export")
+export_dir = outputs_dir(profile.outputs_name, "export")
 
 # %% [markdown]
 # ## 6.2 Plan the disk before merging
@@ -95,7 +96,7 @@ import shutil
 from course_utils.evaluate import load_tuned
 
 if merge_plan.method == "peft-cpu":  # the stand-in: small enough to load once more, unquantized
-    base = load(PROFILE, hardware=hardware, load_in_4bit=False)
+    base = load(PROFILE, model=MODEL, hardware=hardware, load_in_4bit=False)
     plan = export.plan_export(
         base.model.num_parameters(),
         ("F16", "Q8_0", "Q5_K_M", "Q4_K_M"),
@@ -154,7 +155,7 @@ processor = AutoProcessor.from_pretrained(merged_dir)
 merged = None
 if merge_plan.parity == "in-memory" and profile.is_stand_in:  # fp32, both in memory: exact
     merged = AutoModelForImageTextToText.from_pretrained(merged_dir, dtype=torch.float32).eval()
-    tuned = load_tuned(load(PROFILE, hardware=hardware, load_in_4bit=False).model, adapter_dir)
+    tuned = load_tuned(load(PROFILE, model=MODEL, hardware=hardware, load_in_4bit=False).model, adapter_dir)
     text_row = next(r for r in val_rows if not r.get("images"))
     ids = processor.apply_chat_template(
         gguf_verify.as_parts(text_row["messages"][:-1]), tokenize=True, return_dict=True, return_tensors="pt"
@@ -172,7 +173,7 @@ elif merge_plan.parity != "skip":  # a GPU: the merged model in bf16 against les
         del model  # the merge cell's model: free its memory first
     torch.cuda.empty_cache()
     merged = AutoModelForImageTextToText.from_pretrained(merged_dir, dtype=torch.bfloat16, device_map="cuda")
-    report = outputs_dir(profile.name, "eval", "receipts-lora") / "report.json"
+    report = outputs_dir(profile.outputs_name, "eval", "receipts-lora") / "report.json"
     if report.exists():
         import json
 
@@ -374,7 +375,7 @@ print(format_table(quality))
 # NBVAL_IGNORE_OUTPUT
 import json
 
-report = outputs_dir(profile.name, "eval", "receipts-lora") / "report.json"
+report = outputs_dir(profile.outputs_name, "eval", "receipts-lora") / "report.json"
 reference = json.loads(report.read_text())["metrics"]["tuned"]["json_valid"] if report.exists() else None
 q4 = task.metrics["llama.cpp Q4_K_M"]["json_valid"]
 print(f"JSON-valid: transformers (lesson 05) {reference}, llama.cpp Q4_K_M {q4:.2f}")

@@ -36,7 +36,7 @@ from course_utils.paths import outputs_dir
 from course_utils.receipts import lesson_splits
 from course_utils.train import ensure_adapter
 
-export_dir = outputs_dir(profile.name, "export")
+export_dir = outputs_dir(profile.outputs_name, "export")
 model_file, mmproj_file = export_dir / "receipts-Q4_K_M.gguf", export_dir / "receipts-mmproj-f16.gguf"
 if not (model_file.exists() and mmproj_file.exists()):
     from course_utils.models import load
@@ -44,12 +44,13 @@ if not (model_file.exists() and mmproj_file.exists()):
     train_rows, val_rows, _, _ = lesson_splits(profile.name)
     adapter_dir, _ = ensure_adapter(
         profile.name,
-        outputs_dir(profile.name, "adapters") / "receipts-lora",
+        outputs_dir(profile.outputs_name, "adapters") / "receipts-lora",
         train_rows,
         val_rows[:24],
         hardware=hardware,
+        model=MODEL,
     )
-    base = load(PROFILE, hardware=hardware, load_in_4bit=False)
+    base = load(PROFILE, model=MODEL, hardware=hardware, load_in_4bit=False)
     merged = export.merge_adapter(
         base.model, base.processor, adapter_dir, export_dir / "merged", overwrite=True
     )
@@ -208,7 +209,7 @@ live_config = serve.litellm_config(
     [{"name": "receipts", "kind": "openai", "api_base": server.url + "/v1", "model": "receipts", "rpm": 600}]
 )
 config_path = atomic_write(
-    outputs_dir(profile.name, "serving") / "litellm.yaml", yaml.safe_dump(live_config), overwrite=True
+    outputs_dir(profile.outputs_name, "serving") / "litellm.yaml", yaml.safe_dump(live_config), overwrite=True
 )
 master_key = "sk-" + secrets.token_urlsafe(16)  # in production: read it from the environment, never print it
 proxy = serve.litellm_proxy(config_path, master_key).start(timeout=240)
@@ -367,15 +368,6 @@ for key, weights, tp, extra in (
 # - **Monitoring**: `python -m llama_cpp.server` and vLLM expose request counts; vLLM also serves Prometheus
 #   metrics on `/metrics` (queue length, KV-cache usage, time to first token) — alert on p95 latency and
 #   error rate, the two numbers the load test printed.
-#
-# Shut everything down — by process id, as every server here is:
-
-# %%
-# NBVAL_IGNORE_OUTPUT
-app.close()
-for running in (proxy, server):
-    running.stop()
-    print(running.name, "pid", running.pid, "stopped:", running.process.poll() is not None)
 
 # %% [markdown]
 # ## Summary
@@ -390,31 +382,56 @@ for running in (proxy, server):
 #
 # ## Exercises
 #
-# 🐢 Run the load test again with `concurrency=1` and 16 requests. Does p50 latency go down? Why?
+# 🐢 How many tokens per second did the server stream in your load test (7.4)? Compute it from
+# `result.tokens` (tokens per request) and `result.wall_seconds` (one decimal), then compare with the
+# table's `tokens_per_s`.
 
 # %%
-from course_utils.widgets import check
+from course_utils.exercises import check
 
-latency_goes_down = None  # TODO: True or False
-check(latency_goes_down, True, "one llama.cpp process answers one request at a time: with 8 clients, 7 wait")
+tokens_per_s = None  # TODO: from result.tokens and result.wall_seconds, one decimal
+# SOLUTION: tokens_per_s = round(sum(result.tokens) / result.wall_seconds, 1)
+check("07-tokens-per-s", tokens_per_s, result=result)
 
 # %% [markdown]
-# 🐕 How many 80 GB GPUs does `vllm_memory` say Mistral Small 4 needs in bf16 at 32k context (the smallest
-# tensor-parallel size from 1, 2, 4, 8 whose per-GPU figure fits)?
+# 🐕 How many 80 GB GPUs does `vllm_memory` say Mistral Small 4 needs in bf16 (`bytes_per_weight=2`) at
+# 32k context (the smallest tensor-parallel size from 1, 2, 4, 8 whose per-GPU figure fits)?
 
 # %%
-small4_gpus = None  # TODO: loop over (1, 2, 4, 8) with serve.vllm_memory("mistral-small-4", 32768, tp)
-check(
-    small4_gpus,
-    next(tp for tp in (1, 2, 4, 8) if serve.vllm_memory("mistral-small-4", 32768, tp)["fits"] == "80 GB"),
-    "the first tp whose 'fits' is '80 GB'",
-)
+small4_gpus = None  # TODO: loop over (1, 2, 4, 8) with serve.vllm_memory("mistral-small-4", 32768, tp, ...)
+# SOLUTION: small4_gpus = next(
+# SOLUTION:     tp
+# SOLUTION:     for tp in (1, 2, 4, 8)
+# SOLUTION:     if serve.vllm_memory("mistral-small-4", 32768, tp, bytes_per_weight=2)["fits"] == "80 GB"
+# SOLUTION: )
+check("07-small4-gpus", small4_gpus)
 
 # %% [markdown]
-# 🦁 Start a second server on lesson 06's Q8_0 file, add it to the gateway as `receipts-fallback`, and set
-# LiteLLM's `router_settings` `fallbacks: [{"receipts": ["receipts-fallback"]}]`. Stop the first server
-# during a load test: what happens to the error rate?
+# 🦁 Run the load test again through the gateway with **one** client (`concurrency=1`) and 16 requests,
+# the rest as in 7.4. The check compares your run with the 8-client one: p50 latency goes down. Why —
+# and what happens to tokens/s? What does that say about adding clients to one llama.cpp process?
 
 # %%
-fallback_keeps_errors_at_zero = None  # TODO: True or False, after the experiment
-check(fallback_keeps_errors_at_zero, True, "the router retries on the fallback model")
+single_client = None  # TODO: the result of serve.load_test(...) with concurrency=1, requests=16
+# SOLUTION: single_client = serve.load_test(
+# SOLUTION:     proxy.url + "/v1",
+# SOLUTION:     "receipts",
+# SOLUTION:     load_prompts,
+# SOLUTION:     concurrency=1,
+# SOLUTION:     requests=16,
+# SOLUTION:     max_tokens=48,
+# SOLUTION:     api_key=master_key,
+# SOLUTION: )
+# SOLUTION: print(format_table([result.summary(), single_client.summary()]))
+check("07-single-client", single_client, baseline=result)
+
+# %% [markdown]
+# ## Clean up
+# Shut everything down — by process id, as every server here is (the exercises above needed them):
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+app.close()
+for running in (proxy, server):
+    running.stop()
+    print(running.name, "pid", running.pid, "stopped:", running.process.poll() is not None)

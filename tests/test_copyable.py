@@ -246,6 +246,17 @@ SPECS: dict[str, Spec] = {
         check=report("{'app': type(chat_app).__name__, 'turns': len(list(respond('Tea 1.50 EUR', [])))}"),
     ),
     "vllm": Spec(prelude=lambda env: "", check=report("{'command': vllm_command}")),
+    "agent-loop": Spec(
+        prelude=lambda env: (
+            f"BASE_URL = {env['tool_base_url']!r}\n"
+            f"TOOLS = {__import__('course_utils.tools', fromlist=['TOOLS']).TOOLS!r}\n"
+            "FUNCTIONS = {'convert_currency': lambda amount, from_currency, to_currency: "
+            "{'amount': amount, 'currency': to_currency}, "
+            "'sum_amounts': lambda amounts: {'sum': sum(amounts)}, "
+            "'lookup_merchant': lambda name: {'name': name, 'found': False}}\n"
+        ),
+        check=report("{'transcript': transcript}"),
+    ),
 }
 
 
@@ -253,7 +264,7 @@ def test_every_copyable_cell_has_a_spec_and_the_course_has_enough_of_them():
     assert sorted(CELLS) == sorted(SPECS)
     assert len(CELLS) >= 12
     lessons = {cell.lesson[:2] for cell in CELLS.values()}
-    assert {"01", "02", "03", "04", "05", "06", "07"} <= lessons
+    assert {"01", "02", "03", "04", "05", "06", "07", "08"} <= lessons
 
 
 @pytest.mark.parametrize("name", sorted(CELLS))
@@ -276,7 +287,7 @@ def test_copyable_cell_is_plain_library_code(name):
 
 FAKE_ENV = {
     key: Path("/x") for key in ("stand_in", "image", "examples", "tmp", "adapter", "merged", "tools", "f16")
-} | {"system": "s", "base_url": "http://127.0.0.1:1/v1"}
+} | {"system": "s", "base_url": "http://127.0.0.1:1/v1", "tool_base_url": "http://127.0.0.1:1/v1"}
 
 
 def run_standalone(name: str, env: dict, timeout: int = 900, spec: Spec | None = None) -> dict:
@@ -606,3 +617,25 @@ def test_gpu_training_cell_evaluates_counts_tokens_and_truncates_at_the_preset()
     ]
     assert "max_seq_length" in calls["UnslothVisionDataCollator"]
     assert "torch.cuda.is_bf16_supported()" in CELLS["train-gpu"].source  # T4/V100: fp16, not a crash
+
+
+@pytest.mark.slow
+def test_agent_loop_cell_is_the_course_agent_against_a_tool_server(env, exported):
+    from course_utils import serve, tools
+
+    with serve.llama_tool_server(exported["files"]["F16"], alias="tools", n_ctx=2048) as server:
+        got = run_standalone("agent-loop", {**own_dir(env, "agent"), "tool_base_url": server.url + "/v1"})
+        client = serve.client(server.url + "/v1")
+        question = "Café Lumière\nTOTAL 12.40 EUR\n\nConvert the total to USD."
+        functions = {
+            "convert_currency": lambda amount, from_currency, to_currency: {
+                "amount": amount,
+                "currency": to_currency,
+            },
+            "sum_amounts": lambda amounts: {"sum": sum(amounts)},
+            "lookup_merchant": lambda name: {"name": name, "found": False},
+        }
+        course = tools.run_agent(client, "tools", question, tools.TOOLS, functions)
+    transcript = got["transcript"]
+    assert transcript[0] == {"role": "user", "content": question} and transcript[-1]["role"] == "assistant"
+    assert transcript == json.loads(json.dumps(course, default=str))  # greedy: the same conversation

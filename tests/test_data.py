@@ -449,3 +449,130 @@ def test_write_jsonl_leaves_no_temporary_file_when_a_row_fails(tmp_path):
     with pytest.raises(TypeError):
         write_jsonl(rows, tmp_path / "out.jsonl")
     assert list(tmp_path.iterdir()) == []  # neither the output nor a half-written temporary file
+
+
+# --- labels on Small 4's format (v15: tool results, [THINK] traces) -------------------------------
+
+RATE_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_rate",
+        "description": "Exchange rate to USD",
+        "parameters": {"type": "object", "properties": {"c": {"type": "string"}}, "required": ["c"]},
+    },
+}
+
+
+def _call(call_id, currency):
+    return {
+        "id": call_id,
+        "type": "function",
+        "function": {"name": "get_rate", "arguments": json.dumps({"c": currency})},
+    }
+
+
+TOOL_AND_THINKING = [
+    {"role": "system", "content": "You convert receipts."},
+    {"role": "user", "content": "Total in USD?"},
+    {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [_call("abc123def", "EUR"), _call("abc123deg", "GBP")],
+    },
+    {"role": "tool", "tool_call_id": "abc123def", "content": "1.1"},
+    {"role": "tool", "tool_call_id": "abc123deg", "content": "1.3"},
+    {"role": "assistant", "reasoning_content": "7 EUR at 1.1", "content": "It is 7.70 USD."},
+    {"role": "user", "content": "Thanks"},
+    {
+        "role": "assistant",
+        "content": [{"type": "thinking", "thinking": "be brief"}, {"type": "text", "text": "ok"}],
+    },
+]
+
+
+@pytest.fixture(scope="module")
+def small4_processor(stand_in_dir):
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(stand_in_dir / "tiny-mistral-small-4")
+
+
+def _flat(value):
+    value = value.tolist() if hasattr(value, "tolist") else value
+    return value[0] if value and isinstance(value[0], list) else value
+
+
+def test_control_ids_are_the_stand_ins_tokenizers_ids(processor, small4_processor):
+    from course_utils.data import CONTROL_IDS, THINK_END_ID, THINK_ID, check_control_ids
+
+    small4 = small4_processor.tokenizer
+    assert {name: small4.convert_tokens_to_ids(name) for name in CONTROL_IDS} == CONTROL_IDS
+    v7 = processor.tokenizer  # Small 3.x: no [THINK] yet, the rest at the same ids
+    assert {n: v7.convert_tokens_to_ids(n) for n in CONTROL_IDS if n not in ("[THINK]", "[/THINK]")} == {
+        n: i for n, i in CONTROL_IDS.items() if i not in (THINK_ID, THINK_END_ID)
+    }
+    check_control_ids(small4)
+    check_control_ids(v7)
+
+
+def test_a_tokenizer_with_other_control_ids_is_refused_in_one_line():
+    from course_utils.data import check_control_ids
+
+    class Shifted:
+        unk_token = "<unk>"
+
+        def convert_tokens_to_ids(self, token):
+            return {"<unk>": 0, "[/INST]": 32001}.get(token, 0)
+
+    with pytest.raises(ValueError, match=r"^tokenizer Shifted: \[/INST\] is id 32001, the labels expect 4 "):
+        check_control_ids(Shifted())
+
+
+def test_small_4_labels_equal_the_templates_generation_mask_with_tools_and_thinking(small4_processor):
+    out = small4_processor.apply_chat_template(
+        TOOL_AND_THINKING,
+        tools=[RATE_TOOL],
+        reasoning_effort="high",
+        tokenize=True,
+        return_dict=True,
+        return_assistant_tokens_mask=True,
+    )
+    ids, mask = _flat(out["input_ids"]), _flat(out["assistant_masks"])
+    assert response_only_labels(ids) == [t if m else IGNORE_INDEX for t, m in zip(ids, mask)]
+    trained = small4_processor.tokenizer.decode([t for t in response_only_labels(ids) if t != IGNORE_INDEX])
+    assert "It is 7.70 USD.</s>" in trained  # the reply after the tool results
+    assert "1.3" not in trained and "Thanks" not in trained and "reasoning_effort" not in trained
+
+
+def test_train_on_thinking_false_leaves_the_trace_as_context(small4_processor):
+    ids = _flat(
+        small4_processor.apply_chat_template(
+            TOOL_AND_THINKING, tools=[RATE_TOOL], tokenize=True, return_dict=True
+        )["input_ids"]
+    )
+    with_trace, without = response_only_labels(ids), response_only_labels(ids, train_on_thinking=False)
+    decode = small4_processor.tokenizer.decode
+    assert "[THINK]7 EUR at 1.1[/THINK]It is 7.70 USD.</s>" in decode(
+        [t for t in with_trace if t != IGNORE_INDEX]
+    )
+    assert decode([t for t in without if t != IGNORE_INDEX]) == (
+        '[TOOL_CALLS]get_rate[ARGS]{"c": "EUR"}[TOOL_CALLS]get_rate[ARGS]{"c": "GBP"}</s>'
+        "It is 7.70 USD.</s>ok</s>"
+    )
+    # only the trace changed: every other position is labelled the same
+    differ = [i for i, (a, b) in enumerate(zip(with_trace, without)) if a != b]
+    assert differ and all(without[i] == IGNORE_INDEX for i in differ)
+
+
+def test_tokenize_record_passes_train_on_thinking_and_weights_map_to_turns(small4_processor):
+    record = {"messages": TOOL_AND_THINKING, "tools": [RATE_TOOL]}
+    full = tokenize_record(record, small4_processor)
+    answer_only = tokenize_record(record, small4_processor, train_on_thinking=False)
+    count = lambda ex: sum(label != IGNORE_INDEX for label in ex["labels"])  # noqa: E731
+    assert count(answer_only) < count(full)
+    # three assistant turns, three trained spans: a weight-0 tool call is context, the rest still trained
+    weighted = [dict(m) for m in TOOL_AND_THINKING]
+    weighted[2]["weight"] = 0
+    calls_as_context = tokenize_record({"messages": weighted, "tools": [RATE_TOOL]}, small4_processor)
+    trained = small4_processor.tokenizer.decode([t for t in calls_as_context["labels"] if t != IGNORE_INDEX])
+    assert "[TOOL_CALLS]" not in trained and "It is 7.70 USD.</s>" in trained

@@ -133,6 +133,7 @@ def test_doctor_fails_loudly_on_a_gpu_torch_cannot_use(monkeypatch, capsys):
     from course_utils.cli import main
 
     monkeypatch.setattr(hardware, "nvidia_smi", lambda: NvidiaSmi(("Tesla V100-SXM2-32GB",), "535.1", "12.2"))
+    monkeypatch.delenv("COURSE_PROFILE", raising=False)  # `run` tests set it in this process
     if hardware.detect().accelerator == "cuda":
         pytest.skip("torch can use this GPU")
     assert main(["doctor"]) == 1

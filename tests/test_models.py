@@ -88,3 +88,50 @@ def test_fsdp_qlora_stores_4bit_weights_in_the_compute_dtype():
     assert single.bnb_4bit_quant_storage == torch.uint8
     fsdp = _quantization_config({"ACCELERATE_USE_FSDP": "true"})  # what accelerate launch sets
     assert fsdp.bnb_4bit_quant_storage == fsdp.bnb_4bit_compute_dtype == torch.bfloat16
+
+
+def test_each_launched_process_loads_onto_its_own_gpu():
+    from course_utils.models import _device_map
+
+    assert _device_map({}) == {"device_map": "auto"}  # one process: all GPUs
+    ddp = {"WORLD_SIZE": "2", "LOCAL_RANK": "1"}
+    assert _device_map(ddp) == {"device_map": {"": 1}}  # not every process on every GPU
+    assert _device_map({**ddp, "ACCELERATE_USE_FSDP": "true"}) == {}  # FSDP places the shards itself
+
+
+def _lesson_cell(lesson: str, tag: str) -> str:
+    """The source of the lesson cell tagged ``tag`` (jupytext percent format)."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "lessons" / lesson).read_text()
+    start = text.index(f'"{tag}"]\n')
+    body = text[start:].split("\n", 1)[1]
+    return body.split("\n# %%", 1)[0]
+
+
+def test_lesson_02_image_prompt_runs_unchanged_on_small_4(stand_in_dir, cpu_hardware):
+    """Lesson 02's image-prompt cell, as written, with MODEL = "mistral-small-4": the stand-in's v15
+    format puts the image where mistral-common does, and the reply is what the course's helper gives."""
+    from PIL import Image
+
+    from course_utils.chat import generate, reference_token_ids, user_message
+    from course_utils.models import model_source
+    from course_utils.receipts import load_local
+
+    source = model_source(
+        "cpu-tiny", model="mistral-small-4", stand_in_dir=stand_in_dir, hardware=cpu_hardware
+    )
+    model, processor, _ = load(source.profile, stand_in_dir=stand_in_dir, hardware=cpu_hardware)
+    assert model.config.text_config.model_type == "mistral4"
+    image_path = load_local("test")[0]["images"][0]
+    namespace = {"model": model, "processor": processor, "IMAGE_PATH": image_path}
+    exec(_lesson_cell("02_vision_prompting.py", "copy:image-prompt"), namespace)
+
+    assert namespace["image_tokens"] > 10
+    expected = reference_token_ids(namespace["messages"], processor, tekken_file=source.tekken_file)
+    assert namespace["inputs"]["input_ids"][0].tolist() == expected
+    question = "What is the name of the shop on this receipt?"
+    image = Image.open(image_path).convert("RGB")
+    assert namespace["reply"] == generate(
+        model, processor, [user_message(question, [image])], max_new_tokens=24
+    )

@@ -13,6 +13,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+SOLVED = sorted((ROOT / "notebooks" / "solutions").glob("[0-9][0-9]_*.ipynb"))  # what CI executes
 sys.path.insert(0, str(ROOT / "tools"))
 import build_notebooks  # noqa: E402
 
@@ -37,7 +38,11 @@ def test_there_are_notebooks_in_teaching_order():
     assert [int(n[:2]) for n in names] == list(range(len(names)))
 
 
-@pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: p.name)
+def nb_id(path):
+    return path.relative_to(ROOT / "notebooks").as_posix()
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS + SOLVED, ids=nb_id)
 def test_code_cells_parse_after_stripping_magics(nb):
     for i, cell in enumerate(cells(nb)):
         if cell["cell_type"] == "code":
@@ -50,7 +55,7 @@ def test_code_cells_parse_after_stripping_magics(nb):
                 pytest.fail(f"{nb.name} cell {i}: {e.msg} (line {e.lineno})")
 
 
-@pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: p.name)
+@pytest.mark.parametrize("nb", NOTEBOOKS + SOLVED, ids=nb_id)
 def test_no_volatile_outputs_committed(nb):
     assert "widgets" not in json.loads(nb.read_text())["metadata"], f"{nb.name}: widget state committed"
     for i, cell in enumerate(cells(nb)):
@@ -67,7 +72,7 @@ def test_no_volatile_outputs_committed(nb):
         )
 
 
-@pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: p.name)
+@pytest.mark.parametrize("nb", NOTEBOOKS + SOLVED, ids=nb_id)
 def test_notebook_follows_the_course_shape(nb):
     cs = cells(nb)
     first = source(cs[0])
@@ -80,6 +85,13 @@ def test_notebook_follows_the_course_shape(nb):
     assert "## Summary" in markdown and "## Exercises" in markdown
     assert markdown.count("🐢") and markdown.count("🐕") and markdown.count("🦁")
     assert "check(" in "\n".join(source(c) for c in cs[-6:])  # exercises are self-checking
+    headings = [i for i, c in enumerate(cs) if c["cell_type"] == "markdown" and "## Exercises" in source(c)]
+    checks = [i for i, c in enumerate(cs) if c["cell_type"] == "code" and "check(" in source(c)]
+    assert len(headings) == 1 and checks and min(checks) > headings[0]  # the exercises come last...
+    teardown = [
+        i for i, c in enumerate(cs) if re.search(r"\.stop\(\)", source(c)) and c["cell_type"] == "code"
+    ]
+    assert all(i > max(checks) for i in teardown if i > headings[0])  # ...but before any server stops
 
 
 @pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: p.name)
@@ -117,7 +129,103 @@ def test_the_sync_check_sees_an_edited_source(tmp_path, monkeypatch):
     edited = tmp_path / source.name
     edited.write_text(source.read_text() + '\n# %%\nprint("an edit nobody rebuilt")\n')
     monkeypatch.setattr(build_notebooks, "LESSONS", tmp_path)
-    assert [p.name for p in build_notebooks.build(execute=False, check=True)] == ["00_setup.ipynb"]
+    stale = [nb_id(p) for p in build_notebooks.build(execute=False, check=True)]
+    assert stale == ["00_setup.ipynb", "solutions/00_setup.ipynb"]
+
+
+def test_the_sync_check_sees_an_edited_solution(tmp_path, monkeypatch):
+    source = next(build_notebooks.LESSONS.glob("00_*.py"))
+    text = source.read_text()
+    assert text.count("# SOLUTION: friend_profile = ") == 1
+    edited = tmp_path / source.name
+    edited.write_text(text.replace("# SOLUTION: friend_profile = ", "# SOLUTION: friend_profile = 1 or "))
+    monkeypatch.setattr(build_notebooks, "LESSONS", tmp_path)
+    stale = [nb_id(p) for p in build_notebooks.build(execute=False, check=True)]
+    assert stale == ["solutions/00_setup.ipynb"]  # the learner's notebook has no answer to go stale
+
+
+def test_every_lesson_has_its_solutions_notebook():
+    assert [p.name for p in SOLVED] == [p.name for p in NOTEBOOKS]
+
+
+def code_cells(nb):
+    return [source(c) for c in cells(nb) if c["cell_type"] == "code"]
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS, ids=nb_id)
+def test_learner_notebook_is_its_solutions_notebook_without_the_answers(nb):
+    """CI executes the solutions only: every other line of the learner's notebook must be the same."""
+    import difflib
+
+    solved = ROOT / "notebooks" / "solutions" / nb.name
+    mine, theirs = cells(nb), cells(solved)
+    assert [c["cell_type"] for c in mine] == [c["cell_type"] for c in theirs]
+    assert source(theirs[0]).startswith(source(mine[0]).partition("\n")[0] + "\n\n**Solutions.**")
+    answered = 0
+    for i, (learner, solution) in enumerate(zip(mine[1:], theirs[1:]), start=1):
+        assert learner.get("metadata") == solution.get("metadata"), f"{nb.name} cell {i}"
+        assert learner.get("outputs") == solution.get("outputs"), (
+            f"{nb.name} cell {i}: checked outputs differ"
+        )
+        a, b = source(learner).splitlines(), source(solution).splitlines()
+        for tag, i1, i2, _, _ in difflib.SequenceMatcher(None, a, b, autojunk=False).get_opcodes():
+            if tag == "equal":
+                continue
+            changed = a[i1:i2]  # only a TODO answer line may differ, each replaced by its solution
+            assert len(changed) == 1 and re.fullmatch(r"\s*\w+ = None  # TODO.*", changed[0]), (
+                f"{nb.name} cell {i}: {tag} {changed} — only '<answer> = None  # TODO' lines may differ"
+            )
+            answered += 1
+    assert answered >= 3, f"{nb.name}: every tier's answer is in the solutions notebook"
+
+
+def exercise_calls(code):
+    """The ``check("NN-id", answer, **run)`` calls of a cell."""
+    return [
+        node
+        for node in ast.walk(ast.parse(code))
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "check"
+    ]
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS, ids=nb_id)
+def test_no_exercise_holds_its_expected_value(nb):
+    """Each check names its exercise and the learner's answer — nothing else. The expected value is
+    computed by course_utils.exercises from the run objects, never written in the learner's cell."""
+    from course_utils.exercises import EXERCISES
+
+    solved = code_cells(ROOT / "notebooks" / "solutions" / nb.name)
+    used = []
+    for code, solution in zip(code_cells(nb), solved):
+        assert "SOLUTION" not in code and "SOLUTION" not in solution
+        for call in exercise_calls(code):
+            exercise_id, answer = (call.args + [None, None])[:2]
+            assert len(call.args) == 2 and isinstance(exercise_id, ast.Constant), ast.unparse(call)
+            assert exercise_id.value in EXERCISES and exercise_id.value.startswith(nb.name[:2] + "-"), (
+                exercise_id.value
+            )
+            assert isinstance(answer, ast.Name), f"{ast.unparse(call)}: the answer must be a variable"
+            for keyword in call.keywords:  # run objects the learner made, never a constant
+                assert not any(isinstance(n, ast.Constant) for n in ast.walk(keyword.value)), ast.unparse(
+                    call
+                )
+                assert keyword.arg in EXERCISES[exercise_id.value].needs, ast.unparse(call)
+            assert re.search(rf"^{answer.id} = None  # TODO", code, re.M), f"{answer.id}: no TODO line"
+            answer_lines = set(solution.splitlines()) - set(code.splitlines())
+            assert answer_lines and not answer_lines & set(code.splitlines())
+            used.append(exercise_id.value)
+    assert sorted(used) == sorted(k for k in EXERCISES if k.startswith(nb.name[:2] + "-")), "one check each"
+
+
+def test_pytest_executes_each_notebook_once_the_solutions():
+    import tomllib
+
+    options = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]
+    paths = [ROOT / p for p in options["testpaths"]]
+    assert ROOT / "notebooks" / "solutions" in paths and ROOT / "notebooks" not in paths
+    for a in paths:  # no folder is collected twice through a parent also listed
+        assert not any(a != b and b in a.parents for b in paths), a
+    assert "--nbval-lax" in options["addopts"]
 
 
 def test_nbval_waits_long_enough_for_a_busy_kernels_last_messages():

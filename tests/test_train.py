@@ -209,3 +209,33 @@ def test_small4_axolotl_config_is_axolotls_known_good_recipe(tmp_path):
     assert config["plugins"] == ["axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin"]
     assert (config["lora_r"], config["sequence_len"], config["micro_batch_size"]) == (32, 2048, 1)
     assert config["datasets"][0]["path"] == "data/train.jsonl" and config["sample_packing"] is False
+
+
+def test_a_card_without_bf16_trains_in_fp16(monkeypatch):
+    # a V100 32 GB resolves to gpu-24gb: Unsloth loads it in fp16 and its trainer raises when asked for bf16
+    for profile in ("gpu-24gb", "gpu-80gb"):
+        no_bf16 = preset_for(profile, bf16_supported=False)
+        assert (no_bf16.bf16, no_bf16.fp16) == (False, True)
+        ampere = preset_for(profile, bf16_supported=True)
+        assert (ampere.bf16, ampere.fp16) == (True, False)
+    t4 = preset_for("t4-16gb", bf16_supported=False)
+    assert (t4.bf16, t4.fp16) == (False, True)
+    # the CPU preset's bf16 is CPU autocast, whatever a CUDA card could do
+    assert preset_for("cpu-tiny", bf16_supported=False).bf16 is True
+    # asked of the card itself when not given
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    v100 = preset_for("gpu-24gb")
+    assert (v100.bf16, v100.fp16) == (False, True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert preset_for("gpu-24gb").bf16 is True
+
+
+def test_fsdp_config_takes_the_presets_precision():
+    layers = ("MistralDecoderLayer",)
+    assert (
+        accelerate_fsdp_config(2, layer_classes=layers, mixed_precision="fp16")["mixed_precision"] == "fp16"
+    )
+    assert accelerate_fsdp_config(2, layer_classes=layers)["mixed_precision"] == "bf16"
+    with pytest.raises(ValueError, match="mixed_precision"):
+        accelerate_fsdp_config(2, layer_classes=layers, mixed_precision="fp8")

@@ -8,9 +8,15 @@ Usage: ``python tools/build_notebooks.py [--execute] [--only 04] [--check]``
 
 * The shared opening cells (badge, install, parameters, versions) come from one place, so every
   lesson starts the same way and the install cell always carries requirements.txt's pins.
-* With ``--execute`` each notebook is run on ``cpu-tiny`` and only the outputs of cells marked
-  ``# NBVAL_CHECK_OUTPUT`` are kept (deterministic ones, which nbval then compares); every other
-  output, execution count and volatile metadata is stripped — the committed notebooks stay clean.
+* Exercises: the learner's answer line ends in ``# TODO …`` and is followed by its solution as
+  ``# SOLUTION: <code>`` comment lines (one or more, indentation kept after the marker). The learner
+  notebook ``notebooks/NN_*.ipynb`` drops the ``# SOLUTION:`` lines; the solutions notebook
+  ``notebooks/solutions/NN_*.ipynb`` puts them in place of the TODO line. The two are otherwise
+  identical (a test checks it), and CI runs the solutions under nbval, so every exercise's check passes.
+* With ``--execute`` each solutions notebook is run on ``cpu-tiny`` and only the outputs of cells marked
+  ``# NBVAL_CHECK_OUTPUT`` are kept (deterministic ones, which nbval then compares) — in both notebooks,
+  whose checked cells are the same code; every other output, execution count and volatile metadata is
+  stripped — the committed notebooks stay clean.
 """
 
 from __future__ import annotations
@@ -27,14 +33,24 @@ import nbformat
 
 ROOT = Path(__file__).resolve().parent.parent
 LESSONS = ROOT / "lessons"
+SOLUTIONS = "solutions"  # notebooks/solutions/: the same notebooks with the exercises answered
+SOLUTION_MARK = "# SOLUTION:"
+SOLUTIONS_NOTE = (
+    "**Solutions.** This copy has the exercises answered; the lesson itself is "
+    "`notebooks/{name}`. Try them there first."
+)
+
 
 def _course_repository() -> str:
     """``[tool.course] repository`` in pyproject.toml: the one place a fork names its git URL (badges and
     the install cell use it). Empty: no badge, and the install cell asks for ``COURSE_REPO``."""
     import tomllib
 
-    return tomllib.loads((ROOT / "pyproject.toml").read_text()).get("tool", {}).get("course", {}).get(
-        "repository", ""
+    return (
+        tomllib.loads((ROOT / "pyproject.toml").read_text())
+        .get("tool", {})
+        .get("course", {})
+        .get("repository", "")
     )
 
 
@@ -102,19 +118,21 @@ if importlib.util.find_spec("course_utils") is None:
     site.addsitedir(site.getsitepackages()[0])  # pick up the editable install without a restart'''
 
 
-def badge(name: str) -> str:
+def badge(name: str, folder: str = "notebooks") -> str:
     if not COURSE_REPO:
         return (
             "*Open in Colab: File → Open notebook → GitHub, paste your fork's URL "
             "(or set `repository` under `[tool.course]` in pyproject.toml for a badge).*"
         )
     url = COURSE_REPO.replace("https://github.com/", "https://colab.research.google.com/github/")
-    return f"[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]({url}/blob/main/notebooks/{name})"
+    return f"[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]({url}/blob/main/{folder}/{name})"
 
 
 PARAMETERS = (
     '# "auto" | "cpu-tiny" | "t4-16gb" | "gpu-24gb" | "gpu-80gb" (COURSE_PROFILE overrides "auto")\n'
-    'PROFILE = "auto"'
+    'PROFILE = "auto"\n'
+    '# "mistral-small-3.2" | "mistral-small-4" (COURSE_MODEL overrides; cpu-tiny runs its stand-in)\n'
+    'MODEL = "mistral-small-3.2"'
 )
 
 VERSIONS = """# NBVAL_IGNORE_OUTPUT
@@ -122,14 +140,64 @@ from course_utils.hardware import detect, versions
 from course_utils.profiles import resolve_profile
 
 hardware = detect()
-profile = resolve_profile(PROFILE, hardware=hardware)
+profile = resolve_profile(PROFILE, hardware=hardware, model=MODEL)
+MODEL = profile.model  # COURSE_MODEL, when set, wins over the cell above
 print(hardware.summary())
 print("profile:", profile.name, "—", profile.description)
+print("model:", MODEL, "—", profile.model_key)
 print("  ".join(f"{name} {version}" for name, version in versions().items()))"""
 
 
+def split_solution(code: str, where: str = "a cell") -> tuple[str, str]:
+    """A code cell as (learner version, solution version): ``# SOLUTION:`` lines dropped, or put in
+    place of the ``# TODO`` line just above them."""
+    learner: list[str] = []
+    solution: list[str] = []
+    block: list[str] = []
+
+    def close_block():
+        if not block:
+            return
+        if not learner or "# TODO" not in learner[-1]:
+            sys.exit(f"{where}: '{SOLUTION_MARK}' lines must follow the answer's '# TODO' line")
+        solution[-1:] = block
+        block.clear()
+
+    for line in code.splitlines():
+        stripped = line.lstrip()
+        if stripped.startswith(SOLUTION_MARK):
+            body = stripped[len(SOLUTION_MARK) :]
+            body = body[1:] if body.startswith(" ") else body
+            block.append((line[: len(line) - len(stripped)] + body).rstrip())
+            continue
+        close_block()
+        learner.append(line)
+        solution.append(line)
+    close_block()
+    return "\n".join(learner), "\n".join(solution)
+
+
+def solution_cells(cells: list[tuple[str, str, dict]], name: str) -> list[tuple[str, str, dict]]:
+    """The solutions notebook's cells: a note in the title cell, the exercises answered."""
+    (_, title, meta), *rest = cells
+    head, _, body = title.partition("\n")
+    body = body.replace(badge(name), badge(name, f"notebooks/{SOLUTIONS}"))
+    out = [("markdown", f"{head}\n\n{SOLUTIONS_NOTE.format(name=name)}\n{body}", meta)]
+    for i, (kind, text, metadata) in enumerate(rest, start=1):
+        out.append((kind, split_solution(text, f"{name} cell {i}")[1] if kind == "code" else text, metadata))
+    return out
+
+
+def learner_cells(cells: list[tuple[str, str, dict]], name: str) -> list[tuple[str, str, dict]]:
+    return [
+        (kind, split_solution(text, f"{name} cell {i}")[0] if kind == "code" else text, metadata)
+        for i, (kind, text, metadata) in enumerate(cells)
+    ]
+
+
 def read_lesson(source: Path) -> list[tuple[str, str, dict]]:
-    """The cells of one lesson source, with the shared opening cells after its first (title) cell."""
+    """The cells of one lesson source, with the shared opening cells after its first (title) cell
+    (solution lines still in: see :func:`learner_cells` and :func:`solution_cells`)."""
     cells = [
         (c.cell_type, c.source, {"tags": list(c.metadata["tags"])} if c.metadata.get("tags") else {})
         for c in jupytext.read(source, fmt="py:percent").cells
@@ -212,19 +280,32 @@ def code_key(source: str) -> str:
         return source
 
 
-def keep_checked_outputs(nb: nbformat.NotebookNode, path: Path) -> None:
-    """Without executing: reuse the outputs of checked cells whose code is unchanged in ``path``."""
-    if not path.exists():
-        return
-    old = {code_key(c.source): c for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code"}
+def keep_checked_outputs(nb: nbformat.NotebookNode, *paths: Path) -> None:
+    """Without executing: reuse the outputs of checked cells whose code is unchanged in ``paths`` (the
+    first notebook that has the cell wins)."""
+    old: dict[str, nbformat.NotebookNode] = {}
+    for path in reversed(paths):
+        if path.exists():
+            cells = nbformat.read(path, as_version=4).cells
+            old.update({code_key(c.source): c for c in cells if c.cell_type == "code"})
     for cell in nb.cells:
         key = code_key(cell.source)
         if cell.cell_type == "code" and "NBVAL_CHECK_OUTPUT" in cell.source and key in old:
             cell.outputs, cell.execution_count = old[key].outputs, old[key].execution_count
 
 
+def copy_checked_outputs(source: nbformat.NotebookNode, target: nbformat.NotebookNode) -> None:
+    """Give ``target``'s checked cells the outputs of the same code in the executed ``source``."""
+    executed = {code_key(c.source): c for c in source.cells if c.cell_type == "code"}
+    for cell in target.cells:
+        key = code_key(cell.source)
+        if cell.cell_type == "code" and "NBVAL_CHECK_OUTPUT" in cell.source and key in executed:
+            cell.outputs, cell.execution_count = executed[key].outputs, executed[key].execution_count
+
+
 def build(execute: bool, only: list[str] | None = None, check: bool = False) -> list[Path]:
-    """Write (or with ``check``, compare) every notebook; returns the notebooks written or out of sync."""
+    """Write (or with ``check``, compare) every notebook and its solutions notebook; returns the
+    notebooks written or out of sync."""
     if not check:
         write_environment_yml()
     written = []
@@ -232,26 +313,33 @@ def build(execute: bool, only: list[str] | None = None, check: bool = False) -> 
         name = source.stem + ".ipynb"
         if only and not any(name.startswith(o) for o in only):
             continue
-        nb = to_notebook(read_lesson(source))
-        path = ROOT / "notebooks" / name
+        cells = read_lesson(source)
+        path, solved_path = ROOT / "notebooks" / name, ROOT / "notebooks" / SOLUTIONS / name
+        nb, solved = to_notebook(learner_cells(cells, name)), to_notebook(solution_cells(cells, name))
+        pairs = ((nb, path, solved_path), (solved, solved_path, path))
         if check:
-            keep_checked_outputs(nb, path)
-            if not path.exists() or nbformat.writes(clean(nb)) + "\n" != path.read_text():
-                print(f"{os.path.relpath(path, ROOT)} is out of sync with {os.path.relpath(source, ROOT)}")
-                written.append(path)
+            for notebook, own, other in pairs:
+                keep_checked_outputs(notebook, own, other)
+                if not own.exists() or nbformat.writes(clean(notebook)) + "\n" != own.read_text():
+                    print(f"{os.path.relpath(own, ROOT)} is out of sync with {os.path.relpath(source, ROOT)}")
+                    written.append(own)
             continue
         if execute:
             from nbclient import NotebookClient
 
             os.environ["COURSE_PROFILE"] = "cpu-tiny"
             NotebookClient(
-                nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
+                solved, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
             ).execute()
+            copy_checked_outputs(solved, nb)
         else:
-            keep_checked_outputs(nb, path)
-        nbformat.write(clean(nb), path)
-        written.append(path)
-        print("wrote", path.relative_to(ROOT))
+            for notebook, own, other in pairs:
+                keep_checked_outputs(notebook, own, other)
+        solved_path.parent.mkdir(exist_ok=True)
+        for notebook, own, _ in pairs:
+            nbformat.write(clean(notebook), own)
+            written.append(own)
+            print("wrote", own.relative_to(ROOT))
     return written
 
 

@@ -1,0 +1,895 @@
+"""Tool calling in Mistral's format: the course's tool-use dataset, the chat template that renders it
+(checked token for token against mistral-common), parsing and validating calls in replies, and the
+plumbing around an agent loop (running a call safely, a transcript table).
+
+Backs lesson 08 (structured output and tool calling).
+
+The format (v7, Mistral Small 3.x), as mistral-common encodes it::
+
+    <s>[SYSTEM_PROMPT]…[/SYSTEM_PROMPT][AVAILABLE_TOOLS][{"type": "function", …}][/AVAILABLE_TOOLS]
+    [INST]question[/INST][TOOL_CALLS][{"name": "…", "arguments": {…}, "id": "a1B2c3D4e"}]</s>
+    [TOOL_RESULTS]a1B2c3D4e[TOOL_CONTENT]{"…": …}[/TOOL_RESULTS]final answer</s>
+
+Call ids are exactly 9 characters from ``[A-Za-z0-9]`` (mistral-common refuses anything else).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import string
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import jsonschema
+
+from course_utils.paths import atomic_write, course_root
+
+SYSTEM_PROMPT = "You answer questions about receipts. Call a tool when one is needed."
+SPLITS = {"train": 240, "val": 30, "test": 30}
+DEFAULT_DIR = Path("data") / "tools"
+CALL_ID_PATTERN = re.compile(r"^[A-Za-z0-9]{9}$")
+CALL_ID_ALPHABET = string.ascii_letters + string.digits
+CURRENCIES = ("EUR", "USD", "GBP", "CHF", "JPY")
+
+# Illustrative fixed rates (units of each currency per 1 EUR) so the dataset is reproducible. They are
+# course constants, not market data: a real tool would call a rates API.
+EUR_RATES = {"EUR": 1.0, "USD": 1.1, "GBP": 0.85, "CHF": 0.95, "JPY": 160.0}
+
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "convert_currency",
+            "description": "Convert an amount between currencies.",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "amount": {"type": "number"},
+                    "from_currency": {"type": "string", "enum": list(CURRENCIES)},
+                    "to_currency": {"type": "string", "enum": list(CURRENCIES)},
+                },
+                "required": ["amount", "from_currency", "to_currency"],
+                "additionalProperties": False,
+            },
+        },
+    },
+    {
+        "type": "function",
+        "function": {
+            "name": "sum_amounts",
+            "description": "Add up a list of amounts.",
+            "parameters": {
+                "type": "object",
+                "properties": {"amounts": {"type": "array", "items": {"type": "number"}, "minItems": 1}},
+                "required": ["amounts"],
+                "additionalProperties": False,
+            },
+        },
+    },
+    {
+        "type": "function",
+        "function": {
+            "name": "lookup_merchant",
+            "description": "Look a merchant up by name: category and city.",
+            "parameters": {
+                "type": "object",
+                "properties": {"name": {"type": "string", "minLength": 1}},
+                "required": ["name"],
+                "additionalProperties": False,
+            },
+        },
+    },
+]
+
+_CATEGORIES = ("café", "bakery", "grocery", "restaurant", "pharmacy", "hardware store", "bookshop", "kiosk")
+_CITIES = ("Berlin", "Paris", "Zurich", "London", "New York", "Tokyo", "Madrid", "Milan", "Vienna", "Lyon")
+
+
+def merchant_directory(seed: int = 0) -> dict[str, dict]:
+    """The made-up directory ``lookup_merchant`` answers from: the receipts' merchants, seeded."""
+    from course_utils.receipts import _MERCHANTS
+
+    rng = random.Random(f"merchants:{seed}")
+    return {name: {"category": rng.choice(_CATEGORIES), "city": rng.choice(_CITIES)} for name in _MERCHANTS}
+
+
+def _decimals(currency: str) -> int:
+    return 0 if currency == "JPY" else 2
+
+
+def convert_currency(amount: float, from_currency: str, to_currency: str) -> dict:
+    """``amount`` in ``from_currency`` expressed in ``to_currency`` at the course's fixed rates."""
+    value = amount / EUR_RATES[from_currency] * EUR_RATES[to_currency]
+    value = round(value, _decimals(to_currency))
+    return {"amount": int(value) if to_currency == "JPY" else value, "currency": to_currency}
+
+
+def sum_amounts(amounts: list[float]) -> dict:
+    """The sum of ``amounts``, rounded to cents."""
+    return {"sum": round(sum(amounts), 2)}
+
+
+def lookup_merchant(name: str) -> dict:
+    """Category and city of a known merchant, or ``found: false``."""
+    entry = merchant_directory().get(name)
+    return {"name": name, "found": True, **entry} if entry else {"name": name, "found": False}
+
+
+FUNCTIONS = {
+    "convert_currency": convert_currency,
+    "sum_amounts": sum_amounts,
+    "lookup_merchant": lookup_merchant,
+}
+
+
+# --- The chat template: the stand-in's v7 template plus tools ---------------------------------------
+
+# Rendered exactly as mistral-common's InstructTokenizerV7 encodes tools, calls and results (tests check
+# it token for token). Tools go before the *last* user turn; a call's ``arguments`` string is inserted
+# as is, so it must be written as ``json.dumps(arguments, ensure_ascii=False)`` (the dataset is). The
+# ``{% generation %}`` markers cover what a response-only loss trains on: calls and answers.
+TOOLS_CHAT_TEMPLATE = r"""{%- macro render(content, where, allow_images) -%}
+    {%- if content is string -%}
+        {{- content -}}
+    {%- elif content is none -%}
+    {%- else -%}
+        {%- set ns = namespace(previous_was_text=false) -%}
+        {%- for chunk in content -%}
+            {%- if chunk['type'] == 'text' -%}
+                {%- if ns.previous_was_text -%}{{- '\n\n' -}}{%- endif -%}
+                {{- chunk['text'] -}}
+                {%- set ns.previous_was_text = true -%}
+            {%- elif allow_images and chunk['type'] in ['image', 'image_url'] -%}
+                {{- '[IMG]' -}}
+                {%- set ns.previous_was_text = false -%}
+            {%- else -%}
+                {{- raise_exception('Only text parts are allowed in ' ~ where ~ ' messages') -}}
+            {%- endif -%}
+        {%- endfor -%}
+    {%- endif -%}
+{%- endmacro -%}
+{%- set ns_last = namespace(index=-1) -%}
+{%- for message in messages -%}
+    {%- if message['role'] == 'user' -%}{%- set ns_last.index = loop.index0 -%}{%- endif -%}
+{%- endfor -%}
+{{- bos_token -}}
+{%- for message in messages -%}
+    {%- if message['role'] == 'system' -%}
+        {%- if not loop.first -%}
+            {{- raise_exception('A system message is only allowed as the first message.') -}}
+        {%- endif -%}
+        {{- '[SYSTEM_PROMPT]' + render(message['content'], 'system', false) + '[/SYSTEM_PROMPT]' -}}
+    {%- elif message['role'] == 'user' -%}
+        {%- if tools and loop.index0 == ns_last.index -%}
+            {%- set ns_tools = namespace(items=[]) -%}
+            {%- for tool in tools -%}
+                {%- set function = tool['function'] if tool['function'] is defined else tool -%}
+                {%- set ns_tools.items = ns_tools.items + [{'type': 'function', 'function': {
+                    'name': function['name'], 'description': function['description'] or '',
+                    'parameters': function['parameters']}}] -%}
+            {%- endfor -%}
+            {{- '[AVAILABLE_TOOLS]' + ns_tools.items | tojson + '[/AVAILABLE_TOOLS]' -}}
+        {%- endif -%}
+        {{- '[INST]' + render(message['content'], 'user', true) + '[/INST]' -}}
+    {%- elif message['role'] == 'assistant' -%}
+        {%- generation -%}
+            {{- render(message['content'], 'assistant', false).rstrip(' ') -}}
+            {%- if message['tool_calls'] -%}
+                {{- '[TOOL_CALLS][' -}}
+                {%- for call in message['tool_calls'] -%}
+                    {%- set function = call['function'] -%}
+                    {{- '{"name": ' + function['name'] | tojson + ', "arguments": ' -}}
+                    {{- function['arguments'] if function['arguments'] is string
+                        else function['arguments'] | tojson -}}
+                    {{- ', "id": ' + call['id'] | tojson + '}' -}}
+                    {%- if not loop.last -%}{{- ', ' -}}{%- endif -%}
+                {%- endfor -%}
+                {{- ']' -}}
+            {%- endif -%}
+            {{- eos_token -}}
+        {%- endgeneration -%}
+    {%- elif message['role'] == 'tool' -%}
+        {{- '[TOOL_RESULTS]' + message['tool_call_id'] + '[TOOL_CONTENT]' + message['content']
+            + '[/TOOL_RESULTS]' -}}
+    {%- else -%}
+        {{- raise_exception('Unknown role ' ~ message['role'] ~ ' at position ' ~ loop.index0
+            ~ '; use system, user, assistant or tool.') -}}
+    {%- endif -%}
+{%- endfor -%}"""
+
+
+def reference_tool_token_ids(messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+    """Token ids of a (text) conversation with tools as mistral-common's v7 tokenizer encodes them.
+
+    Ends with an assistant turn → a finished training example; otherwise a prompt awaiting the reply.
+    """
+    from mistral_common.protocol.instruct.request import ChatCompletionRequest
+
+    from course_utils.chat import reference_tokenizer
+
+    tok = reference_tokenizer()
+    request = ChatCompletionRequest(messages=messages, tools=tools)
+    if messages and messages[-1]["role"] == "assistant":
+        normalized = tok._instruct_request_normalizer.from_chat_completion_request(request)
+        return tok.instruct_tokenizer.encode_instruct(normalized).tokens
+    return tok.encode_chat_completion(request).tokens
+
+
+def render_ids(tokenizer, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+    """Token ids of ``messages`` through :data:`TOOLS_CHAT_TEMPLATE` with a Hugging Face tokenizer."""
+    ids = tokenizer.apply_chat_template(
+        messages, tools=tools, chat_template=TOOLS_CHAT_TEMPLATE, tokenize=True, return_dict=True
+    )["input_ids"]
+    return ids.tolist() if hasattr(ids, "tolist") else list(ids)
+
+
+def serving_template(bos_text: str = "<s>", eos_text: str = "</s>") -> str:
+    """:data:`TOOLS_CHAT_TEMPLATE` for plain Jinja (no ``{% generation %}``), BOS/EOS as token texts."""
+    out = re.sub(r"\{%-?\s*(end)?generation\s*-?%\}", "", TOOLS_CHAT_TEMPLATE)
+    return out.replace("bos_token", repr(bos_text)).replace("eos_token", repr(eos_text))
+
+
+def render_prompt(messages: list[dict], tools: list[dict] | None = None) -> str:
+    """The prompt text (special tokens as text) the llama.cpp tool handler tokenizes."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise ValueError(message)
+
+    env = ImmutableSandboxedEnvironment()
+    env.filters["tojson"] = lambda x: json.dumps(x, ensure_ascii=False)
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(serving_template()).render(messages=messages, tools=tools)
+
+
+# --- Labels: train on calls and answers ----------------------------------------------------------
+
+
+def tool_response_labels(input_ids: list[int], tokenizer) -> list[int]:
+    """Labels for a tool conversation: each assistant turn — after ``[/INST]`` or after a
+    ``[/TOOL_RESULTS]`` that is not followed by another result — up to and including its ``</s>``.
+    Tool definitions, questions and tool results get -100 (the model reads them, it does not write them).
+    """
+    ids = {
+        name: tokenizer.convert_tokens_to_ids(name)
+        for name in ("[/INST]", "[/TOOL_RESULTS]", "[TOOL_RESULTS]")
+    }
+    eos = tokenizer.eos_token_id
+    labels, inside, pending = [], False, False
+    for token in input_ids:
+        if pending and token != ids["[TOOL_RESULTS]"]:
+            inside = True
+        pending = False
+        if inside:
+            labels.append(token)
+            inside = token != eos
+        else:
+            labels.append(-100)
+            pending = token in (ids["[/INST]"], ids["[/TOOL_RESULTS]"])
+    return labels
+
+
+def tokenize_tool_record(record: dict, tokenizer, max_seq_length: int | None = None) -> dict:
+    """One training example (``input_ids``, ``attention_mask``, ``labels``) from a tool row."""
+    ids = render_ids(tokenizer, record["messages"], record["tools"])
+    if max_seq_length is not None and len(ids) > max_seq_length:
+        raise ValueError(f"row {record.get('id')}: {len(ids)} tokens > max_seq_length {max_seq_length}")
+    return {
+        "input_ids": ids,
+        "attention_mask": [1] * len(ids),
+        "labels": tool_response_labels(ids, tokenizer),
+    }
+
+
+# --- The dataset ---------------------------------------------------------------------------------
+
+
+def new_call_id(rng: random.Random) -> str:
+    """A Mistral tool-call id: 9 characters from [A-Za-z0-9]."""
+    return "".join(rng.choice(CALL_ID_ALPHABET) for _ in range(9))
+
+
+def _money(value, currency: str) -> str:
+    return f"{value:,.{_decimals(currency)}f} {currency}"
+
+
+def make_tool_row(row_id: str, target: dict, text: str, rng: random.Random) -> dict:
+    """One conversation: a receipt and a question, the call, its result and the final answer."""
+    currency = target["currency"]
+    kind = rng.choice(("convert", "sum", "lookup"))
+    if kind == "convert":
+        to_currency = rng.choice([c for c in CURRENCIES if c != currency])
+        question = rng.choice(
+            (f"What is this receipt's total in {to_currency}?", f"Convert the total to {to_currency}.")
+        )
+        name, arguments = (
+            "convert_currency",
+            {
+                "amount": target["total"],
+                "from_currency": currency,
+                "to_currency": to_currency,
+            },
+        )
+    elif kind == "sum":
+        question = rng.choice(("What do the items add up to before tax?", "Add up the item lines."))
+        name = "sum_amounts"
+        arguments = {
+            "amounts": [round(i["qty"] * i["unit_price"], _decimals(currency)) for i in target["items"]]
+        }
+    else:
+        question = rng.choice(("What kind of shop is this, and where?", "Look up this merchant."))
+        name, arguments = "lookup_merchant", {"name": target["merchant"]}
+    result = FUNCTIONS[name](**arguments)
+    if name == "convert_currency":
+        answer = f"The total is {_money(result['amount'], result['currency'])}."
+    elif name == "sum_amounts":
+        answer = f"The items add up to {_money(result['sum'], currency)} before tax."
+    else:
+        answer = f"{result['name']} is a {result['category']} in {result['city']}."
+    call_id = new_call_id(rng)
+    return {
+        "id": row_id,
+        "messages": [
+            {"role": "system", "content": SYSTEM_PROMPT},
+            {"role": "user", "content": f"{text}\n\n{question}"},
+            {
+                "role": "assistant",
+                "tool_calls": [
+                    {
+                        "id": call_id,
+                        "type": "function",
+                        "function": {"name": name, "arguments": json.dumps(arguments, ensure_ascii=False)},
+                    }
+                ],
+            },
+            {
+                "role": "tool",
+                "tool_call_id": call_id,
+                "name": name,
+                "content": json.dumps(result, ensure_ascii=False),
+            },
+            {"role": "assistant", "content": answer},
+        ],
+        "tools": TOOLS,
+    }
+
+
+def generate_tool_dataset(
+    out_dir: str | os.PathLike = DEFAULT_DIR, seed: int = 0, splits: dict[str, int] | None = None
+) -> dict[str, int]:
+    """Write ``{split}.jsonl`` under ``out_dir`` (same seed → byte-identical files); returns row counts.
+
+    Receipts are drawn with the receipts dataset's own generator (text layout only), so questions are
+    about documents the course already knows; no receipt appears twice across splits.
+    """
+    from course_utils.receipts import _LAYOUTS, document_lines, make_target
+
+    rng = random.Random(seed)
+    out, seen, counts = Path(out_dir), set(), {}
+    for split, n in (splits or SPLITS).items():
+        rows = []
+        for index in range(n):
+            while True:
+                target = make_target(rng)
+                key = json.dumps(target, sort_keys=True)
+                if key not in seen:
+                    seen.add(key)
+                    break
+            text = "\n".join(document_lines(target, rng.choice(_LAYOUTS), rng.randrange(3)))
+            rows.append(make_tool_row(f"{split}-{index:04d}", target, text, rng))
+        jsonl = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        atomic_write(out / f"{split}.jsonl", jsonl, overwrite=True)
+        counts[split] = len(rows)
+    return counts
+
+
+def load_tool_split(split: str = "train", data_dir: str | os.PathLike | None = None) -> list[dict]:
+    """Rows of ``data/tools/{split}.jsonl``."""
+    path = Path(data_dir or course_root() / DEFAULT_DIR) / f"{split}.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: run course_utils.tools.generate_tool_dataset()")
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def prompt_messages(row: dict) -> list[dict]:
+    """The conversation up to the question: what the model sees before its first call."""
+    last_user = max(i for i, m in enumerate(row["messages"]) if m["role"] == "user")
+    return row["messages"][: last_user + 1]
+
+
+# --- Checking calls --------------------------------------------------------------------------------
+
+
+def check_row(row: dict) -> list[str]:
+    """Problems with one tool row (empty if it follows the rules): roles, ids, names, arguments."""
+    problems, where = [], row.get("id", "?")
+    tools = {t["function"]["name"]: t["function"] for t in row.get("tools") or []}
+    if not tools:
+        return [f"{where}: no tools"]
+    open_ids = {}
+    for i, message in enumerate(row["messages"]):
+        if message["role"] == "assistant" and message.get("tool_calls"):
+            for call in message["tool_calls"]:
+                if not CALL_ID_PATTERN.match(str(call.get("id", ""))):
+                    problems.append(
+                        f"{where} message {i}: call id {call.get('id')!r} is not 9 chars [A-Za-z0-9]"
+                    )
+                verdict = validate_call(call["function"]["name"], call["function"]["arguments"], row["tools"])
+                if not verdict.ok:
+                    problems.append(f"{where} message {i}: {verdict.error}")
+                open_ids[call.get("id")] = call["function"]["name"]
+        elif message["role"] == "tool":
+            if message.get("tool_call_id") not in open_ids:
+                problems.append(
+                    f"{where} message {i}: tool_call_id {message.get('tool_call_id')!r} answers no call"
+                )
+            elif message.get("name") != open_ids[message["tool_call_id"]]:
+                problems.append(f"{where} message {i}: name {message.get('name')!r} is not the called tool")
+    if row["messages"][-1]["role"] != "assistant" or not row["messages"][-1].get("content"):
+        problems.append(f"{where}: the last message must be the assistant's final answer")
+    return problems
+
+
+@dataclass
+class CallVerdict:
+    """Whether one call may run: a known tool with arguments that match its JSON schema."""
+
+    ok: bool
+    name: str
+    arguments: dict | None = None
+    error: str = ""
+
+
+def validate_call(name: str, arguments: str | dict, tools: list[dict]) -> CallVerdict:
+    """Check a call against the tool list: known name, JSON-object arguments, schema-valid."""
+    import jsonschema
+
+    known = {t["function"]["name"]: t["function"] for t in tools}
+    if name not in known:
+        return CallVerdict(False, name, None, f"unknown tool {name!r}; available: {', '.join(known)}")
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments)
+        except json.JSONDecodeError as error:
+            return CallVerdict(False, name, None, f"{name}: arguments are not JSON ({error.msg})")
+    if not isinstance(arguments, dict):
+        return CallVerdict(False, name, None, f"{name}: arguments must be a JSON object")
+    try:
+        jsonschema.validate(arguments, known[name]["parameters"])
+    except jsonschema.ValidationError as error:
+        path = "/".join(str(p) for p in error.absolute_path) or "(arguments)"
+        return CallVerdict(False, name, arguments, f"{name}: {path}: {error.message}")
+    return CallVerdict(True, name, arguments)
+
+
+@dataclass
+class ParsedReply:
+    """A model reply split into text and the calls after ``[TOOL_CALLS]`` (``error`` if unparseable)."""
+
+    content: str
+    calls: list[dict] = field(default_factory=list)
+    error: str = ""
+
+
+def parse_tool_calls(text: str) -> ParsedReply:
+    """Split a raw reply (special tokens kept) at ``[TOOL_CALLS]`` and parse the JSON list after it."""
+    text = text.removesuffix("</s>")
+    if "[TOOL_CALLS]" not in text:
+        return ParsedReply(text.strip(), [], "no [TOOL_CALLS] in the reply")
+    content, _, payload = text.partition("[TOOL_CALLS]")
+    try:
+        calls = json.loads(payload.strip())
+    except json.JSONDecodeError as error:
+        return ParsedReply(content.strip(), [], f"the calls are not JSON ({error.msg} at {error.pos})")
+    if isinstance(calls, dict):
+        calls = [calls]
+    if not isinstance(calls, list) or not all(isinstance(c, dict) and "name" in c for c in calls):
+        return ParsedReply(content.strip(), [], "the calls must be a list of objects with a name")
+    return ParsedReply(content.strip(), calls)
+
+
+def call_is_well_formed(text: str, tools: list[dict]) -> bool:
+    """True when ``text`` holds at least one parseable call, every one to a known tool with
+    schema-valid arguments — the rate lesson 08 reports before and after training."""
+    parsed = parse_tool_calls(text)
+    return bool(parsed.calls) and all(
+        validate_call(c["name"], c.get("arguments", {}), tools).ok for c in parsed.calls
+    )
+
+
+def well_formed_rate(replies: list[str], tools: list[dict]) -> float:
+    return sum(call_is_well_formed(r, tools) for r in replies) / max(1, len(replies))
+
+
+def generate_raw(model, tokenizer, messages: list[dict], tools: list[dict], max_new_tokens: int = 96) -> str:
+    """Greedy reply of a transformers model with special tokens kept (so ``[TOOL_CALLS]`` shows)."""
+    import torch
+
+    ids = torch.tensor([render_ids(tokenizer, messages, tools)])
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=False)
+
+
+# --- Agent-loop plumbing ---------------------------------------------------------------------------
+
+
+def run_tool_call(name: str, arguments: str | dict, tools: list[dict], functions: dict) -> str:
+    """Run one call if it is safe to: a refusal message (as the tool result) for an unknown tool or
+    arguments that fail the schema — the function is never called with them."""
+    verdict = validate_call(name, arguments, tools)
+    if not verdict.ok:
+        return json.dumps({"error": verdict.error}, ensure_ascii=False)
+    if name not in functions:
+        return json.dumps({"error": f"no Python function for {name!r}"}, ensure_ascii=False)
+    return json.dumps(functions[name](**verdict.arguments), ensure_ascii=False)
+
+
+# Lesson 08 shows this function in full (its copy:agent-loop cell); a test keeps the two identical.
+def run_agent(client, model, question, tools, functions, max_turns=4):
+    schemas = {tool["function"]["name"]: tool["function"]["parameters"] for tool in tools}
+    messages = [{"role": "user", "content": question}]
+    for _ in range(max_turns):
+        reply = (
+            client.chat.completions.create(
+                model=model, messages=messages, tools=tools, temperature=0.0, max_tokens=128
+            )
+            .choices[0]
+            .message
+        )
+        if not reply.tool_calls:
+            messages.append({"role": "assistant", "content": reply.content or ""})
+            return messages
+        messages.append(
+            {
+                "role": "assistant",
+                "content": reply.content,
+                "tool_calls": [c.model_dump() for c in reply.tool_calls],
+            }
+        )
+        for call in reply.tool_calls:
+            name = call.function.name
+            try:
+                if name not in schemas or name not in functions:
+                    raise ValueError(f"unknown tool {name!r}; available: {', '.join(schemas)}")
+                arguments = json.loads(call.function.arguments)
+                jsonschema.validate(arguments, schemas[name])
+                result = functions[name](**arguments)
+            except json.JSONDecodeError as error:
+                result = {"error": f"{name}: arguments are not JSON ({error.msg})"}
+            except jsonschema.ValidationError as error:
+                result = {"error": f"{name}: {error.message}"}
+            except ValueError as error:
+                result = {"error": str(error)}
+            messages.append(
+                {
+                    "role": "tool",
+                    "tool_call_id": call.id,
+                    "name": name,
+                    "content": json.dumps(result, ensure_ascii=False),
+                }
+            )
+    messages.append({"role": "assistant", "content": f"(stopped after {max_turns} turns without an answer)"})
+    return messages
+
+
+def transcript_rows(messages: list[dict], width: int = 70) -> list[dict]:
+    """One table row per message (role, what it said or called), long text shortened."""
+    rows = []
+    for index, message in enumerate(messages):
+        content = message.get("content") or ""
+        if not isinstance(content, str):
+            content = " ".join(p.get("text", "[image]") for p in content)
+        calls = message.get("tool_calls") or []
+        said = "; ".join(
+            f"{c['function']['name']}({c['function']['arguments']})"
+            if isinstance(c, dict)
+            else f"{c.function.name}({c.function.arguments})"
+            for c in calls
+        ) or content.replace("\n", " ⏎ ")
+        said = said if len(said) <= width else said[: width - 1] + "…"
+        rows.append({"#": index, "role": message["role"], "message": said})
+    return rows
+
+
+# --- Training (lesson 04's CPU Trainer path, with tool-aware labels) --------------------------------
+
+
+def build_tool_trainer(model, tokenizer, train_rows: list[dict], preset, output_dir: str | os.PathLike):
+    """LoRA + response-only Trainer for tool rows: the pieces of :func:`course_utils.train.build_trainer`,
+    with :func:`tool_response_labels` so both the call and the final answer are trained."""
+    import torch
+
+    from course_utils.loss import VisionTextCollator, trained_token_ids
+    from course_utils.train import ResponseOnlyTrainer, add_lora, training_arguments
+
+    torch.manual_seed(preset.seed)
+    examples = [tokenize_tool_record(r, tokenizer, preset.max_seq_length) for r in train_rows]
+    tokens = trained_token_ids(examples) if preset.train_embeddings else None
+    peft_model = add_lora(model, preset, tokens)
+    peft_model.train()
+    args = training_arguments(preset, output_dir, use_cpu=not torch.cuda.is_available(), eval_steps=None)
+    return ResponseOnlyTrainer(
+        model=peft_model,
+        args=args,
+        train_dataset=examples,
+        data_collator=VisionTextCollator(tokenizer.pad_token_id),
+    )
+
+
+TOOL_STEPS = {"cpu-tiny": 160}  # measured in lesson 08: ≈ 3 min on 2 free CPU cores
+
+
+def ensure_tool_adapter(
+    profile_name: str, adapter_dir: str | os.PathLike, train_rows: list[dict], max_steps: int | None = None
+) -> tuple[Path, str]:
+    """The tool-calling adapter when it exists for this data; otherwise train it now and save it.
+
+    Reused only when its card says it was trained on these rows (``dataset_sha256_16``).
+    """
+    import time
+
+    from course_utils.models import load
+    from course_utils.train import dataset_hash, preset_for
+
+    adapter_dir = Path(adapter_dir)
+    card_path = adapter_dir / "training_card.json"
+    digest = dataset_hash(train_rows)
+    if card_path.exists() and json.loads(card_path.read_text())["dataset_sha256_16"] == digest:
+        card = json.loads(card_path.read_text())
+        return (
+            adapter_dir,
+            f"reused {adapter_dir.name}: {card['max_steps']} steps in {card['train_seconds']} s",
+        )
+    loaded = load(profile_name)
+    steps = max_steps or TOOL_STEPS.get(loaded.profile.name, 200)
+    preset = preset_for(loaded.profile.name, max_steps=steps, max_seq_length=1024, save_steps=10**6)
+    trainer = build_tool_trainer(
+        loaded.model,
+        loaded.processor.tokenizer,
+        train_rows,
+        preset,
+        adapter_dir.with_name(adapter_dir.name + "-run"),
+    )
+    started = time.perf_counter()
+    result = trainer.train()
+    seconds = round(time.perf_counter() - started, 1)
+    trainer.model.save_pretrained(adapter_dir)
+    shutil.rmtree(adapter_dir.with_name(adapter_dir.name + "-run"), ignore_errors=True)  # no checkpoints kept
+    card = {
+        "max_steps": steps,
+        "train_loss": round(result.training_loss, 4),
+        "train_seconds": seconds,
+        "train_examples": len(train_rows),
+        "dataset_sha256_16": digest,
+        "losses": [round(h["loss"], 4) for h in trainer.state.log_history if "loss" in h],
+    }
+    atomic_write(card_path, json.dumps(card, indent=2), overwrite=True)
+    return adapter_dir, f"trained {adapter_dir.name}: {steps} steps in {seconds} s"
+
+
+# --- Structured output: constrained decoding through the course's llama.cpp server -----------------
+
+
+def bounded_schema(schema: dict, max_length: int = 24, max_items: int = 4) -> dict:
+    r"""``schema`` with every free string given ``maxLength`` and every array ``maxItems``: a grammar
+    built from it cannot run on forever, so a reply always closes within a known token budget.
+    ``\d`` in patterns becomes ``[0-9]`` (same meaning): llama-cpp-python 0.3.36 turns ``\d`` into a
+    grammar llama.cpp fails to parse, and its server then dies on the request."""
+    out = {
+        k: bounded_schema(v, max_length, max_items) if isinstance(v, dict) else v for k, v in schema.items()
+    }
+    if "properties" in schema:
+        out["properties"] = {
+            k: bounded_schema(v, max_length, max_items) for k, v in schema["properties"].items()
+        }
+    if schema.get("type") == "string" and "pattern" not in schema and "enum" not in schema:
+        out.setdefault("maxLength", max_length)
+    if schema.get("type") == "array":
+        out.setdefault("maxItems", max_items)
+    if "pattern" in schema:  # llama-cpp-python's converter writes \d as an escape llama.cpp cannot parse
+        out["pattern"] = schema["pattern"].replace("\\d", "[0-9]")
+    return out
+
+
+def schema_grammar(
+    schema: dict, integer_digits: int = 6, decimals: int = 2, max_length: int = 24, max_items: int = 4
+) -> str:
+    """A GBNF grammar for ``schema`` (llama-cpp-python's converter) with numbers bounded too: at most
+    ``integer_digits`` digits before the point and ``decimals`` after, no exponent. JSON Schema's
+    ``maximum`` would say the same, but the converter ignores it, and a confused model then writes
+    16-digit numbers until ``max_tokens`` cuts the JSON open. Strings exclude raw control characters,
+    which the converter allows and JSON does not."""
+    from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+    def optional_digits(n: int) -> str:
+        return "" if n == 0 else "([0-9]" + (" " + optional_digits(n - 1) if n > 1 else "") + ")?"
+
+    lines = []
+    for line in json_schema_to_gbnf(json.dumps(bounded_schema(schema, max_length, max_items))).splitlines():
+        rule = line.split(" ::= ")[0]
+        if rule == "integral-part":
+            line = f"integral-part ::= [0-9] | [1-9] {optional_digits(integer_digits - 1)}"
+        elif rule == "decimal-part":
+            line = f"decimal-part ::= [0-9] {optional_digits(decimals - 1)}".rstrip()
+        elif rule == "number":
+            line = 'number ::= ("-"? integral-part) ("." decimal-part)? space'
+        elif rule == "char":  # the converter lets raw control characters (a newline) into strings: not JSON
+            line = r'char ::= [^"\\\x7F\x00-\x1F] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F]{4})'
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
+@dataclass
+class ServedRun:
+    """Replies of one configuration, with each request's wall time and completion tokens."""
+
+    name: str
+    replies: list[str]
+    seconds: list[float]
+    completion_tokens: list[int]
+
+    def summary(self, targets: list[dict], schema: dict) -> dict:
+        from course_utils.evaluate import task_metrics
+
+        metrics = task_metrics(self.replies, targets, schema)
+        ordered = sorted(self.seconds)
+        return {
+            "configuration": self.name,
+            "json_valid": round(metrics["json_valid"], 3),
+            "schema_valid": round(metrics["schema_valid"], 3),
+            "field_f1": round(metrics["field_f1"], 3),
+            "tokens_per_s": round(sum(self.completion_tokens) / max(1e-9, sum(self.seconds)), 1),
+            "latency_p50_s": round(ordered[len(ordered) // 2], 3) if ordered else 0.0,
+        }
+
+
+def served_run(
+    name: str,
+    base_url: str,
+    model: str,
+    prompts: list[list[dict]],
+    constraint: dict | None = None,
+    max_tokens: int = 256,
+) -> ServedRun:
+    """Send each prompt (images as data URIs) to an OpenAI-compatible server, greedy, timed.
+
+    ``constraint``: extra body fields, e.g. ``{"grammar": schema_grammar(schema)}`` or
+    ``{"response_format": serve.llama_cpp_response_format(schema)}`` for llama-cpp-python's server."""
+    import time
+
+    from course_utils.chat import openai_messages
+    from course_utils.serve import client
+
+    api = client(base_url)
+    run = ServedRun(name, [], [], [])
+    for prompt in prompts:
+        started = time.perf_counter()
+        response = api.chat.completions.create(
+            model=model,
+            messages=openai_messages(prompt),
+            max_tokens=max_tokens,
+            temperature=0.0,
+            extra_body={"repeat_penalty": 1.0, **(constraint or {})},
+        )
+        run.seconds.append(time.perf_counter() - started)
+        run.replies.append(response.choices[0].message.content or "")
+        run.completion_tokens.append(response.usage.completion_tokens if response.usage else 0)
+    return run
+
+
+def plot_structured(rows: list[dict], show: bool = True):
+    """Bars of JSON-valid, schema-valid and field F1 per configuration, and tokens/s beside them."""
+    import matplotlib.pyplot as plt
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 3.6), gridspec_kw={"width_ratios": [3, 1.4]})
+    names = [r["configuration"] for r in rows]
+    width = 0.26
+    for offset, key in enumerate(("json_valid", "schema_valid", "field_f1")):
+        left.bar(
+            [i + (offset - 1) * width for i in range(len(rows))], [r[key] for r in rows], width, label=key
+        )
+    left.set_xticks(range(len(rows)), names, rotation=15)
+    left.set_ylim(0, 1.05)
+    left.legend(loc="upper left", fontsize=8)
+    left.set_title("quality (receipts test subset)")
+    right.barh(names, [r["tokens_per_s"] for r in rows], color="grey")
+    right.set_title("tokens/s")
+    figure.tight_layout()
+    if show:
+        plt.show()
+    return figure
+
+
+# --- Files lesson 08 serves --------------------------------------------------------------------------
+
+
+@dataclass
+class GgufPair:
+    """A served model: the language model file and its vision projector."""
+
+    model: Path
+    mmproj: Path
+
+
+def ensure_base_gguf(profile_name: str, out_dir: str | os.PathLike) -> GgufPair:
+    """The *untuned* base as Q4_K_M + projector (lesson 06 exports only the tuned model), built once.
+
+    On ``cpu-tiny`` the base is the stand-in folder itself (seconds); elsewhere pass a profile whose base
+    weights are on disk.
+    """
+    from course_utils import gguf_export
+    from course_utils.models import model_source
+
+    out = Path(out_dir)
+    pair = GgufPair(out / "base-Q4_K_M.gguf", out / "base-mmproj-f16.gguf")
+    if pair.model.exists() and pair.mmproj.exists():
+        return pair
+    source = model_source(profile_name).model_id
+    f16 = gguf_export.convert_to_gguf(source, out / "base-f16.gguf", "f16", overwrite=True)
+    gguf_export.convert_to_gguf(source, pair.mmproj, "f16", mmproj=True, overwrite=True)
+    gguf_export.quantize(f16, pair.model, "Q4_K_M", overwrite=True)
+    f16.unlink()
+    return pair
+
+
+def ensure_tuned_gguf(profile_name: str, hardware=None) -> GgufPair:
+    """Lesson 06's tuned Q4_K_M + projector; exported now the way lesson 06 does if missing (≈ 1 minute
+    on ``cpu-tiny``, plus lesson 04's training if its adapter is missing too)."""
+    from course_utils import export, gguf_export
+    from course_utils.models import load
+    from course_utils.paths import outputs_dir
+    from course_utils.receipts import lesson_splits
+    from course_utils.train import ensure_adapter
+
+    export_dir = outputs_dir(profile_name, "export")
+    pair = GgufPair(export_dir / "receipts-Q4_K_M.gguf", export_dir / "receipts-mmproj-f16.gguf")
+    if pair.model.exists() and pair.mmproj.exists():
+        return pair
+    train_rows, val_rows, _, _ = lesson_splits(profile_name)
+    adapter_dir, _ = ensure_adapter(
+        profile_name,
+        outputs_dir(profile_name, "adapters") / "receipts-lora",
+        train_rows,
+        val_rows[:24],
+        hardware=hardware,
+    )
+    base = load(profile_name, hardware=hardware, load_in_4bit=False)
+    merged = export.merge_adapter(
+        base.model, base.processor, adapter_dir, export_dir / "merged", overwrite=True
+    )
+    f16 = gguf_export.convert_to_gguf(merged, export_dir / "receipts-f16.gguf", "f16", overwrite=True)
+    gguf_export.convert_to_gguf(merged, pair.mmproj, "f16", mmproj=True, overwrite=True)
+    gguf_export.quantize(f16, pair.model, "Q4_K_M", overwrite=True)
+    return pair
+
+
+def ensure_tool_gguf(profile_name: str, adapter_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """The tool-calling adapter merged into the base and written as one f16 GGUF (text only)."""
+    from course_utils import export, gguf_export
+    from course_utils.models import load
+
+    out = Path(out_dir)
+    target = out / "tools-f16.gguf"
+    card = Path(adapter_dir) / "training_card.json"
+    stamp = out / "tools-f16.source.json"
+    if target.exists() and stamp.exists() and stamp.read_text() == card.read_text():
+        return target
+    base = load(profile_name, load_in_4bit=False)
+    merged = export.merge_adapter(
+        base.model, base.processor, adapter_dir, out / "tools-merged", overwrite=True
+    )
+    gguf_export.convert_to_gguf(merged, target, "f16", overwrite=True)
+    atomic_write(stamp, card.read_text(), overwrite=True)
+    return target

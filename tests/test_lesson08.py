@@ -1,0 +1,242 @@
+"""Lesson 08 end to end where it matters: the server's grammar really constrains, the tool server's prompt
+is mistral-common's encoding, its handler turns [TOOL_CALLS] into OpenAI tool_calls, and the agent loop
+is bounded, refuses unknown tools and never runs arguments that fail the schema."""
+
+import ast
+import inspect
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from course_utils import llama_server, serve, tools
+from course_utils.receipts import RECEIPT_SCHEMA
+
+ROOT = Path(__file__).resolve().parent.parent
+LESSON = ROOT / "lessons" / "08_structured_output_and_tools.py"
+
+
+def test_the_lesson_shows_run_agent_verbatim():
+    source = LESSON.read_text()
+    shown = [
+        ast.get_source_segment(source, n)
+        for n in ast.parse(source).body
+        if isinstance(n, ast.FunctionDef) and n.name == "run_agent"
+    ]
+    assert len(shown) == 1
+    assert shown[0] == inspect.getsource(tools.run_agent).rstrip("\n")
+
+
+# --- the agent loop, against a scripted client -----------------------------------------------------
+
+
+def _call(name, arguments, call_id="a1b2c3d4e"):
+    function = SimpleNamespace(name=name, arguments=arguments)
+    return SimpleNamespace(
+        id=call_id,
+        function=function,
+        model_dump=lambda: {
+            "id": call_id,
+            "type": "function",
+            "function": {"name": name, "arguments": arguments},
+        },
+    )
+
+
+class ScriptedClient:
+    """Answers chat.completions.create with the next scripted message; records what it was sent."""
+
+    def __init__(self, replies):
+        self.replies, self.sent = list(replies), []
+        self.chat = SimpleNamespace(completions=SimpleNamespace(create=self.create))
+
+    def create(self, **kwargs):
+        self.sent.append(json.loads(json.dumps(kwargs["messages"])))
+        content, calls = self.replies.pop(0)
+        return SimpleNamespace(
+            choices=[SimpleNamespace(message=SimpleNamespace(content=content, tool_calls=calls))]
+        )
+
+
+def test_agent_refuses_bad_arguments_and_unknown_tools_then_answers():
+    ran = []
+
+    def recording(function):
+        def run(**arguments):
+            ran.append(arguments)
+            return function(**arguments)
+
+        return run
+
+    functions = {name: recording(function) for name, function in tools.FUNCTIONS.items()}
+    client = ScriptedClient(
+        [
+            (None, [_call("sum_amounts", '{"amounts": "1 + 1"}')]),  # fails the schema
+            (None, [_call("delete_files", '{"path": "/"}', "Zz9Zz9Zz9")]),  # unknown tool
+            (None, [_call("sum_amounts", "{not json")]),  # not JSON
+            (None, [_call("sum_amounts", '{"amounts": [1.5, 2]}')]),
+            ("They add up to 3.5.", None),
+        ]
+    )
+    transcript = tools.run_agent(client, "m", "Add 1.5 and 2", tools.TOOLS, functions, max_turns=5)
+    assert ran == [{"amounts": [1.5, 2]}]  # only the valid call ever ran
+    results = [json.loads(m["content"]) for m in transcript if m["role"] == "tool"]
+    assert "amounts" in results[0]["error"]
+    assert "unknown tool 'delete_files'" in results[1]["error"]
+    assert "not JSON" in results[2]["error"]
+    assert results[3] == {"sum": 3.5}
+    assert transcript[-1] == {"role": "assistant", "content": "They add up to 3.5."}
+    # every tool message answers the call before it, by id
+    assert [m["tool_call_id"] for m in transcript if m["role"] == "tool"][1] == "Zz9Zz9Zz9"
+
+
+def test_agent_stops_after_max_turns():
+    client = ScriptedClient([(None, [_call("lookup_merchant", '{"name": "Taco Loco"}')])] * 10)
+    transcript = tools.run_agent(client, "m", "Who?", tools.TOOLS, tools.FUNCTIONS, max_turns=3)
+    assert len(client.sent) == 3
+    assert "stopped after 3 turns" in transcript[-1]["content"]
+
+
+# --- the tool handler, with a scripted model -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def vocab(exported):
+    from llama_cpp import Llama
+
+    llama = Llama(str(exported["files"]["F16"]), vocab_only=True, verbose=False)
+    yield llama
+    llama.close()
+
+
+def test_tool_prompt_ids_are_mistral_commons_encoding(vocab):
+    for row in tools.load_tool_split("test")[:10]:
+        prompt = tools.prompt_messages(row)
+        assert llama_server.tool_prompt_ids(vocab, prompt, row["tools"]) == tools.reference_tool_token_ids(
+            prompt, row["tools"]
+        )
+        # a later turn, with the call and its result in the history
+        history = row["messages"][:4]
+        assert llama_server.tool_prompt_ids(vocab, history, row["tools"]) == tools.reference_tool_token_ids(
+            history, row["tools"]
+        )
+
+
+class ScriptedLlama:
+    """Real vocabulary, scripted generation: yields the tokens of ``reply`` then EOS."""
+
+    def __init__(self, vocab, reply):
+        self.vocab, self.reply, self.model_path, self._model = vocab, reply, "scripted.gguf", vocab._model
+        self.prompt = None
+
+    def __getattr__(self, name):
+        return getattr(self.vocab, name)
+
+    def n_ctx(self):
+        return 4096
+
+    def generate(self, prompt, **_):
+        self.prompt = prompt
+        yield from self.vocab.tokenize(self.reply.encode(), add_bos=False, special=True)
+        yield self.vocab.token_eos()
+
+
+@pytest.mark.parametrize(
+    "reply, finish, n_calls",
+    [
+        (
+            '[TOOL_CALLS][{"name": "sum_amounts", "arguments": {"amounts": [1, 2]}, "id": "a1b2c3d4e"}]',
+            "tool_calls",
+            1,
+        ),
+        ('[TOOL_CALLS][{"name": "lookup_merchant", "arguments": {"name": "X"}}]', "tool_calls", 1),
+        ('[TOOL_CALLS][{"name": "sum_amounts", "arguments": {"amou', "stop", 0),
+        ("The total is 3 EUR.", "stop", 0),
+    ],
+)
+def test_handler_turns_tool_calls_into_openai_tool_calls(vocab, reply, finish, n_calls):
+    row = tools.load_tool_split("test")[0]
+    llama = ScriptedLlama(vocab, reply)
+    out = llama_server.tool_chat_handler(
+        llama, tools.prompt_messages(row), tools=row["tools"], temperature=0.0
+    )
+    choice = out["choices"][0]
+    assert choice["finish_reason"] == finish
+    assert len(choice["message"].get("tool_calls") or []) == n_calls
+    assert out["usage"]["prompt_tokens"] == len(
+        tools.reference_tool_token_ids(tools.prompt_messages(row), row["tools"])
+    )
+    if n_calls:
+        call = choice["message"]["tool_calls"][0]
+        assert tools.CALL_ID_PATTERN.match(call["id"]) and call["type"] == "function"
+        assert (
+            json.loads(call["function"]["arguments"])
+            == json.loads(reply.split("[TOOL_CALLS]")[1])[0]["arguments"]
+        )
+        if '"id"' in reply:
+            assert call["id"] == "a1b2c3d4e"
+    else:
+        assert choice["message"]["content"] == reply  # what the model wrote, shown as written
+
+
+def test_handler_refuses_streaming(vocab):
+    with pytest.raises(ValueError, match="does not stream"):
+        llama_server.tool_chat_handler(
+            ScriptedLlama(vocab, "x"), [{"role": "user", "content": "hi"}], stream=True
+        )
+
+
+# --- real servers ------------------------------------------------------------------------------------
+
+
+def test_served_tool_conversation_prompt_is_mistral_commons_encoding(exported):
+    row = tools.load_tool_split("test")[2]
+    prompt = row["messages"][:4]  # a question, the call and its result: the server must render all three
+    with serve.llama_tool_server(exported["files"]["F16"], n_ctx=2048) as server:
+        response = serve.client(server.url + "/v1").chat.completions.create(
+            model="tools", messages=prompt, tools=row["tools"], max_tokens=8, temperature=0.0
+        )
+    assert response.usage.prompt_tokens == len(tools.reference_tool_token_ids(prompt, row["tools"]))
+    assert response.choices[0].finish_reason in ("stop", "length", "tool_calls")
+
+
+def test_the_servers_grammar_really_constrains(exported):
+    """The near-random test model rarely writes JSON on its own; under the schema every reply parses."""
+    from course_utils.evaluate import validity
+
+    # bounds small enough that the longest reply the grammar allows fits in max_tokens
+    grammar = tools.schema_grammar(RECEIPT_SCHEMA, integer_digits=3, max_length=8, max_items=1)
+    prompts = [[{"role": "user", "content": f"Receipt {i}: tea 1.50 EUR. As JSON?"}] for i in range(3)]
+    with serve.llama_server(exported["files"]["Q4_K_M"], n_ctx=1024) as server:
+        url = server.url + "/v1"
+        free = tools.served_run("free", url, "receipts", prompts, max_tokens=60)
+        forced = tools.served_run("forced", url, "receipts", prompts, {"grammar": grammar}, max_tokens=400)
+    assert validity(free.replies)["json_valid"] < 1.0
+    checked = validity(forced.replies)
+    assert checked["json_valid"] == 1.0, forced.replies
+    for reply in forced.replies:
+        assert set(json.loads(reply)) == set(RECEIPT_SCHEMA["required"])  # the schema's keys, not any JSON
+    summary = forced.summary([{"merchant": "x"}] * 3, RECEIPT_SCHEMA)
+    assert summary["json_valid"] == 1.0 and summary["tokens_per_s"] > 0
+
+
+def test_schema_grammar_bounds_numbers():
+    grammar = tools.schema_grammar(RECEIPT_SCHEMA, integer_digits=3, decimals=2)
+    rules = dict(line.split(" ::= ", 1) for line in grammar.splitlines() if " ::= " in line)
+    assert rules["integral-part"] == "[0-9] | [1-9] ([0-9] ([0-9])?)?"
+    assert rules["decimal-part"] == "[0-9] ([0-9])?"
+    assert "[eE]" not in rules["number"]
+    assert rules["char"].startswith('[^"\\\\\\x7F\\x00-\\x1F]')  # no raw control characters in strings
+    assert "\\d" not in grammar  # llama.cpp cannot parse it
+
+
+def test_bounded_schema_caps_strings_and_lists_but_keeps_patterns():
+    bounded = tools.bounded_schema(RECEIPT_SCHEMA, max_length=20, max_items=3)
+    assert bounded["properties"]["merchant"]["maxLength"] == 20
+    assert "maxLength" not in bounded["properties"]["date"]  # has a pattern already
+    assert bounded["properties"]["items"]["maxItems"] == 3
+    assert bounded["properties"]["items"]["items"]["properties"]["name"]["maxLength"] == 20
+    assert "maxLength" not in RECEIPT_SCHEMA["properties"]["merchant"]  # the original is untouched
+    # \d would crash llama-cpp-python's server (unparseable grammar); [0-9] means the same
+    assert bounded["properties"]["date"]["pattern"] == "^[0-9]{4}-[0-9]{2}-[0-9]{2}$"
