@@ -124,7 +124,21 @@ def write_quantize_shim(folder: str | os.PathLike) -> Path:
     return path
 
 
+def _local_sdist() -> Path | None:
+    """The sdist in a wheelhouse pip already points at (``PIP_FIND_LINKS``, INSTRUCTOR.md): ``pip
+    download`` would insist on building its metadata, which needs build tools a wheelhouse lacks."""
+    for link in os.environ.get("PIP_FIND_LINKS", "").split():
+        folder = Path(link.removeprefix("file://"))
+        candidate = folder / f"llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
 def _download_sdist(folder: Path) -> Path:
+    local = _local_sdist()
+    if local is not None:
+        return local
     cmd = [
         sys.executable,
         "-m",

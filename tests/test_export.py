@@ -473,3 +473,20 @@ def test_merge_plan_checks_disk_before_anything_is_downloaded():
         from course_utils.hardware import HardwareInfo
 
         export.plan_merge(PROFILES["gpu-24gb"], HardwareInfo("cpu", "CPU", None, 64, 500, 8, "local"))
+
+
+def test_the_converters_come_from_a_wheelhouse_without_the_index(tmp_path, monkeypatch):
+    """Offline rooms (INSTRUCTOR.md): the sdist in PIP_FIND_LINKS is used as is, no pip call."""
+    import subprocess
+
+    house = tmp_path / "wheelhouse"
+    house.mkdir()
+    sdist = house / f"llama_cpp_python-{gguf_export.LLAMA_CPP_PYTHON}.tar.gz"
+    sdist.write_bytes(b"not read here")
+    monkeypatch.setenv("PIP_FIND_LINKS", f"/nowhere file://{house}")
+
+    def no_pip(*args, **kwargs):
+        raise AssertionError("pip was called although the wheelhouse holds the sdist")
+
+    monkeypatch.setattr(subprocess, "run", no_pip)
+    assert gguf_export._download_sdist(tmp_path / "dl") == sdist
