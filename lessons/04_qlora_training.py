@@ -430,6 +430,7 @@ if not torch.cuda.is_available():
             bf16=preset.bf16,  # bf16 autocast: ≈ 1.4× faster on this CPU
             use_cpu=True,
             include_num_input_tokens_seen=True,
+            ddp_find_unused_parameters=False,  # with several processes: every LoRA weight is used each step
             report_to="none",
             remove_unused_columns=False,  # keep pixel_values and image_sizes
             dataloader_num_workers=0,
