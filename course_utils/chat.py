@@ -109,6 +109,20 @@ def reference_tokenizer_from_file(tekken_file: str | os.PathLike, finetuning: bo
     return _tokenizer_from_file(str(path.resolve()), finetuning)
 
 
+def _image_url_part(part: dict) -> dict:
+    """An image part (PIL image, path, URL or ``image_url`` object) as an OpenAI ``image_url`` part:
+    ``http(s)``/data URLs pass through, anything else becomes a PNG data URI."""
+    source = part.get("image") or part.get("image_url") or part.get("url") or part.get("path")
+    if isinstance(source, dict):
+        source = source.get("url")
+    url = (
+        source
+        if isinstance(source, str) and source.startswith(("http://", "https://", "data:"))
+        else to_data_uri(source)
+    )
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
 def _to_openai_message(message: dict) -> dict:
     """A Hugging Face chat message as the OpenAI-style dict ``ChatCompletionRequest.from_openai`` takes:
     image parts holding a PIL image, path or URL become ``image_url`` parts (PIL → PNG data URI)."""
@@ -118,15 +132,7 @@ def _to_openai_message(message: dict) -> dict:
         parts = []
         for part in content:
             if part.get("type") in ("image", "image_url"):
-                source = part.get("image") or part.get("image_url") or part.get("url") or part.get("path")
-                if isinstance(source, dict):
-                    source = source.get("url")
-                url = (
-                    source
-                    if isinstance(source, str) and source.startswith(("http://", "https://", "data:"))
-                    else to_data_uri(source)
-                )
-                parts.append({"type": "image_url", "image_url": {"url": url}})
+                parts.append(_image_url_part(part))
             else:
                 parts.append(part)
         content = parts
@@ -578,13 +584,7 @@ def openai_messages(messages: list[dict]) -> list[dict]:
             parts = []
             for part in content:
                 if part.get("type") == "image":
-                    source = part.get("image") or part.get("url") or part.get("path")
-                    url = (
-                        source
-                        if isinstance(source, str) and source.startswith(("http://", "https://", "data:"))
-                        else to_data_uri(source)
-                    )
-                    parts.append({"type": "image_url", "image_url": {"url": url}})
+                    parts.append(_image_url_part(part))
                 else:
                     parts.append(part)
             content = parts
