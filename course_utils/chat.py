@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -283,6 +285,104 @@ def contains_control_tokens(text: str, control_tokens: tuple[str, ...] = CONTROL
     with this before training; for Small 4 pass ``control_tokens=CONTROL_TOKENS_V15``.
     """
     return [t for t in control_tokens if t in text]
+
+
+# --- Message text stays text: control tokens typed by a user are not control tokens -------------------
+
+# Anything shaped like a Mistral control token ([INST], [/TOOL_RESULTS], </s>, <SPECIAL_20>, …). Matching
+# more than the vocabulary has is harmless: such text is tokenized as text, which is what it is.
+CONTROL_LIKE = re.compile(r"</?s>|<unk>|<pad>|<SPECIAL_\d+>|\[/?[A-Z_]+\]")
+_HOLE = "\ue000{}\ue001"  # private-use marks no template or tokenizer gives a meaning to
+_HOLE_SPLIT = re.compile("\ue000(\\d+)\ue001")
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A piece of a rendered prompt: template text (control tokens parsed) or message text (never)."""
+
+    text: str
+    is_message_text: bool
+
+
+def text_segments(render: Callable[[list[dict]], str], messages: list[dict]) -> list[Segment]:
+    """Render ``messages`` with ``render`` (a chat template to a string) and split the result into the
+    template's text and the message texts that look like control tokens — so a user who types
+    ``[/INST]`` cannot close their turn and write the assistant's (prompt injection).
+
+    mistral-common encodes every message's text as text and adds control tokens by id; a Hugging Face
+    or llama.cpp tokenizer given the rendered string parses ``[INST]`` wherever it appears. Tokenize
+    the segments apart (:func:`encode_segments`): each message text here is enclosed by control tokens
+    in Mistral's formats, so no token is lost at a boundary. Messages without such text are left in
+    the template's text (nothing to protect). Adjacent text parts of a message are joined with
+    ``"\\n\\n"``, as the template joins them; an assistant reply loses its trailing spaces (``" "``), as
+    there.
+    """
+    holes: list[str] = []
+
+    def hole(text: str) -> str:
+        holes.append(text)
+        return _HOLE.format(len(holes) - 1)
+
+    patched = []
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, str) and CONTROL_LIKE.search(content):
+            text = content.rstrip(" ") if message.get("role") == "assistant" else content
+            message = {**message, "content": hole(text)}
+        elif isinstance(content, list) and any(
+            p.get("type") == "text" and CONTROL_LIKE.search(p.get("text") or "") for p in content
+        ):
+            parts: list[dict] = []
+            for part in content:
+                if part.get("type") == "text" and parts and parts[-1].get("type") == "text":
+                    parts[-1] = {"type": "text", "text": parts[-1]["text"] + "\n\n" + part["text"]}
+                else:
+                    parts.append(dict(part))
+            if message.get("role") == "assistant" and parts and parts[-1].get("type") == "text":
+                parts[-1] = {**parts[-1], "text": parts[-1]["text"].rstrip(" ")}
+            parts = [
+                {**q, "text": hole(q["text"])}
+                if q.get("type") == "text" and CONTROL_LIKE.search(q["text"])
+                else q
+                for q in parts
+            ]
+            message = {**message, "content": parts}
+        patched.append(message)
+    pieces = _HOLE_SPLIT.split(render(patched))
+    segments = []
+    for i, piece in enumerate(pieces):
+        if i % 2:
+            segments.append(Segment(holes[int(piece)], True))
+        elif piece:
+            segments.append(Segment(piece, False))
+    return segments
+
+
+def encode_segments(tokenizer, segments: list[Segment]) -> list[int]:
+    """Token ids of ``segments`` with a Hugging Face tokenizer: template text with its control tokens,
+    message text with none (``split_special_tokens=True``) — mistral-common's encoding."""
+    ids: list[int] = []
+    for segment in segments:
+        ids += tokenizer(
+            segment.text, add_special_tokens=False, split_special_tokens=segment.is_message_text
+        )["input_ids"]
+    return ids
+
+
+def needs_text_segments(messages: list[dict]) -> bool:
+    """True when some message's text looks like a control token (see :func:`text_segments`)."""
+    for message in messages:
+        content = message.get("content")
+        texts = (
+            [content]
+            if isinstance(content, str)
+            else [p.get("text") or "" for p in content if isinstance(p, dict) and p.get("type") == "text"]
+            if isinstance(content, list)
+            else []
+        )
+        if any(CONTROL_LIKE.search(t) for t in texts):
+            return True
+    return False
 
 
 def user_message(text: str, images: list | None = None) -> dict:

@@ -41,7 +41,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from course_utils.chat import contains_control_tokens
+from course_utils.chat import contains_control_tokens, encode_segments, needs_text_segments, text_segments
 from course_utils.paths import staged
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -802,7 +802,8 @@ def check_record(record: dict, base_dir: Path | None = None) -> list[tuple[str, 
             )
         elif not content.strip():
             problems.append((f"{where}.content", "empty"))
-        problems += _control_token_problems(content, f"{where}.content")
+        if record.get("images"):  # text rows encode it as text (tokenize_record); image rows cannot yet
+            problems += _control_token_problems(content, f"{where}.content")
     problems += check_tool_calls(record)
     last = messages[-1]
     if isinstance(last, dict) and last.get("role") in ("system", "user", "tool"):
@@ -832,7 +833,8 @@ def _control_token_problems(content, where: str) -> list[tuple[str, str]]:
             problems.append(
                 (
                     f"{where}{suffix}",
-                    f"contains control token(s) {found}: they would become real special tokens",
+                    f"contains control token(s) {found} in a row with images: the course encodes typed "
+                    "control tokens as text only in text rows (remove them or the images)",
                 )
             )
     return problems
@@ -844,7 +846,7 @@ def _check_text_record(record: dict) -> list[tuple[str, str]]:
         return [("text", f"must be a string, got {type(text).__name__}")]
     if not text.strip():
         return [("text", "empty")]
-    return _control_token_problems(text, "text")
+    return []  # control-token text is tokenized as text (tokenize_record)
 
 
 def check_tool_calls(record: dict) -> list[tuple[str, str]]:
@@ -1500,7 +1502,9 @@ def tokenize_record(
     if "messages" not in record and "text" in record:
         ids = [
             BOS_ID,
-            *processor_tokenizer(processor)(record["text"], add_special_tokens=False)["input_ids"],
+            *processor_tokenizer(processor)(
+                record["text"], add_special_tokens=False, split_special_tokens=True
+            )["input_ids"],
             EOS_ID,
         ]
         out: dict = {}
@@ -1508,10 +1512,22 @@ def tokenize_record(
     else:
         messages = with_images(record, base_dir)
         kwargs = {"tools": record["tools"]} if record.get("tools") else {}
-        out = processor.apply_chat_template(
-            messages, tokenize=True, return_dict=True, return_tensors="pt", **kwargs
-        )
-        ids = out["input_ids"][0].tolist()
+        if needs_text_segments(messages):  # typed control tokens stay text, as in mistral-common
+            if record.get("images"):
+                raise ValueError(
+                    "control-token text (such as [INST]) in a row with images: the course encodes it as "
+                    "text only in text rows; remove it or drop the images"
+                )
+            out = {}
+            ids = encode_segments(
+                processor_tokenizer(processor),
+                text_segments(lambda m: processor.apply_chat_template(m, tokenize=False, **kwargs), messages),
+            )
+        else:
+            out = processor.apply_chat_template(
+                messages, tokenize=True, return_dict=True, return_tensors="pt", **kwargs
+            )
+            ids = out["input_ids"][0].tolist()
         check_control_ids(processor_tokenizer(processor))
         labels = _apply_weights(response_only_labels(ids, train_on_thinking), record["messages"])
     if max_seq_length is not None and len(ids) > max_seq_length:
@@ -1576,8 +1592,17 @@ def count_tokens(record: dict, processor, base_dir: Path | None = None) -> int:
     from course_utils.chat import image_token_cost
 
     if "messages" not in record and "text" in record:
-        return len(processor_tokenizer(processor)(record["text"], add_special_tokens=False)["input_ids"]) + 2
+        tokenizer = processor_tokenizer(processor)
+        return (
+            len(tokenizer(record["text"], add_special_tokens=False, split_special_tokens=True)["input_ids"])
+            + 2
+        )
     kwargs = {"tools": record["tools"]} if record.get("tools") else {}
+    if needs_text_segments(record["messages"]) and not record.get("images"):
+        render = lambda m: processor.apply_chat_template(m, tokenize=False, **kwargs)  # noqa: E731
+        return len(
+            encode_segments(processor_tokenizer(processor), text_segments(render, _template_messages(record)))
+        )
     rendered = processor.apply_chat_template(
         _template_messages(record), tokenize=False, **kwargs
     )  # one [IMG] per image

@@ -86,11 +86,16 @@ TOOL_CHAT_FORMAT = "mistral-tools"
 
 def tool_prompt_ids(llama, messages: list[dict], tools: list[dict] | None) -> list[int]:
     """The prompt's token ids: the course's tool template (the one the model was trained with) rendered
-    and tokenized with special tokens parsed — equal to mistral-common's encoding (a test checks)."""
+    and tokenized with the template's special tokens parsed and the messages' text as text — a user
+    who types ``[/INST]`` cannot close their turn — equal to mistral-common's encoding (tests check)."""
+    from course_utils.chat import text_segments
     from course_utils.tools import render_prompt
 
-    text = render_prompt(messages, tools).removeprefix("<s>")  # BOS goes in as its id, not as text
-    return [llama.token_bos(), *llama.tokenize(text.encode("utf-8"), add_bos=False, special=True)]
+    ids = [llama.token_bos()]
+    for k, segment in enumerate(text_segments(lambda m: render_prompt(m, tools), messages)):
+        text = segment.text.removeprefix("<s>") if k == 0 else segment.text  # BOS goes in as its id
+        ids += llama.tokenize(text.encode("utf-8"), add_bos=False, special=not segment.is_message_text)
+    return ids
 
 
 def tool_chat_handler(

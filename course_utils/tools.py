@@ -220,7 +220,19 @@ def reference_tool_token_ids(messages: list[dict], tools: list[dict] | None = No
 
 
 def render_ids(tokenizer, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
-    """Token ids of ``messages`` through :data:`TOOLS_CHAT_TEMPLATE` with a Hugging Face tokenizer."""
+    """Token ids of ``messages`` through :data:`TOOLS_CHAT_TEMPLATE` with a Hugging Face tokenizer;
+    message text that looks like a control token (a tool result saying ``[/TOOL_RESULTS][INST]…``)
+    stays text, as in mistral-common (:func:`course_utils.chat.text_segments`)."""
+    from course_utils.chat import encode_segments, needs_text_segments, text_segments
+
+    if needs_text_segments(messages):
+
+        def render(patched: list[dict]) -> str:
+            return tokenizer.apply_chat_template(
+                patched, tools=tools, chat_template=TOOLS_CHAT_TEMPLATE, tokenize=False
+            )
+
+        return encode_segments(tokenizer, text_segments(render, messages))
     ids = tokenizer.apply_chat_template(
         messages, tools=tools, chat_template=TOOLS_CHAT_TEMPLATE, tokenize=True, return_dict=True
     )["input_ids"]
@@ -554,7 +566,7 @@ def run_agent(client, model, question, tools, functions, max_turns=4):
         messages.append(
             {
                 "role": "assistant",
-                "content": reply.content,
+                "content": reply.content or "",  # llama-cpp-python's server refuses null
                 "tool_calls": [c.model_dump() for c in reply.tool_calls],
             }
         )
@@ -628,7 +640,23 @@ def build_tool_trainer(model, tokenizer, train_rows: list[dict], preset, output_
     )
 
 
-TOOL_STEPS = {"cpu-tiny": 160}  # measured in lesson 08: ≈ 3 min on 2 free CPU cores
+# Lesson 04's preset with these overrides. cpu-tiny, measured with benchmarks/tool_learning.py on 2 CPU
+# cores (30 held-out rows): 500 steps of 2 rows at 5e-3 train in ≈ 3 min to 73 % well-formed calls;
+# 300 such steps, lesson 04's 4-row batches for 160 steps, or 500 steps at 8e-3 all stay at 0 %.
+TOOL_PRESETS: dict[str, dict] = {
+    "cpu-tiny": dict(max_steps=500, per_device_train_batch_size=2, learning_rate=5e-3),
+}
+
+
+def _base_fingerprint(profile_name: str) -> str | None:
+    """What the adapter was trained on: a stand-in's build fingerprint (a rebuilt stand-in with another
+    recipe makes an old adapter meaningless), or the Hub id of a real model."""
+    from course_utils.models import model_source
+    from course_utils.tiny import BUILD_INFO_FILE
+
+    source = model_source(profile_name)
+    info = Path(source.model_id) / BUILD_INFO_FILE
+    return json.loads(info.read_text()).get("fingerprint") if info.is_file() else source.model_id
 
 
 def ensure_tool_adapter(
@@ -646,15 +674,23 @@ def ensure_tool_adapter(
     adapter_dir = Path(adapter_dir)
     card_path = adapter_dir / "training_card.json"
     digest = dataset_hash(train_rows)
-    if card_path.exists() and json.loads(card_path.read_text())["dataset_sha256_16"] == digest:
+    base = _base_fingerprint(profile_name)
+    if (
+        card_path.exists()
+        and json.loads(card_path.read_text())["dataset_sha256_16"] == digest
+        and json.loads(card_path.read_text()).get("base_fingerprint") == base
+    ):
         card = json.loads(card_path.read_text())
         return (
             adapter_dir,
             f"reused {adapter_dir.name}: {card['max_steps']} steps in {card['train_seconds']} s",
         )
     loaded = load(profile_name)
-    steps = max_steps or TOOL_STEPS.get(loaded.profile.name, 200)
-    preset = preset_for(loaded.profile.name, max_steps=steps, max_seq_length=1024, save_steps=10**6)
+    overrides = {"max_steps": 200, **TOOL_PRESETS.get(loaded.profile.name, {})}
+    if max_steps:
+        overrides["max_steps"] = max_steps
+    preset = preset_for(loaded.profile.name, max_seq_length=1024, save_steps=10**6, **overrides)
+    steps = preset.max_steps
     trainer = build_tool_trainer(
         loaded.model,
         loaded.processor.tokenizer,
@@ -673,6 +709,7 @@ def ensure_tool_adapter(
         "train_seconds": seconds,
         "train_examples": len(train_rows),
         "dataset_sha256_16": digest,
+        "base_fingerprint": base,
         "losses": [round(h["loss"], 4) for h in trainer.state.log_history if "loss" in h],
     }
     atomic_write(card_path, json.dumps(card, indent=2), overwrite=True)

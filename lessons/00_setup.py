@@ -43,7 +43,7 @@ print(format_table(ladder_rows()))
 # `detect()` reads the accelerator with torch only. It does **not** import Unsloth: importing Unsloth
 # patches transformers and TRL, so the course makes that choice once, in `course_utils.models`.
 
-# %%
+# %% tags=["show-output"]
 # NBVAL_IGNORE_OUTPUT
 from course_utils.hardware import describe_profiles
 

@@ -146,7 +146,7 @@ rows = kv_cache_table()
 print("KV cache in GiB per sequence (16-bit); — means beyond the model's context")
 print(format_table(rows))
 
-# %%
+# %% tags=["show-output"]
 # NBVAL_IGNORE_OUTPUT
 import matplotlib.pyplot as plt
 

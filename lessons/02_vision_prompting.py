@@ -42,7 +42,7 @@ example = test_rows[0]
 print(example["id"], "→", example["images"][0].split("/")[-1])
 print(json.dumps(example["target"], ensure_ascii=False, indent=1)[:400])
 
-# %%
+# %% tags=["show-output"]
 # NBVAL_IGNORE_OUTPUT
 from IPython.display import display
 
@@ -102,7 +102,7 @@ for width, height in [(256, 341), (512, 683), (768, 1024), (1024, 1365), (1540, 
     )
 print(format_table(rows))
 
-# %%
+# %% tags=["show-output"]
 # NBVAL_IGNORE_OUTPUT
 import matplotlib.pyplot as plt
 
@@ -125,7 +125,7 @@ plt.show()
 # text height, small print stops being legible to any model. Compare the same receipt at three budgets
 # (the real model's settings):
 
-# %%
+# %% tags=["show-output"]
 # NBVAL_IGNORE_OUTPUT
 from course_utils.chat import resize_for_budget
 
@@ -328,7 +328,7 @@ print(generate(model, processor, few_shot, max_new_tokens=48, temperature=0.15))
 # a low-contrast *Save* button overlapping the last row. A good prompt asks for specific, checkable
 # findings.
 
-# %%
+# %% tags=["show-output"]
 # NBVAL_IGNORE_OUTPUT
 from course_utils.receipts import render_ui_mockup
 

@@ -177,7 +177,7 @@ except ImportError:
 # replies (peft's `trainable_token_indices` — a real technique, used to teach a model new tokens), with a
 # high learning rate and many small steps. The real models need none of that.
 
-# %%
+# %% tags=["show-output"]
 # NBVAL_IGNORE_OUTPUT
 from course_utils.models import load
 from course_utils.paths import outputs_dir
@@ -200,7 +200,7 @@ print(preset)
 # How often does the untrained model reply with valid JSON on the 100 test receipts? (Batched greedy
 # generation; lesson 05 measures much more.)
 
-# %%
+# %% tags=["show-output"]
 # NBVAL_IGNORE_OUTPUT
 from course_utils.evaluate import json_valid_rate
 
@@ -438,7 +438,7 @@ if not torch.cuda.is_available():
         ),
     )
 
-# %%
+# %% tags=["show-output"]
 # NBVAL_IGNORE_OUTPUT
 from course_utils.train import StopAfter
 
@@ -466,7 +466,7 @@ result = trainer.train(resume_from_checkpoint=checkpoint)
 train_seconds = time.perf_counter() - started
 print(f"finished at step {trainer.state.global_step}; training time {train_seconds:.0f} s")
 
-# %%
+# %% tags=["show-output"]
 # NBVAL_IGNORE_OUTPUT
 figure = plot_losses(throughput.history)
 print(throughput.history[-1])
@@ -474,7 +474,7 @@ print(throughput.history[-1])
 # %% [markdown]
 # ## 4.9 After training
 
-# %%
+# %% tags=["show-output"]
 # NBVAL_IGNORE_OUTPUT
 after, after_replies = json_valid_rate(
     model, processor, test_rows, RECEIPT_SCHEMA, max_new_tokens=preset.max_new_tokens_eval
@@ -496,7 +496,7 @@ if profile.is_stand_in:
 # Measured memory vs the plan: on a GPU this compares the estimate for your model with the measured
 # peak; on a CPU the peak is the process's RAM.
 
-# %%
+# %% tags=["show-output"]
 # NBVAL_IGNORE_OUTPUT
 from course_utils.hardware import memory_report
 

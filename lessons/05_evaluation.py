@@ -101,7 +101,7 @@ print(len(replies), "replies; the first:", repr(replies[0][:80]))
 # `generate_batch` is that loop as a function (with a progress bar); the course uses it from here on.
 # Same prompts, same batches, same replies:
 
-# %%
+# %% tags=["show-output"]
 # NBVAL_IGNORE_OUTPUT
 import time
 
@@ -181,7 +181,7 @@ predicted = {
 scores = field_scores(predicted, expected)
 print({k: scores[k] for k in ("matched", "predicted", "expected", "exact")})
 
-# %%
+# %% tags=["show-output"]
 # NBVAL_IGNORE_OUTPUT
 from course_utils.evaluate import compare
 from course_utils.profiles import format_table
@@ -195,7 +195,7 @@ if profile.is_stand_in:
         "the adapter should have taught the JSON format"
     )
 
-# %%
+# %% tags=["show-output"]
 # NBVAL_IGNORE_OUTPUT
 figure = comparison.plot()
 
@@ -205,7 +205,7 @@ figure = comparison.plot()
 # Averages hide the story. Per field, where does the tuned model get facts right? Which kind of failure
 # dominates — no JSON, JSON that breaks the schema, or well-formed JSON with wrong values?
 
-# %%
+# %% tags=["show-output"]
 # NBVAL_IGNORE_OUTPUT
 print(format_table(comparison.per_field()))
 print()
@@ -220,7 +220,7 @@ print(format_table(comparison.outcomes()))
 #
 # The worst tuned examples, with what was expected:
 
-# %%
+# %% tags=["show-output"]
 # NBVAL_IGNORE_OUTPUT
 from course_utils.widgets import render_example
 
@@ -272,7 +272,7 @@ assert effects["lesson 04's adapter"] > 0.01, (
 # perplexity = e^loss ("as unsure as choosing among that many tokens"). It is cheap and smooth, useful to
 # compare checkpoints — but a low loss does not guarantee valid JSON, which is why both are reported.
 
-# %%
+# %% tags=["show-output"]
 # NBVAL_IGNORE_OUTPUT
 from course_utils.evaluate import heldout_loss
 

@@ -201,7 +201,7 @@ PROJECTOR_FIX = gguf_convert.__file__  # the converter with the one-line project
 for name in ("receipts-f16.gguf", "receipts-mmproj-f16.gguf"):
     (export_dir / name).unlink(missing_ok=True)  # this lesson's own files, replaced on purpose
 
-# %% tags=["copyable", "copy:convert"]
+# %% tags=["copyable", "copy:convert", "show-output"]
 # NBVAL_IGNORE_OUTPUT
 # Convert a merged Mistral 3 model to GGUF with llama.cpp's converter: the language model, then the
 # vision tower + projector (--mmproj). Needs LLAMA_CPP_DIR (a llama.cpp checkout), MERGED_DIR, GGUF_DIR
@@ -253,7 +253,7 @@ F16_GGUF = str(files["F16"])
 for qtype in ("Q8_0", "Q5_K_M", "Q4_K_M"):
     (export_dir / f"receipts-{qtype}.gguf").unlink(missing_ok=True)  # replaced on purpose
 
-# %% tags=["copyable", "copy:quantize"]
+# %% tags=["copyable", "copy:quantize", "show-output"]
 # NBVAL_IGNORE_OUTPUT
 # Quantize a GGUF. With llama.cpp built, the command line is `llama-quantize IN OUT TYPE`; without the
 # binary, llama-cpp-python calls the same llama_model_quantize function. Needs F16_GGUF and GGUF_DIR.
@@ -305,7 +305,7 @@ files.update(quantized)
 #    evaluated one after another in a single Python process, image replies of the last file sometimes
 #    came back empty on fresh CI machines (llama-cpp-python 0.3.36).
 
-# %%
+# %% tags=["show-output"]
 # NBVAL_IGNORE_OUTPUT
 conversations = [r["messages"][:-1] for r in val_rows if not r.get("images")][:4]
 quality = []
@@ -343,7 +343,7 @@ print(
 )
 assert not mismatches, mismatches
 
-# %%
+# %% tags=["show-output"]
 # NBVAL_IGNORE_OUTPUT
 from course_utils.evaluate import compare, targets_of
 
@@ -371,7 +371,7 @@ print(format_table(quality))
 # the same split; the Q4_K_M file should keep at least 80 % of its JSON-valid rate. The report saved by
 # lesson 05 holds that number.
 
-# %%
+# %% tags=["show-output"]
 # NBVAL_IGNORE_OUTPUT
 import json
 
@@ -404,7 +404,7 @@ if profile.is_stand_in and reference:
     ]
     assert q4 >= 0.8 * reference, f"Q4_K_M lost too much of the task metric: {q4:.2f}; e.g. {broken[:3]}"
 
-# %%
+# %% tags=["show-output"]
 # NBVAL_IGNORE_OUTPUT
 import matplotlib.pyplot as plt
 

@@ -29,7 +29,7 @@
 #
 # If lesson 06 has not run, the files are exported now (≈ 1 minute on `cpu-tiny`).
 
-# %%
+# %% tags=["show-output"]
 # NBVAL_IGNORE_OUTPUT
 from course_utils import export, gguf_export, serve
 from course_utils.paths import outputs_dir
@@ -76,7 +76,7 @@ image_row = next(r for r in test_rows if r.get("images"))
 BASE_URL = server.url + "/v1"  # llama.cpp here; vLLM, Ollama (…:11434/v1) or LM Studio the same way
 IMAGE_PATH = str(resolve_image_path(image_row["images"][0], None))
 
-# %% tags=["copyable", "copy:openai-client"]
+# %% tags=["copyable", "copy:openai-client", "show-output"]
 # NBVAL_IGNORE_OUTPUT
 # Chat with any OpenAI-compatible server: an image (as a data URI) and a streamed reply. Needs BASE_URL
 # and IMAGE_PATH; if the server wants a key, it comes from the environment, never from the code.
@@ -234,7 +234,7 @@ print(
 # (capacity) and the **error rate**. One llama.cpp process answers one request at a time, so latency grows
 # with concurrency while tokens/s stays flat — the reason to batch (vLLM) or add replicas.
 
-# %%
+# %% tags=["show-output"]
 # NBVAL_IGNORE_OUTPUT
 from course_utils.profiles import format_table
 
@@ -254,6 +254,14 @@ figure = result.plot()
 # stream. It binds 127.0.0.1 with `share=False` (a public `*.gradio.live` link only if you pass
 # `share=True` — think before you do); set `DEMO_USER` and `DEMO_PASSWORD` in the environment to require a
 # login. Below it is driven through `gradio_client`, as a script or a test would.
+#
+# A chat box is also where people type `[/INST]` to close their turn and write the assistant's (prompt
+# injection). mistral-common encodes typed control tokens as text; so do the course's training
+# tokenization (lesson 03) and its tool server (lesson 08). This lesson's server does not: for images it
+# relies on llama-cpp-python's multimodal handler, which tokenizes the whole rendered prompt with control
+# tokens parsed. Before people outside your team use a demo, serve with vLLM's `--tokenizer-mode mistral`
+# (mistral-common renders the prompt, 7.6) or put the course's text-as-text encoding in front
+# (`course_utils.chat.text_segments`).
 
 # %% tags=["copyable", "copy:gradio"]
 # NBVAL_IGNORE_OUTPUT
@@ -289,9 +297,12 @@ print("one turn through the app:", repr(list(respond("Extract: Café Nord, 2 tea
 # the gateway. Here it is launched on a free local port and driven through `gradio_client`, as a script or
 # a test would:
 
-# %%
+# %% tags=["show-output"]
 # NBVAL_IGNORE_OUTPUT
+import shutil
+
 from gradio_client import Client, handle_file
+from IPython.display import Image, display
 
 from course_utils import demo
 
@@ -305,6 +316,11 @@ reply = Client(demo_url, verbose=False).predict(
     api_name="/chat",
 )
 print("demo →", reply[:200])
+if shutil.which("chromium"):  # a picture of the app for this page (Debian's headless Chromium)
+    png, _ = demo.screenshot(demo_url, str(outputs_dir(profile.outputs_name, "serving") / "demo.png"))
+    display(Image(png, width=720))
+else:
+    print("open", demo_url, "in a browser to see the app (no chromium here for a screenshot)")
 
 # %% [markdown]
 # ## 7.6 vLLM for the real models

@@ -237,12 +237,16 @@ def write_lines(path, rows):
         (
             {
                 "messages": [
-                    {"role": "user", "content": "ignore [/INST] this"},
+                    {
+                        "role": "user",
+                        "content": [{"type": "image"}, {"type": "text", "text": "ignore [/INST] this"}],
+                    },
                     {"role": "assistant", "content": "y"},
-                ]
+                ],
+                "images": ["a.png"],
             },
-            "messages[0].content",
-            "control token",
+            "messages[0].content[1].text",
+            "control token(s) ['[/INST]'] in a row with images",
         ),
         (OK, "(row)", "exact duplicate of row 1"),
     ],

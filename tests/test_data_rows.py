@@ -27,7 +27,7 @@ from course_utils.data import (
     write_jsonl,
 )
 
-FIXTURES = Path(__file__).parent / "fixtures" / "datasets"
+FIXTURES = Path(__file__).resolve().parent.parent / "data" / "examples"  # shipped: lesson 03 shows them
 
 
 def fixture_rows(name: str) -> list[dict]:

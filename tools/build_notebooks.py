@@ -17,12 +17,19 @@ Usage: ``python tools/build_notebooks.py [--execute] [--only 04] [--check]``
   ``# NBVAL_CHECK_OUTPUT`` are kept (deterministic ones, which nbval then compares) — in both notebooks,
   whose checked cells are the same code; every other output, execution count and volatile metadata is
   stripped — the committed notebooks stay clean.
+* Cells tagged ``show-output`` (``# %% tags=["show-output"]``) keep the reference run's outputs — tables,
+  printed metrics, plots as PNG — in the learner notebook, so GitHub and Colab previews show what a
+  lesson produces. Volatile bits are kept out (stderr, progress bars and widget views, memory
+  addresses); timings stay, and the opening cells say they come from a 2-core CPU reference run. The
+  solutions notebooks carry checked outputs only (CI runs them; showing twice would double the size).
+  The budget for all committed notebooks is ``SIZE_BUDGET`` bytes (a test enforces it).
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import copy
 import os
 import re
 import sys
@@ -35,6 +42,21 @@ ROOT = Path(__file__).resolve().parent.parent
 LESSONS = ROOT / "lessons"
 SOLUTIONS = "solutions"  # notebooks/solutions/: the same notebooks with the exercises answered
 SOLUTION_MARK = "# SOLUTION:"
+SHOW_TAG = "show-output"  # the reference run's outputs stay in the learner notebook
+SIZE_BUDGET = 4 * 1024 * 1024  # bytes, every committed notebook (learner + solutions) together
+VOLATILE_MIME = ("application/vnd.jupyter.widget-view+json",)  # progress bars: views of dead widgets
+PROGRESS = re.compile(r"\d+%\|")  # tqdm's text form: "Loading weights:   0%|          | 0/53"
+STREAM_KEEP = 8  # a shown cell's printed log keeps its first and last lines
+ADDRESS = re.compile(r" at 0x[0-9a-fA-F]{6,}")
+TMP_PATH = re.compile(r"/tmp/[^\s'\"]*/")
+
+
+def unmachine(text: str) -> str:
+    """A shown output's text without this machine in it: no memory addresses, no absolute paths."""
+    text = ADDRESS.sub("", text).replace(str(ROOT) + "/", "").replace(str(ROOT), ".")
+    return TMP_PATH.sub("<tmp>/", text.replace(str(Path.home()), "~"))
+
+
 SOLUTIONS_NOTE = (
     "**Solutions.** This copy has the exercises answered; the lesson itself is "
     "`notebooks/{name}`. Try them there first."
@@ -218,7 +240,9 @@ def opening() -> list[tuple[str, str, dict]]:
         (
             "markdown",
             "**Parameters.** `auto` picks the largest rung your hardware fits; set a name to override "
-            "(or `COURSE_PROFILE=…` in the environment).",
+            "(or `COURSE_PROFILE=…` in the environment). The outputs shown under some cells come from the "
+            "course's reference run on `cpu-tiny` (random-weight stand-ins, 2 CPU cores): your timings "
+            "differ, and on a GPU profile so does every figure.",
             {},
         ),
         ("code", PARAMETERS, {"tags": ["parameters"]}),
@@ -245,8 +269,66 @@ def to_notebook(cells) -> nbformat.NotebookNode:
     return nb
 
 
-def clean(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
-    """Keep outputs (and counts) only for NBVAL_CHECK_OUTPUT cells; drop the rest and run metadata."""
+def shown(cell) -> bool:
+    return cell.cell_type == "code" and SHOW_TAG in cell.metadata.get("tags", [])
+
+
+def coalesce_streams(outputs: list) -> list:
+    """Adjacent stream outputs of one stream as one (a streamed reply arrives as one output per token)."""
+    merged: list = []
+    for output in outputs:
+        previous = merged[-1] if merged else None
+        if (
+            output.get("output_type") == "stream"
+            and previous is not None
+            and previous.get("output_type") == "stream"
+            and previous.get("name") == output.get("name")
+        ):
+            previous.text = "".join(previous.text) + "".join(output.text)
+        else:
+            merged.append(copy.deepcopy(output))
+    return merged
+
+
+def volatile(output) -> bool:
+    """Outputs a shown cell drops whole: stderr, progress bars, inline apps of a server that is gone."""
+    if output.get("name") == "stderr":
+        return True
+    if output.get("output_type") not in ("display_data", "execute_result"):
+        return False
+    data = output.get("data", {})
+    if any(k in data for k in VOLATILE_MIME):
+        return True  # a progress bar (its text form is a frozen frame of it)
+    if set(data) == {"text/plain"} and PROGRESS.search("".join(data["text/plain"])):
+        return True
+    return "<iframe" in "".join(data.get("text/html", ""))
+
+
+def scrub(outputs: list) -> list:
+    """A shown cell's outputs without their volatile parts (see the module's docstring); scrubbing
+    scrubbed outputs changes nothing."""
+    kept = []
+    for output in coalesce_streams([o for o in outputs if not volatile(o)]):
+        if output.get("output_type") in ("display_data", "execute_result"):
+            data = dict(output.data)
+            for mime in ("text/plain", "text/html", "text/markdown"):
+                if mime in data:
+                    data[mime] = unmachine("".join(data[mime]))
+            output.data = data
+            output.metadata = {k: v for k, v in output.get("metadata", {}).items() if k in data}  # image size
+        elif output.get("output_type") == "stream":
+            lines = unmachine("".join(output.text)).splitlines(keepends=True)
+            if len(lines) > 2 * STREAM_KEEP + 1:  # a long log: its head and tail say what it did
+                left_out = f"… ({len(lines) - 2 * STREAM_KEEP} lines of the reference run's log left out)\n"
+                lines = [*lines[:STREAM_KEEP], left_out, *lines[-STREAM_KEEP:]]
+            output.text = "".join(lines)
+        kept.append(output)
+    return kept
+
+
+def clean(nb: nbformat.NotebookNode, show: bool = False) -> nbformat.NotebookNode:
+    """Keep outputs (and counts) only for NBVAL_CHECK_OUTPUT cells — and, with ``show`` (the learner
+    notebook), the scrubbed outputs of ``show-output`` cells; drop the rest and run metadata."""
     nb.metadata.pop("widgets", None)  # widget state: random ids and progress-bar timings
     nb.metadata["language_info"] = {"name": "python"}  # the kernel fills in its Python version
     for cell in nb.cells:
@@ -257,6 +339,9 @@ def clean(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
         if "NBVAL_CHECK_OUTPUT" in cell.source:
             # nbval treats a cell without an execution count as never run, so checked cells keep theirs
             cell.outputs = [o for o in cell.outputs if o.get("name") != "stderr"]
+        elif show and shown(cell):
+            cell.execution_count = None
+            cell.outputs = scrub(cell.outputs)
         else:
             cell.execution_count = None
             cell.outputs = []
@@ -280,9 +365,9 @@ def code_key(source: str) -> str:
         return source
 
 
-def keep_checked_outputs(nb: nbformat.NotebookNode, *paths: Path) -> None:
-    """Without executing: reuse the outputs of checked cells whose code is unchanged in ``paths`` (the
-    first notebook that has the cell wins)."""
+def keep_checked_outputs(nb: nbformat.NotebookNode, *paths: Path, show: bool = False) -> None:
+    """Without executing: reuse the outputs of checked cells (and with ``show``, of shown cells) whose
+    code is unchanged in ``paths`` (the first notebook that has the cell wins)."""
     old: dict[str, nbformat.NotebookNode] = {}
     for path in reversed(paths):
         if path.exists():
@@ -292,14 +377,20 @@ def keep_checked_outputs(nb: nbformat.NotebookNode, *paths: Path) -> None:
         key = code_key(cell.source)
         if cell.cell_type == "code" and "NBVAL_CHECK_OUTPUT" in cell.source and key in old:
             cell.outputs, cell.execution_count = old[key].outputs, old[key].execution_count
+        elif show and shown(cell) and key in old and old[key].outputs:
+            cell.outputs = old[key].outputs
 
 
 def copy_checked_outputs(source: nbformat.NotebookNode, target: nbformat.NotebookNode) -> None:
-    """Give ``target``'s checked cells the outputs of the same code in the executed ``source``."""
+    """Give ``target``'s checked and shown cells the outputs of the same code in the executed ``source``."""
     executed = {code_key(c.source): c for c in source.cells if c.cell_type == "code"}
     for cell in target.cells:
         key = code_key(cell.source)
-        if cell.cell_type == "code" and "NBVAL_CHECK_OUTPUT" in cell.source and key in executed:
+        if (
+            cell.cell_type == "code"
+            and key in executed
+            and ("NBVAL_CHECK_OUTPUT" in cell.source or shown(cell))
+        ):
             cell.outputs, cell.execution_count = executed[key].outputs, executed[key].execution_count
 
 
@@ -316,11 +407,11 @@ def build(execute: bool, only: list[str] | None = None, check: bool = False) -> 
         cells = read_lesson(source)
         path, solved_path = ROOT / "notebooks" / name, ROOT / "notebooks" / SOLUTIONS / name
         nb, solved = to_notebook(learner_cells(cells, name)), to_notebook(solution_cells(cells, name))
-        pairs = ((nb, path, solved_path), (solved, solved_path, path))
+        pairs = ((nb, path, solved_path, True), (solved, solved_path, path, False))
         if check:
-            for notebook, own, other in pairs:
-                keep_checked_outputs(notebook, own, other)
-                if not own.exists() or nbformat.writes(clean(notebook)) + "\n" != own.read_text():
+            for notebook, own, other, show in pairs:
+                keep_checked_outputs(notebook, own, other, show=show)
+                if not own.exists() or nbformat.writes(clean(notebook, show)) + "\n" != own.read_text():
                     print(f"{os.path.relpath(own, ROOT)} is out of sync with {os.path.relpath(source, ROOT)}")
                     written.append(own)
             continue
@@ -333,11 +424,11 @@ def build(execute: bool, only: list[str] | None = None, check: bool = False) -> 
             ).execute()
             copy_checked_outputs(solved, nb)
         else:
-            for notebook, own, other in pairs:
-                keep_checked_outputs(notebook, own, other)
+            for notebook, own, other, show in pairs:
+                keep_checked_outputs(notebook, own, other, show=show)
         solved_path.parent.mkdir(exist_ok=True)
-        for notebook, own, _ in pairs:
-            nbformat.write(clean(notebook), own)
+        for notebook, own, _, show in pairs:
+            nbformat.write(clean(notebook, show), own)
             written.append(own)
             print("wrote", own.relative_to(ROOT))
     return written
