@@ -1511,7 +1511,7 @@ def tokenize_record(
         labels = [IGNORE_INDEX, *ids[1:]]
     else:
         messages = with_images(record, base_dir)
-        kwargs = {"tools": record["tools"]} if record.get("tools") else {}
+        kwargs = template_kwargs(record, processor)
         if needs_text_segments(messages):  # typed control tokens stay text, as in mistral-common
             if record.get("images"):
                 raise ValueError(
@@ -1546,6 +1546,22 @@ def tokenize_record(
         if key in out:
             example[key] = out[key]
     return example
+
+
+def template_kwargs(record: dict, processor) -> dict:
+    """``apply_chat_template`` arguments for a record: its ``tools``, and for a tool conversation on a
+    template that knows no tool calls (the v7 stand-in's) the course's tool-aware v7 template
+    (:data:`course_utils.tools.TOOLS_CHAT_TEMPLATE`, token-identical to mistral-common's encoding)."""
+    kwargs = {"tools": record["tools"]} if record.get("tools") else {}
+    uses_tools = record.get("tools") or any(
+        m.get("tool_calls") or m.get("role") == "tool" for m in record.get("messages", [])
+    )
+    own = getattr(processor, "chat_template", None) or processor_tokenizer(processor).chat_template or ""
+    if uses_tools and "tool_calls" not in own:
+        from course_utils.tools import TOOLS_CHAT_TEMPLATE
+
+        kwargs["chat_template"] = TOOLS_CHAT_TEMPLATE
+    return kwargs
 
 
 def processor_tokenizer(processor):
@@ -1597,7 +1613,7 @@ def count_tokens(record: dict, processor, base_dir: Path | None = None) -> int:
             len(tokenizer(record["text"], add_special_tokens=False, split_special_tokens=True)["input_ids"])
             + 2
         )
-    kwargs = {"tools": record["tools"]} if record.get("tools") else {}
+    kwargs = template_kwargs(record, processor)
     if needs_text_segments(record["messages"]) and not record.get("images"):
         render = lambda m: processor.apply_chat_template(m, tokenize=False, **kwargs)  # noqa: E731
         return len(

@@ -435,3 +435,26 @@ def test_alpaca_rows_with_an_images_list_keep_every_image():
         {"type": "image"},
         {"type": "text", "text": "Compare."},
     ]
+
+
+@pytest.mark.parametrize(
+    "name", ["mistral_function_calling.jsonl", "openai_tool_calls.jsonl", "sharegpt_tools_llamafactory.json"]
+)
+def test_tool_rows_train_through_the_course_tokenization_as_mistral_common_encodes_them(processor, name):
+    """Every tool-calling shape lesson 03 accepts becomes a training example: the v7 stand-in's own template
+    knows no tool calls, so the course's tool template renders it — token for token mistral-common's."""
+    from course_utils.tools import reference_tool_token_ids
+
+    report = validate_file(FIXTURES / name, fix_tool_call_ids=True)
+    assert report.valid, report.issues
+    for row in report.valid:
+        example = tokenize_record(row, processor)
+        unweighted = [{k: v for k, v in m.items() if k != "weight"} for m in row["messages"]]
+        assert example["input_ids"] == reference_tool_token_ids(unweighted, row.get("tools"))
+        trained = processor.tokenizer.decode(
+            [t for t, label in zip(example["input_ids"], example["labels"]) if label != IGNORE_INDEX]
+        )
+        calls = [m for m in row["messages"] if m.get("tool_calls")]
+        assert trained.count("[TOOL_CALLS]") == len(calls) and "[TOOL_RESULTS]" not in trained
+        answers = [m["content"] for m in row["messages"] if m["role"] == "assistant" and m.get("content")]
+        assert all(answer.rstrip(" ") in trained for answer in answers)
