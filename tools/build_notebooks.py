@@ -339,9 +339,9 @@ def clean(nb: nbformat.NotebookNode, show: bool = False) -> nbformat.NotebookNod
         if "NBVAL_CHECK_OUTPUT" in cell.source:
             # nbval treats a cell without an execution count as never run, so checked cells keep theirs
             cell.outputs = [o for o in cell.outputs if o.get("name") != "stderr"]
-        elif show and shown(cell):
-            cell.execution_count = None
+        elif show and shown(cell):  # keeps its count: nbval refuses a cell with outputs and none
             cell.outputs = scrub(cell.outputs)
+            cell.execution_count = cell.execution_count if cell.outputs else None
         else:
             cell.execution_count = None
             cell.outputs = []
@@ -378,7 +378,7 @@ def keep_checked_outputs(nb: nbformat.NotebookNode, *paths: Path, show: bool = F
         if cell.cell_type == "code" and "NBVAL_CHECK_OUTPUT" in cell.source and key in old:
             cell.outputs, cell.execution_count = old[key].outputs, old[key].execution_count
         elif show and shown(cell) and key in old and old[key].outputs:
-            cell.outputs = old[key].outputs
+            cell.outputs, cell.execution_count = old[key].outputs, old[key].execution_count
 
 
 def copy_checked_outputs(source: nbformat.NotebookNode, target: nbformat.NotebookNode) -> None:
