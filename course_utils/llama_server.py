@@ -50,9 +50,12 @@ def serving_template(chat_template: str, bos_text: str = "<s>", eos_text: str = 
     image = "{{- '[IMG]' -}}"
     if image not in out:
         raise ExportError("the chat template has no image placeholder to adapt")
-    return out.replace(
-        image, "{{- chunk['image_url']['url'] if chunk['image_url'] is mapping else chunk['image_url'] -}}"
-    )
+    # the content part's name is the template's own: `chunk` in the course's v7 template, `block` in
+    # the v15 one mistral-common generates (Small 4)
+    loops = re.findall(r"\{%-?\s*for\s+(\w+)\s+in\s+content\s*-?%\}", out[: out.index(image)])
+    part = loops[-1] if loops else "chunk"
+    url = f"{{{{- {part}['image_url']['url'] if {part}['image_url'] is mapping else {part}['image_url'] -}}}}"
+    return out.replace(image, url)
 
 
 def vision_handler_class(model_path: str | os.PathLike):

@@ -111,6 +111,31 @@ def test_serving_template_turns_images_into_urls_and_keeps_bos():
     assert text == "<s>[INST]data:image/png;base64,AAAWhat is this?[/INST]"
 
 
+def test_serving_template_uses_the_templates_own_loop_variable(stand_in_dir):
+    """Small 4's template (mistral-common's generator) calls a content part ``block``, not ``chunk``: the
+    served template must name what its loop names, or every request fails ('chunk' is undefined)."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    own = (stand_in_dir / "tiny-mistral-small-4" / "chat_template.jinja").read_text()
+    template = llama_server.serving_template(own)
+    text = (
+        ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        .from_string(template)
+        .render(
+            messages=[
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAA"}},
+                        {"type": "text", "text": "What is this?"},
+                    ],
+                }
+            ],
+        )
+    )
+    assert text.startswith("<s>") and "[INST]data:image/png;base64,AAAWhat is this?[/INST]" in text
+
+
 # --- Refusals: disk, existing targets; manifest ------------------------------------------------------
 
 
