@@ -1551,14 +1551,14 @@ def tokenize_record(
 def template_kwargs(record: dict, processor) -> dict:
     """``apply_chat_template`` arguments for a record: its ``tools``, and for a tool conversation on a
     template that knows no tool calls (the v7 stand-in's) the course's tool-aware v7 template
-    (:data:`course_utils.tools.TOOLS_CHAT_TEMPLATE`, token-identical to mistral-common's encoding)."""
+    (:data:`course_utils.tiny.TOOLS_CHAT_TEMPLATE`, token-identical to mistral-common's encoding)."""
     kwargs = {"tools": record["tools"]} if record.get("tools") else {}
     uses_tools = record.get("tools") or any(
         m.get("tool_calls") or m.get("role") == "tool" for m in record.get("messages", [])
     )
     own = getattr(processor, "chat_template", None) or processor_tokenizer(processor).chat_template or ""
     if uses_tools and "tool_calls" not in own:
-        from course_utils.tools import TOOLS_CHAT_TEMPLATE
+        from course_utils.tiny import TOOLS_CHAT_TEMPLATE
 
         kwargs["chat_template"] = TOOLS_CHAT_TEMPLATE
     return kwargs

@@ -27,6 +27,7 @@ from pathlib import Path
 import jsonschema
 
 from course_utils.paths import atomic_write, course_root
+from course_utils.tiny import TOOLS_CHAT_TEMPLATE  # re-exported: lesson 08 reads tools.TOOLS_CHAT_TEMPLATE
 
 SYSTEM_PROMPT = "You answer questions about receipts. Call a tool when one is needed."
 SPLITS = {"train": 240, "val": 30, "test": 30}
@@ -128,78 +129,8 @@ FUNCTIONS = {
 
 # --- The chat template: the stand-in's v7 template plus tools ---------------------------------------
 
-# Rendered exactly as mistral-common's InstructTokenizerV7 encodes tools, calls and results (tests check
-# it token for token). Tools go before the *last* user turn; a call's ``arguments`` string is inserted
-# as is, so it must be written as ``json.dumps(arguments, ensure_ascii=False)`` (the dataset is). The
-# ``{% generation %}`` markers cover what a response-only loss trains on: calls and answers.
-TOOLS_CHAT_TEMPLATE = r"""{%- macro render(content, where, allow_images) -%}
-    {%- if content is string -%}
-        {{- content -}}
-    {%- elif content is none -%}
-    {%- else -%}
-        {%- set ns = namespace(previous_was_text=false) -%}
-        {%- for chunk in content -%}
-            {%- if chunk['type'] == 'text' -%}
-                {%- if ns.previous_was_text -%}{{- '\n\n' -}}{%- endif -%}
-                {{- chunk['text'] -}}
-                {%- set ns.previous_was_text = true -%}
-            {%- elif allow_images and chunk['type'] in ['image', 'image_url'] -%}
-                {{- '[IMG]' -}}
-                {%- set ns.previous_was_text = false -%}
-            {%- else -%}
-                {{- raise_exception('Only text parts are allowed in ' ~ where ~ ' messages') -}}
-            {%- endif -%}
-        {%- endfor -%}
-    {%- endif -%}
-{%- endmacro -%}
-{%- set ns_last = namespace(index=-1) -%}
-{%- for message in messages -%}
-    {%- if message['role'] == 'user' -%}{%- set ns_last.index = loop.index0 -%}{%- endif -%}
-{%- endfor -%}
-{{- bos_token -}}
-{%- for message in messages -%}
-    {%- if message['role'] == 'system' -%}
-        {%- if not loop.first -%}
-            {{- raise_exception('A system message is only allowed as the first message.') -}}
-        {%- endif -%}
-        {{- '[SYSTEM_PROMPT]' + render(message['content'], 'system', false) + '[/SYSTEM_PROMPT]' -}}
-    {%- elif message['role'] == 'user' -%}
-        {%- if tools and loop.index0 == ns_last.index -%}
-            {%- set ns_tools = namespace(items=[]) -%}
-            {%- for tool in tools -%}
-                {%- set function = tool['function'] if tool['function'] is defined else tool -%}
-                {%- set ns_tools.items = ns_tools.items + [{'type': 'function', 'function': {
-                    'name': function['name'], 'description': function['description'] or '',
-                    'parameters': function['parameters']}}] -%}
-            {%- endfor -%}
-            {{- '[AVAILABLE_TOOLS]' + ns_tools.items | tojson + '[/AVAILABLE_TOOLS]' -}}
-        {%- endif -%}
-        {{- '[INST]' + render(message['content'], 'user', true) + '[/INST]' -}}
-    {%- elif message['role'] == 'assistant' -%}
-        {%- generation -%}
-            {{- render(message['content'], 'assistant', false).rstrip(' ') -}}
-            {%- if message['tool_calls'] -%}
-                {{- '[TOOL_CALLS][' -}}
-                {%- for call in message['tool_calls'] -%}
-                    {%- set function = call['function'] -%}
-                    {{- '{"name": ' + function['name'] | tojson + ', "arguments": ' -}}
-                    {{- function['arguments'] if function['arguments'] is string
-                        else function['arguments'] | tojson -}}
-                    {{- ', "id": ' + call['id'] | tojson + '}' -}}
-                    {%- if not loop.last -%}{{- ', ' -}}{%- endif -%}
-                {%- endfor -%}
-                {{- ']' -}}
-            {%- endif -%}
-            {{- eos_token -}}
-        {%- endgeneration -%}
-    {%- elif message['role'] == 'tool' -%}
-        {{- '[TOOL_RESULTS]' + message['tool_call_id'] + '[TOOL_CONTENT]' + message['content']
-            + '[/TOOL_RESULTS]' -}}
-    {%- else -%}
-        {{- raise_exception('Unknown role ' ~ message['role'] ~ ' at position ' ~ loop.index0
-            ~ '; use system, user, assistant or tool.') -}}
-    {%- endif -%}
-{%- endfor -%}"""
+# TOOLS_CHAT_TEMPLATE lives with the stand-in's own v7 template in course_utils.tiny (data.py renders tool
+# rows with it too); the functions below render, serve and label with it.
 
 
 def reference_tool_token_ids(messages: list[dict], tools: list[dict] | None = None) -> list[int]:
