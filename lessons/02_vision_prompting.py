@@ -125,7 +125,7 @@ plt.show()
 # text height, small print stops being legible to any model. Compare the same receipt at three budgets
 # (the real model's settings):
 
-# %% tags=["show-output"]
+# %%
 # NBVAL_IGNORE_OUTPUT
 from course_utils.chat import resize_for_budget
 

@@ -87,52 +87,33 @@ def test_ollama_commands_are_argument_lists():
 
 
 def test_serving_template_turns_images_into_urls_and_keeps_bos():
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     from course_utils.tiny import CHAT_TEMPLATE
 
     template = llama_server.serving_template(CHAT_TEMPLATE)
     assert "generation" not in template
-    text = (
+    assert _served_image_prompt(template) == "<s>[INST]data:image/png;base64,AAAWhat is this?[/INST]"
+
+
+def _served_image_prompt(template: str) -> str:
+    """``template`` rendered as llama-cpp-python's multimodal handler renders it, for one image + text."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAA"}}
+    messages = [{"role": "user", "content": [image, {"type": "text", "text": "What is this?"}]}]
+    return (
         ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         .from_string(template)
-        .render(
-            messages=[
-                {
-                    "role": "user",
-                    "content": [
-                        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAA"}},
-                        {"type": "text", "text": "What is this?"},
-                    ],
-                }
-            ]
-        )
+        .render(messages=messages)
     )
-    assert text == "<s>[INST]data:image/png;base64,AAAWhat is this?[/INST]"
 
 
 def test_serving_template_uses_the_templates_own_loop_variable(stand_in_dir):
     """Small 4's template (mistral-common's generator) calls a content part ``block``, not ``chunk``: the
     served template must name what its loop names, or every request fails ('chunk' is undefined)."""
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     own = (stand_in_dir / "tiny-mistral-small-4" / "chat_template.jinja").read_text()
-    template = llama_server.serving_template(own)
-    text = (
-        ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        .from_string(template)
-        .render(
-            messages=[
-                {
-                    "role": "user",
-                    "content": [
-                        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAA"}},
-                        {"type": "text", "text": "What is this?"},
-                    ],
-                }
-            ],
-        )
-    )
+    text = _served_image_prompt(llama_server.serving_template(own))
     assert text.startswith("<s>") and "[INST]data:image/png;base64,AAAWhat is this?[/INST]" in text
 
 
