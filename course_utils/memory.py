@@ -17,8 +17,12 @@ Where each term comes from (bytes; P = parameters, s = sequence length, b = batc
   8-bit AdamW (bitsandbytes' ``adamw_8bit``).
 * **activations** — a decoder layer saves ≈ (10·h + 3·i) values per token for its backward pass
   (norm outputs, q/k/v/attention/o, gate/up/act for the MLP; FlashAttention/SDPA keep no s² matrix),
-  2 bytes each. Without checkpointing every layer keeps them; with gradient checkpointing only each
-  layer's input (h values) is kept and one layer is recomputed at a time; Unsloth's "unsloth" mode
+  2 bytes each, with Unsloth's fused kernels. Stock transformers + peft layers keep ≈ (18·h + 5·i):
+  RMSNorm keeps fp32 copies and SiLU, its product with up and each LoRA input are separate tensors —
+  measured with ``benchmarks/gpu_smoke.py`` on an H200 (2026-11-29): a QLoRA Mistral Small 3.2 layer
+  kept 0.342 GiB for 2 × 350 tokens without checkpointing, where 10·h + 3·i gave 0.195 GiB.
+  Without checkpointing every layer keeps them; with gradient checkpointing only each layer's input
+  (h values) is kept and one layer is recomputed at a time; Unsloth's "unsloth" mode
   also offloads those inputs to CPU RAM.
 * **logits** — the loss needs s·b·V logits; a plain loss keeps the bf16 logits, their fp32 upcast,
   the fp32 log-softmax and its fp32 gradient (2 + 4 + 4 + 4 = 14 bytes each — huge with a 131k
@@ -50,6 +54,8 @@ from course_utils.profiles import MODELS, Backend, GiB, Method, ModelSpec
 CUDA_CONTEXT_GIB = 0.6
 ALLOCATOR_OVERHEAD = 0.08
 NF4_BITS = 4.127
+# Values a decoder layer keeps per token for its backward pass, as (a, b) in a·h + b·i (module docstring).
+ACTIVATION_VALUES: dict[str, tuple[int, int]] = {"unsloth": (10, 3), "transformers": (18, 5)}
 
 
 @dataclass(frozen=True)
@@ -215,7 +221,8 @@ def estimate_training_memory(
     optimizer_state = trainable * optimizer_bytes
 
     tokens = seq_len * batch_size
-    per_layer = 2 * (10 * arch.hidden_size + 3 * arch.intermediate_size) * tokens
+    per_h, per_i = ACTIVATION_VALUES[backend]
+    per_layer = 2 * (per_h * arch.hidden_size + per_i * arch.intermediate_size) * tokens
     if not gradient_checkpointing:
         activations = arch.num_layers * per_layer
     else:

@@ -381,3 +381,34 @@ def test_the_activation_probe_records_the_forward_pass_not_the_recomputation():
     probe.close()
     model.model.language_model(torch.zeros(1))
     assert probe.per_forward == [200.0]  # hooks removed
+
+
+def test_the_ministral_smoke_model_runs_a_forward_pass():
+    """The H200 run (2026-11-29) failed train-peft:ministral-3-8b in its first step: the recipe kept the
+    Small 3 family's RoPE settings, and Ministral 3's attention divides by the YaRN window it lacked."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    text = dict(smoke.smoke_recipe("ministral-3-8b", layers=1).text)
+    text.update(vocab_size=512, hidden_size=64, intermediate_size=128, head_dim=16)
+    text.update(num_attention_heads=4, num_key_value_heads=2)
+    config = AutoConfig.for_model(text.pop("model_type"), **text)
+    model = AutoModelForCausalLM.from_config(config)
+    logits = model(input_ids=torch.tensor([[1, 5, 9, 2]])).logits
+    assert logits.shape == (1, 4, 512) and torch.isfinite(logits).all()
+    assert config.rope_parameters["original_max_position_embeddings"] == 16384  # the real 2512 config's
+
+
+def test_merge_deltas_cosine_stays_within_one_on_large_tensors(tmp_path):
+    """The H200 run reported cosines of 1.0076-1.0264 between two merges: float32 sums over 167M
+    elements drift; the comparison now accumulates in float64."""
+    from safetensors.torch import save_file
+
+    name = "model.language_model.layers.0.mlp.up_proj.weight"
+    generator = torch.Generator().manual_seed(0)
+    base = torch.zeros(4096, 4096)
+    update = torch.randn(4096, 4096, generator=generator) * 1e-3
+    for folder, tensor in {"base": base, "a": base + update, "b": base + 1.0001 * update}.items():
+        (tmp_path / folder).mkdir()
+        save_file({name: tensor}, str(tmp_path / folder / "model.safetensors"))
+    cosine = smoke.merge_deltas(tmp_path / "base", tmp_path / "a", tmp_path / "b")["tensors"][0]["cosine"]
+    assert 0.9999 <= cosine <= 1.0
