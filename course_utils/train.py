@@ -58,6 +58,7 @@ class TrainPreset:
     save_steps: int = 20
     seed: int = 3407
     train_embeddings: bool = False  # only the random stand-in needs it (see lesson 04)
+    train_experts: bool = False  # MoE (Small 4): LoRA on the routed experts' 3-D weights too (see add_lora)
     finetune_vision_layers: bool = False
     finetune_language_layers: bool = True
     finetune_attention_modules: bool = True
@@ -90,6 +91,7 @@ PRESETS: dict[str, TrainPreset] = {
         save_steps=55,
         seed=0,
         train_embeddings=True,
+        train_experts=True,
         bf16=True,
         max_new_tokens_eval=200,
     ),
@@ -156,16 +158,33 @@ def preset_for(profile_name: str, *, bf16_supported: bool | None = None, **overr
 # --- Model ---------------------------------------------------------------------------------------
 
 
+def expert_parameters(model) -> list[str]:
+    """The routed experts' weight names for peft's ``target_parameters`` (empty for a dense model).
+
+    transformers keeps a MoE layer's experts as 3-D ``nn.Parameter`` tensors (Small 4:
+    ``mlp.experts.gate_up_proj`` (experts, 2·moe_intermediate, hidden) and ``mlp.experts.down_proj``), not
+    ``nn.Linear`` modules, so ``target_modules`` cannot reach them; peft wraps them by parameter name.
+    """
+    suffixes = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+    names = {n for n, p in model.named_parameters() if p.ndim == 3}
+    return [s for s in suffixes if any(n.endswith(s) and "language_model" in n for n in names)]
+
+
 def add_lora(model, preset: TrainPreset, trainable_tokens: list[int] | None = None):
-    """Wrap ``model`` with LoRA adapters on the language model (transformers + peft, the CPU path)."""
+    """Wrap ``model`` with LoRA adapters on the language model (transformers + peft, the CPU path).
+
+    With ``preset.train_experts`` a MoE model's routed experts get LoRA too (:func:`expert_parameters`).
+    """
     from peft import LoraConfig, get_peft_model
 
     is_mla = getattr(model.config.text_config, "kv_lora_rank", None) is not None
+    experts = expert_parameters(model) if preset.train_experts else []
     config = LoraConfig(
         r=preset.lora_r,
         lora_alpha=preset.lora_alpha,
         lora_dropout=preset.lora_dropout,
         target_modules=MLA_TARGETS if is_mla else LANGUAGE_TARGETS,
+        target_parameters=experts or None,
         trainable_token_indices={"embed_tokens": trainable_tokens}
         if (preset.train_embeddings and trainable_tokens)
         else None,

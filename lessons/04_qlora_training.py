@@ -85,7 +85,9 @@ for model_key in ("mistral-small-3.2", "mistral-small-4"):
 # which print peak reserved memory; axolotl's Small 4 recipe) it stays within 20 % per backend —
 # Unsloth (gradient checkpoints offloaded to CPU RAM, fused loss) and transformers + peft (checkpoints on
 # the GPU, full logits) are calibrated apart. It tends to under-estimate: a "fits in 16 GB" run used
-# *at most* 16 GB.
+# *at most* 16 GB. On an H200 (`benchmarks/gpu_smoke.py`, Small 3.2 at its real width, a few layers,
+# memory per layer extrapolated to all 40), the Unsloth plan came within +5 % of the run; the transformers
+# + peft plan was 14 % under until the activations a stock layer keeps were counted from that run.
 
 # %%
 # NBVAL_CHECK_OUTPUT
@@ -217,7 +219,16 @@ print("a reply:", repr(before_replies[0][:120]))
 # frozen (a plain list of module names would also hit the Pixtral tower's layers — the regular
 # expression keeps to `language_model`). On a GPU, Unsloth's `get_peft_model` does the same with
 # switches per part. On the stand-in, `trainable_token_indices` also trains the embedding rows of the
-# tokens the replies use (section 4.4). First the data: on a CPU it is tokenized and labelled now (lesson
+# tokens the replies use (section 4.4).
+#
+# Small 4 names its projections differently — MLA attention has `q_a_proj`, `q_b_proj`,
+# `kv_a_proj_with_mqa`, `kv_b_proj` and `o_proj`, and its MoE layers keep the 128 routed experts as 3-D
+# tensors (`mlp.experts.gate_up_proj`, `mlp.experts.down_proj`) that no module-name pattern reaches:
+# peft wraps those by parameter name (`target_parameters`); the router stays frozen. Measured on the
+# Small 4 stand-in (`python -m course_utils run --model mistral-small-4 --only 04`): with the dense
+# names alone, only `o_proj` and the shared expert trained and the loss stalled at 1.25 with 0 % valid
+# JSON; with MLA projections and experts it reaches 0.89 and 0.94 valid JSON on the test split. On a GPU,
+# Unsloth finds the experts itself (it reports "Enabling LoRA on MoE parameters"). First the data: on a CPU it is tokenized and labelled now (lesson
 # 03's response-only labels); on a GPU, Unsloth's collator does it batch by batch.
 
 # %%
@@ -264,11 +275,18 @@ if torch.cuda.is_available():
 else:
     from peft import LoraConfig, get_peft_model
 
+    projections = "q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj"  # Small 3: GQA, dense MLP
+    experts = None
+    if getattr(model.config.text_config, "kv_lora_rank", None):  # Small 4: MLA attention, MoE MLP
+        projections = "q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj|gate_proj|up_proj|down_proj"
+        if preset.train_experts:  # routed experts are 3-D tensors, not nn.Linear: peft wraps them by name
+            experts = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
     lora_config = LoraConfig(
         r=preset.lora_r,
         lora_alpha=preset.lora_alpha,
         lora_dropout=preset.lora_dropout,
-        target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)",
+        target_modules=rf".*language_model.*\.({projections})",
+        target_parameters=experts,
         trainable_token_indices={"embed_tokens": trainable_tokens} if trainable_tokens else None,
         task_type="CAUSAL_LM",
     )

@@ -409,17 +409,26 @@ def test_labels_cell_equals_the_package_labels(env):
 
 
 @pytest.mark.slow
-def test_lora_cell_adds_the_adapters_the_course_adds(env, stand_in_dir):
+@pytest.mark.parametrize("model_key", ["mistral-small-3.2", "mistral-small-4"])
+def test_lora_cell_adds_the_adapters_the_course_adds(env, stand_in_dir, model_key):
+    """On Small 4 too: the cell once matched dense names only, so its MLA projections and routed experts
+    went untrained (o_proj and the shared expert alone) and lesson 04 never learned the format there."""
     from course_utils.models import load
     from course_utils.train import add_lora, preset_for
 
-    got = run_standalone("lora", own_dir(env, "lora"))
-    course = add_lora(
-        load("cpu-tiny", stand_in_dir=stand_in_dir).model, preset_for("cpu-tiny"), [5, 7, 1000, 2048]
-    )
+    small_4 = model_key == "mistral-small-4"
+    folder = {**own_dir(env, f"lora-{model_key}")}
+    if small_4:
+        folder["stand_in"] = stand_in_dir / "tiny-mistral-small-4"
+    got = run_standalone("lora", folder)
+    base = load("cpu-tiny", model=model_key, stand_in_dir=stand_in_dir).model
+    course = add_lora(base, preset_for("cpu-tiny"), [5, 7, 1000, 2048])
     modules = sorted(n for n, _ in course.named_modules() if n.endswith("lora_A.default"))
     assert got["modules"] == modules and not any("vision_tower" in m for m in modules)
     assert got["trainable"] == sum(p.numel() for p in course.parameters() if p.requires_grad)
+    if small_4:  # every projection of the MLA attention, and the routed experts' 3-D weights
+        for name in ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "mlp.experts"):
+            assert any(f"{name}.lora_A" in m for m in modules), name
 
 
 @pytest.mark.slow
