@@ -637,8 +637,15 @@ def generate_batch(
     max_new_tokens: int = 64,
     batch_size: int = 8,
     progress: bool = True,
+    template_kwargs: dict | None = None,
+    skip_special_tokens: bool = True,
 ) -> list[str]:
-    """Greedy replies for many conversations, ``batch_size`` at a time with left padding."""
+    """Greedy replies for many conversations, ``batch_size`` at a time with left padding.
+
+    ``template_kwargs`` go to the chat template (Small 4: ``{"reasoning_effort": "high"}``);
+    ``skip_special_tokens=False`` keeps control tokens such as ``[THINK]`` in the replies (padding and
+    end-of-sequence are dropped either way).
+    """
     import torch
     from tqdm.auto import tqdm
 
@@ -656,6 +663,7 @@ def generate_batch(
                 return_dict=True,
                 return_tensors="pt",
                 processor_kwargs={"padding": True},
+                **(template_kwargs or {}),
             )
             inputs = inputs.to(model.device)
             if "pixel_values" in inputs:
@@ -668,10 +676,45 @@ def generate_batch(
                     pad_token_id=tokenizer.pad_token_id,
                 )
             new = output[:, inputs["input_ids"].shape[1] :]
-            replies.extend(processor.batch_decode(new, skip_special_tokens=True))
+            if skip_special_tokens:
+                replies.extend(processor.batch_decode(new, skip_special_tokens=True))
+            else:
+                drop = {tokenizer.pad_token_id, tokenizer.eos_token_id}
+                replies.extend(
+                    tokenizer.decode([t for t in row.tolist() if t not in drop], skip_special_tokens=False)
+                    for row in new
+                )
     finally:
         tokenizer.padding_side = previous_side
     return replies
+
+
+THINK_OPEN, THINK_CLOSE = "[THINK]", "[/THINK]"
+
+
+@dataclass(frozen=True)
+class SplitReply:
+    """A reply with its reasoning trace apart, as a reasoning parser returns it (``reasoning_content``)."""
+
+    thinking: str | None  # the text inside [THINK]…[/THINK]; None when the reply has no trace
+    answer: str  # the rest: what the user is shown
+    closed: bool = True  # False: the trace never closed (cut off by the token limit)
+
+
+def split_thinking(reply: str) -> SplitReply:
+    """Split a Small 4 reply (decoded with its control tokens) into its ``[THINK]`` trace and the answer.
+
+    As vLLM's ``--reasoning-parser mistral``: the text between ``[THINK]`` and ``[/THINK]`` is the
+    reasoning, the rest the content; a trace that never closes is all reasoning (answer empty).
+    """
+    start = reply.find(THINK_OPEN)
+    if start < 0:
+        return SplitReply(None, reply.strip())
+    before, rest = reply[:start], reply[start + len(THINK_OPEN) :]
+    end = rest.find(THINK_CLOSE)
+    if end < 0:
+        return SplitReply(rest.strip(), before.strip(), closed=False)
+    return SplitReply(rest[:end].strip(), (before + rest[end + len(THINK_CLOSE) :]).strip())
 
 
 def openai_messages(messages: list[dict]) -> list[dict]:

@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from course_utils.chat import JSONExtractionError, extract_json, generate_batch
+from course_utils.chat import JSONExtractionError, extract_json, generate_batch, split_thinking
 from course_utils.data import with_images
 
 
@@ -634,6 +634,104 @@ def lm_eval_command(
     if limit:
         cmd += ["--limit", str(limit)]
     return cmd
+
+
+# --- Small 4: reasoning on and off ---------------------------------------------------------------
+
+
+def supports_reasoning(processor) -> bool:
+    """Whether the model's chat template has Small 4's ``reasoning_effort`` switch (Small 3.x: no)."""
+    template = getattr(processor, "chat_template", None) or getattr(processor.tokenizer, "chat_template", "")
+    return "reasoning_effort" in (template or "")
+
+
+@dataclass(frozen=True)
+class ReasoningRun:
+    """One reasoning effort over the same prompts: means per reply."""
+
+    effort: str
+    replies: int
+    prompt_tokens: float  # "high" adds the [MODEL_SETTINGS] block
+    reply_tokens: float  # everything generated, trace included
+    thinking_tokens: float  # inside [THINK]…[/THINK]
+    with_thinking: float  # share of replies that opened a trace
+    json_valid: float  # of the answer, the trace removed
+    seconds_per_reply: float
+    answers: tuple[str, ...] = ()
+
+    def row(self) -> dict:
+        """The table row (answers left out)."""
+        return {
+            "effort": self.effort,
+            "replies": self.replies,
+            "prompt tokens": round(self.prompt_tokens, 1),
+            "reply tokens": round(self.reply_tokens, 1),
+            "thinking tokens": round(self.thinking_tokens, 1),
+            "with [THINK]": round(self.with_thinking, 2),
+            "JSON-valid": round(self.json_valid, 2),
+            "s / reply": round(self.seconds_per_reply, 3),
+        }
+
+
+def compare_reasoning(
+    model,
+    processor,
+    conversations: list[list[dict]],
+    efforts: tuple[str, ...] = ("none", "high"),
+    max_new_tokens: int = 128,
+    batch_size: int = 8,
+) -> list[ReasoningRun]:
+    """Generate the same prompts once per ``reasoning_effort`` and measure what changes: prompt and reply
+    length, the ``[THINK]`` trace (:func:`course_utils.chat.split_thinking`), the answer's JSON validity
+    and the time per reply. Raises ``ValueError`` for a template without the switch (Small 3.x)."""
+    import time
+
+    if not supports_reasoning(processor):
+        raise ValueError(
+            "this model's chat template has no reasoning_effort (Small 3.x); run with MODEL='mistral-small-4'"
+        )
+    tokenizer = processor.tokenizer
+
+    def count(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    runs = []
+    for effort in efforts:
+        kwargs = {"reasoning_effort": effort}
+        prompt_lengths = [
+            processor.apply_chat_template(
+                c, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt", **kwargs
+            )["input_ids"].shape[-1]
+            for c in conversations
+        ]
+        started = time.perf_counter()
+        replies = generate_batch(
+            model,
+            processor,
+            conversations,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            progress=False,
+            template_kwargs=kwargs,
+            skip_special_tokens=False,
+        )
+        seconds = time.perf_counter() - started
+        split = [split_thinking(r) for r in replies]
+        n = max(len(replies), 1)
+        runs.append(
+            ReasoningRun(
+                effort=effort,
+                replies=len(replies),
+                prompt_tokens=sum(prompt_lengths) / n,
+                reply_tokens=sum(count(r) for r in replies) / n,
+                thinking_tokens=sum(count(s.thinking) for s in split if s.thinking) / n,
+                with_thinking=sum(s.thinking is not None for s in split) / n,
+                json_valid=validity([s.answer for s in split])["json_valid"],
+                seconds_per_reply=seconds / n,
+                answers=tuple(s.answer for s in split),
+            )
+        )
+    return runs
 
 
 def load_tuned(model, adapter_dir: str | Path):

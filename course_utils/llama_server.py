@@ -1,6 +1,8 @@
 """``python -m llama_cpp.server`` with the course's vision chat format (used by :mod:`course_utils.serve`),
 and that format's pieces (used in process by :mod:`course_utils.gguf_verify`); and a tool-calling chat
-format for Mistral's ``[TOOL_CALLS]`` replies (``--chat_format mistral-tools``).
+format for Mistral's ``[TOOL_CALLS]`` replies (``--chat_format mistral-tools``), and one for Small 4's
+reasoning that returns the ``[THINK]`` trace apart as ``reasoning_content`` (``--chat_format
+mistral-reasoning [--reasoning_effort none|high]``), as vLLM's ``--reasoning-parser mistral`` does.
 
 Backs lessons 06, 07 and 08.
 
@@ -25,6 +27,14 @@ def main(argv: list[str]) -> None:
 
     if TOOL_CHAT_FORMAT in argv:
         chat_format.register_chat_completion_handler(TOOL_CHAT_FORMAT)(tool_chat_handler)
+    if REASONING_CHAT_FORMAT in argv:
+        effort = None
+        if "--reasoning_effort" in argv:  # the course's own option, not llama_cpp.server's
+            at = argv.index("--reasoning_effort")
+            effort, argv = argv[at + 1], argv[:at] + argv[at + 2 :]
+        handler = reasoning_chat_handler(embedded_template(argv[argv.index("--model") + 1]), effort)
+        chat_format.register_chat_completion_handler(REASONING_CHAT_FORMAT)(handler)
+        _serve_reasoning_content()
     if "--clip_model_path" in argv:
         model = argv[argv.index("--model") + 1]
         chat_format.Llava15ChatHandler = vision_handler_class(model)
@@ -127,36 +137,17 @@ def tool_chat_handler(
     wrote. No streaming (a tool call is only useful whole).
     """
     import random
-    import time
-    import uuid
 
     from course_utils.tools import CALL_ID_PATTERN, new_call_id, parse_tool_calls
 
     if stream:
         raise ValueError("the mistral-tools chat format does not stream; send stream=false")
     prompt = tool_prompt_ids(llama, messages, tools)
-    if seed is not None:
-        llama.set_seed(seed)
-    limit = max_tokens or max(1, llama.n_ctx() - len(prompt))
-    generated, finish = [], "length"
-    for token in llama.generate(
-        prompt,
-        top_k=top_k,
-        top_p=top_p,
-        min_p=min_p,
-        typical_p=typical_p,
-        temp=temperature,
-        repeat_penalty=repeat_penalty,
-        frequency_penalty=frequency_penalty,
-        presence_penalty=presence_penalty,
-    ):
-        if token == llama.token_eos():
-            finish = "stop"
-            break
-        generated.append(token)
-        if len(generated) >= limit:
-            break
-    text = llama.detokenize(generated, special=True).decode("utf-8", errors="replace")
+    sampling = dict(top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p, temp=temperature)
+    sampling |= dict(repeat_penalty=repeat_penalty, frequency_penalty=frequency_penalty)
+    text, generated, finish = _generate(
+        llama, prompt, seed, max_tokens, presence_penalty=presence_penalty, **sampling
+    )
     parsed = parse_tool_calls(text)
     message: dict = {"role": "assistant", "content": parsed.content or None}
     if parsed.calls:
@@ -177,6 +168,30 @@ def tool_chat_handler(
         finish = "tool_calls"
     elif "[TOOL_CALLS]" in text:
         message["content"] = text  # an unparseable call: show it as written
+    return _completion(llama, model, message, finish, prompt, generated)
+
+
+def _generate(llama, prompt: list[int], seed: int | None, max_tokens: int | None, **sampling):
+    """Generate after ``prompt`` until EOS or the limit: (text with control tokens, token ids, finish)."""
+    if seed is not None:
+        llama.set_seed(seed)
+    limit = max_tokens or max(1, llama.n_ctx() - len(prompt))
+    generated, finish = [], "length"
+    for token in llama.generate(prompt, **sampling):
+        if token == llama.token_eos():
+            finish = "stop"
+            break
+        generated.append(token)
+        if len(generated) >= limit:
+            break
+    return llama.detokenize(generated, special=True).decode("utf-8", errors="replace"), generated, finish
+
+
+def _completion(llama, model, message: dict, finish: str, prompt: list[int], generated: list[int]) -> dict:
+    """An OpenAI ``chat.completion`` object."""
+    import time
+    import uuid
+
     return {
         "id": "chatcmpl-" + uuid.uuid4().hex,
         "object": "chat.completion",
@@ -189,6 +204,105 @@ def tool_chat_handler(
             "total_tokens": len(prompt) + len(generated),
         },
     }
+
+
+# --- Reasoning: Small 4's [THINK] trace returned apart, as reasoning_content ----------------------
+
+REASONING_CHAT_FORMAT = "mistral-reasoning"
+
+
+def embedded_template(model_path: str | os.PathLike) -> str:
+    """The chat template a GGUF carries (``tokenizer.chat_template``: the training template)."""
+    from llama_cpp import Llama
+
+    vocab = Llama(str(model_path), vocab_only=True, verbose=False)
+    try:
+        template = vocab.metadata.get("tokenizer.chat_template")
+    finally:
+        vocab.close()
+    if not template:
+        raise ExportError(f"{model_path} carries no tokenizer.chat_template")
+    return template
+
+
+def reasoning_prompt_ids(
+    llama, template: str, messages: list[dict], reasoning_effort: str | None
+) -> list[int]:
+    """The prompt's token ids: the model's own template rendered with ``reasoning_effort`` (Small 4's
+    ``[MODEL_SETTINGS]`` block; ``None`` leaves the template's default), control tokens parsed from the
+    template only — equal to mistral-common's encoding of the request (tests check)."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    from course_utils.chat import text_segments
+
+    formatter = Jinja2ChatFormatter(template, eos_token="</s>", bos_token="<s>", add_generation_prompt=True)
+    extra = {} if reasoning_effort is None else {"reasoning_effort": reasoning_effort}
+
+    def render(turns: list[dict]) -> str:
+        return formatter(messages=turns, **extra).prompt
+
+    ids = [llama.token_bos()]
+    for k, segment in enumerate(text_segments(render, messages)):
+        text = segment.text.removeprefix("<s>") if k == 0 else segment.text  # BOS goes in as its id
+        ids += llama.tokenize(text.encode("utf-8"), add_bos=False, special=not segment.is_message_text)
+    return ids
+
+
+def _serve_reasoning_content() -> None:
+    """llama_cpp.server returns replies through its ``ChatCompletion`` TypedDicts, which drop every field
+    they do not name; add ``reasoning_content`` (vLLM's name for it) to the reply message. Must run before
+    ``llama_cpp.server.app`` is imported: its routes read the (string) annotation then."""
+    from typing import Optional
+
+    import llama_cpp.llama_types as types
+    from typing_extensions import NotRequired
+
+    class ChatCompletionResponseMessage(types.ChatCompletionResponseMessage):
+        pass
+
+    # set as objects, not as this module's string annotations (pydantic resolves those here and fails)
+    ChatCompletionResponseMessage.__annotations__ = {"reasoning_content": NotRequired[Optional[str]]}  # noqa: UP045
+    ChatCompletionResponseMessage.__optional_keys__ |= {"reasoning_content"}
+    types.ChatCompletionResponseMessage = ChatCompletionResponseMessage
+
+
+def reasoning_chat_handler(template: str, reasoning_effort: str | None = None):
+    """A llama-cpp-python chat handler for Small 4: the prompt carries ``reasoning_effort`` (the server's
+    ``--reasoning_effort``), and the reply's ``[THINK]…[/THINK]`` comes back as ``reasoning_content``,
+    the rest as ``content`` (:func:`course_utils.chat.split_thinking`). No streaming."""
+
+    def handler(
+        llama,
+        messages: list[dict],
+        temperature: float = 0.2,
+        top_p: float = 0.95,
+        top_k: int = 40,
+        min_p: float = 0.05,
+        typical_p: float = 1.0,
+        stream: bool = False,
+        seed: int | None = None,
+        max_tokens: int | None = None,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
+        repeat_penalty: float = 1.1,
+        model: str | None = None,
+        **_ignored,
+    ) -> dict:
+        from course_utils.chat import split_thinking
+
+        if stream:
+            raise ValueError("the mistral-reasoning chat format does not stream; send stream=false")
+        prompt = reasoning_prompt_ids(llama, template, messages, reasoning_effort)
+        sampling = dict(top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p, temp=temperature)
+        sampling |= dict(repeat_penalty=repeat_penalty, frequency_penalty=frequency_penalty)
+        text, generated, finish = _generate(
+            llama, prompt, seed, max_tokens, presence_penalty=presence_penalty, **sampling
+        )
+        split = split_thinking(text)
+        message = {"role": "assistant", "content": split.answer, "reasoning_content": split.thinking}
+        return _completion(llama, model, message, finish, prompt, generated)
+
+    return handler
 
 
 if __name__ == "__main__":

@@ -556,6 +556,25 @@ def llama_tool_server(model: str | os.PathLike, alias: str = "tools", **kwargs) 
     return server
 
 
+REASONING_CHAT_FORMAT = "mistral-reasoning"  # course_utils.llama_server registers it (Small 4)
+
+
+def llama_reasoning_server(
+    model: str | os.PathLike, reasoning_effort: str | None = "high", alias: str = "reasoning", **kwargs
+) -> Server:
+    """:func:`llama_server` for Small 4 with its reasoning switch set server-wide (as llama.cpp's own
+    server does with ``--chat-template-kwargs``): replies carry the ``[THINK]`` trace apart as
+    ``reasoning_content`` and the answer as ``content`` — what vLLM's ``--reasoning-parser mistral``
+    returns. ``reasoning_effort``: ``"none"``, ``"high"`` or ``None`` (the template's default)."""
+    if reasoning_effort not in (None, "none", "high"):
+        raise ValueError(f"reasoning_effort must be 'none', 'high' or None, got {reasoning_effort!r}")
+    server = llama_server(model, alias=alias, **kwargs)
+    server.command += ["--chat_format", REASONING_CHAT_FORMAT]
+    if reasoning_effort is not None:
+        server.command += ["--reasoning_effort", reasoning_effort]
+    return server
+
+
 def llama_cpp_response_format(schema: dict) -> dict:
     """llama-cpp-python's JSON-schema mode: the schema becomes a grammar that constrains sampling.
     Source: https://llama-cpp-python.readthedocs.io/en/latest/#json-and-json-schema-mode (2026-11-29);

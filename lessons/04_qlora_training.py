@@ -228,8 +228,10 @@ print("a reply:", repr(before_replies[0][:120]))
 # Small 4 stand-in (`python -m course_utils run --model mistral-small-4 --only 04`): with the dense
 # names alone, only `o_proj` and the shared expert trained and the loss stalled at 1.25 with 0 % valid
 # JSON; with MLA projections and experts it reaches 0.89 and 0.94 valid JSON on the test split. On a GPU,
-# Unsloth finds the experts itself (it reports "Enabling LoRA on MoE parameters"). First the data: on a CPU it is tokenized and labelled now (lesson
-# 03's response-only labels); on a GPU, Unsloth's collator does it batch by batch.
+# Unsloth finds the experts itself (it reports "Enabling LoRA on MoE parameters").
+#
+# First the data: on a CPU it is tokenized and labelled now (lesson 03's response-only labels); on a
+# GPU, Unsloth's collator does it batch by batch.
 
 # %%
 # NBVAL_IGNORE_OUTPUT

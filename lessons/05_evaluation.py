@@ -380,6 +380,30 @@ print(
 # publish. Compare base and tuned with the same command, and expect small drops — a large one means the
 # learning rate or the number of epochs was too high.
 #
+# ## 5.9 Small 4: reasoning on and off
+#
+# Small 4 has a switch Small 3.x lacks: `reasoning_effort` (`"none"` or `"high"`) goes into the prompt as
+# `[MODEL_SETTINGS]{"reasoning_effort": "high"}[/MODEL_SETTINGS]` (lesson 03), and with `"high"` a reply
+# may open with a `[THINK]…[/THINK]` trace before the answer. What that costs is measurable: reply length,
+# trace length, whether the answer is still valid JSON, seconds per reply. `compare_reasoning` generates
+# the same prompts once per effort with the control tokens kept and splits each reply as vLLM's
+# `--reasoning-parser mistral` does (`course_utils.chat.split_thinking`). The stand-in never saw a trace
+# in training, so on it the table shows the mechanism (the setting reaches the prompt, the split works),
+# not the behaviour: only the real model's numbers say whether thinking pays for your task.
+
+# %% tags=["show-output"]
+# NBVAL_IGNORE_OUTPUT
+from course_utils.evaluate import compare_reasoning, supports_reasoning
+
+if supports_reasoning(processor):
+    runs = compare_reasoning(
+        tuned, processor, prompts[:8], max_new_tokens=preset.max_new_tokens_eval, batch_size=8
+    )
+    print(format_table([run.row() for run in runs]))
+else:
+    print(f"{MODEL}'s chat template has no reasoning_effort: run with MODEL = 'mistral-small-4'.")
+
+# %% [markdown]
 # ## Summary
 #
 # - Evaluate on held-out rows with deterministic, batched decoding; the same rows and settings for base
@@ -391,6 +415,8 @@ print(
 # - LLM judges and lm-eval-harness answer other questions (free text, forgetting); use them deliberately.
 # - On the stand-in: JSON validity rises from ≈ 0 to ≈ 1, field F1 stays low — the format is learned, the
 #   values are invented.
+# - Small 4's `reasoning_effort` is one more setting to evaluate: measure the trace's length and time and
+#   the answer's validity with it on and off, on the same prompts.
 #
 # ## Exercises
 #

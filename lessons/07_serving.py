@@ -374,6 +374,32 @@ for key, weights, tp, extra in (
 # The gateway config above takes a vLLM back end the same way: `{"kind": "openai", "api_base":
 # "http://127.0.0.1:8000/v1", "model": "<served-model-name>"}`.
 #
+# **Small 4's reasoning, served apart.** llama-cpp-python's server has no reasoning parser: a Small 4 reply
+# would arrive with its `[THINK]…[/THINK]` trace inside `content` (or, with control tokens skipped, as
+# run-on text). `serve.llama_reasoning_server` starts it with the course's `mistral-reasoning` chat
+# format: the prompt is the model's own template rendered with `reasoning_effort` (set for the server, as
+# llama.cpp's own `llama-server --chat-template-kwargs` does) and tokenized as mistral-common encodes it,
+# and the reply comes back split the way vLLM's `--reasoning-parser mistral` returns it — the trace in
+# `reasoning_content`, the answer in `content`. The client reads both with plain `openai` code. (The
+# stand-in was not trained on traces, so its `reasoning_content` is usually empty; the tests check the
+# split on scripted replies and the served prompt against mistral-common.)
+
+# %% tags=["show-output"]
+# NBVAL_IGNORE_OUTPUT
+if MODEL == "mistral-small-4":
+    question = [{"role": "user", "content": "Tea 1.50 EUR, cake 2.50 EUR. What is the total?"}]
+    with serve.llama_reasoning_server(model_file, reasoning_effort="high", n_ctx=2048) as thinker:
+        reply = serve.client(thinker.url + "/v1").chat.completions.create(
+            model="reasoning", messages=question, max_tokens=48, temperature=0.0
+        )
+    message = reply.choices[0].message
+    print("reasoning_content:", repr(message.model_extra.get("reasoning_content")))
+    print("content:          ", repr((message.content or "")[:100]))
+    print("prompt tokens:    ", reply.usage.prompt_tokens, "(with [MODEL_SETTINGS] reasoning_effort high)")
+else:
+    print(f"{MODEL} has no reasoning switch; with MODEL = 'mistral-small-4' this cell serves it apart.")
+
+# %% [markdown]
 # ## 7.7 When one machine is not enough
 #
 # - **Serving**: tensor parallelism splits every layer across GPUs of one node (fast interconnect needed);

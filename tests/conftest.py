@@ -89,6 +89,22 @@ def exported(stand_in_dir, tmp_path_factory):  # used by test_export and test_se
     }
 
 
+@pytest.fixture(scope="session")
+def small4_gguf(stand_in_dir, tmp_path_factory):  # used by test_serve (Small 4's reasoning server)
+    """The Small 4 stand-in (mistral4: MoE + MLA, v15 template) as an f16 GGUF."""
+    import shutil
+
+    from course_utils import gguf_export
+
+    out = tmp_path_factory.mktemp("small4-gguf")
+    # as lesson 06 converts it: a saved HF folder (with tekken.json beside it, llama.cpp's converter
+    # takes the Mistral-format tokenizer path, which its mistral4 class does not support)
+    model_dir = shutil.copytree(
+        stand_in_dir / "tiny-mistral-small-4", out / "hf", ignore=shutil.ignore_patterns("tekken.json")
+    )
+    return gguf_export.convert_to_gguf(model_dir, out / "small4-f16.gguf", "f16")
+
+
 # --- The notebooks under nbval (collected beside tests/ by `python -m pytest`) ---------------------
 NBVAL_OUTPUT_TIMEOUT_S = 60
 

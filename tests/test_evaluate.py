@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 from course_utils.evaluate import (
     field_scores,
@@ -126,3 +127,72 @@ def test_a_fresh_adapter_is_detected_as_a_no_op_and_training_changes_it(stand_in
     after = heldout_loss(run.model, loaded.processor, records[:4])
     assert after["loss"] < before["loss"] and after["perplexity"] < before["perplexity"]
     assert before["tokens"] == after["tokens"] > 0
+
+
+# --- Small 4: reasoning on and off (lesson 05) --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "reply, thinking, answer, closed",
+    [
+        ('{"total": 3}', None, '{"total": 3}', True),
+        ('[THINK]1 + 2 = 3[/THINK]{"total": 3}', "1 + 2 = 3", '{"total": 3}', True),
+        ("[THINK]still counting", "still counting", "", False),  # cut off by the token limit
+        ("ok [THINK]x[/THINK] done", "x", "ok  done", True),
+    ],
+)
+def test_split_thinking_keeps_the_trace_apart(reply, thinking, answer, closed):
+    from course_utils.chat import split_thinking
+
+    split = split_thinking(reply)
+    assert (split.thinking, split.answer, split.closed) == (thinking, answer, closed)
+
+
+class _ThinksWhenAsked:
+    """Stands in for a model: replies with a [THINK] trace when the prompt's model settings say
+    reasoning_effort "high", else with the answer alone — so the test sees the switch reach the prompt."""
+
+    device = "cpu"
+    dtype = None
+
+    def __init__(self, tokenizer):
+        vocab = tokenizer.get_vocab()
+        self.tokenizer = tokenizer
+        words = tokenizer("1 plus 2", add_special_tokens=False)["input_ids"]
+        self.answer = tokenizer('{"total": 3}', add_special_tokens=False)["input_ids"]
+        self.trace = [vocab["[THINK]"], *words, vocab["[/THINK]"]]
+        self.eos, self.pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+
+    def generate(self, input_ids, max_new_tokens, **_):
+        rows = []
+        for row in input_ids.tolist():
+            high = '"reasoning_effort": "high"' in self.tokenizer.decode(row, skip_special_tokens=False)
+            reply = (self.trace if high else []) + self.answer + [self.eos]
+            rows.append(row + reply + [self.pad] * (max_new_tokens - len(reply)))
+        return torch.tensor(rows)
+
+
+def test_compare_reasoning_measures_the_trace_the_switch_asks_for(stand_in_dir):
+    from transformers import AutoProcessor
+
+    from course_utils.evaluate import compare_reasoning
+
+    small4 = AutoProcessor.from_pretrained(stand_in_dir / "tiny-mistral-small-4")
+    conversations = [[{"role": "user", "content": f"Receipt {k}: tea 1, cake 2"}] for k in range(3)]
+    model = _ThinksWhenAsked(small4.tokenizer)
+    none, high = compare_reasoning(model, small4, conversations, max_new_tokens=12)
+    assert (none.effort, high.effort) == ("none", "high") and none.replies == high.replies == 3
+    assert high.prompt_tokens == none.prompt_tokens  # [MODEL_SETTINGS]{"reasoning_effort": …} both ways
+    assert (none.with_thinking, high.with_thinking) == (0.0, 1.0)
+    words = len(small4.tokenizer("1 plus 2", add_special_tokens=False)["input_ids"])
+    assert none.thinking_tokens == 0 and high.thinking_tokens == words
+    assert high.reply_tokens == none.reply_tokens + words + 2  # the trace and its two control tokens
+    assert none.json_valid == high.json_valid == 1.0 and set(high.answers) == {'{"total": 3}'}
+
+
+def test_compare_reasoning_refuses_a_model_without_the_switch(processor):
+    from course_utils.evaluate import compare_reasoning, supports_reasoning
+
+    assert not supports_reasoning(processor)
+    with pytest.raises(ValueError, match="mistral-small-4"):
+        compare_reasoning(None, processor, [[{"role": "user", "content": "hi"}]])
