@@ -20,10 +20,16 @@ b2-300-lr5e-3-rope1e4   131      1.37        0.667        0.2
 b2-300-lr5e-3-rope1e5   106      1.48        0.0          0.267
 b2-300-lr5e-3-rope1e6   107      1.40        0.0          0.0
 b2-500-lr5e-3           179      1.28        0.733        0.6         ← tools.TOOL_PRESETS
+b2-500-lr5e-3-seed1     166      1.11        0.667        0.6
 b2-500-lr8e-3           191      1.23        0.0          0.0
+b2-600-lr5e-3           205      1.15        0.0          0.0         keys repeat again
+b2-700-lr4e-3           236      1.05        0.967        0.633       over the 3-min budget
+b2-700-lr4e-3-seed1     252      1.08        0.433        0.433
 ======================  =======  ==========  ===========  ==========
 
-Well-formedness is a threshold, not a slope: replies either keep the key/value order or repeat keys.
+Well-formedness is a threshold, not a slope: replies either keep the key/value order or repeat keys, and
+the seed moves it as much as the recipe does (700 steps at 4e-3: 0.967 with seed 0, 0.433 with seed 1 —
+a mean of 0.70, the same as 500 at 5e-3 at two thirds of the time). The course keeps the 500-step preset.
 """
 
 from __future__ import annotations
@@ -52,6 +58,10 @@ VARIANTS: dict[str, dict] = {
     "b2-300-lr5e-3-rope1e6": dict(max_steps=300, per_device_train_batch_size=2, learning_rate=5e-3),
     "b2-300-lr5e-3-rope1e9": dict(max_steps=300, per_device_train_batch_size=2, learning_rate=5e-3),
     "b4-250-lr5e-3": dict(max_steps=250, per_device_train_batch_size=4, learning_rate=5e-3),
+    "b2-500-lr5e-3-seed1": dict(max_steps=500, per_device_train_batch_size=2, learning_rate=5e-3, seed=1),
+    "b2-700-lr4e-3": dict(max_steps=700, per_device_train_batch_size=2, learning_rate=4e-3),
+    "b2-700-lr4e-3-seed1": dict(max_steps=700, per_device_train_batch_size=2, learning_rate=4e-3, seed=1),
+    "b2-600-lr5e-3": dict(max_steps=600, per_device_train_batch_size=2, learning_rate=5e-3),
     "b1-600-lr5e-3-r64": dict(
         max_steps=600, per_device_train_batch_size=1, learning_rate=5e-3, lora_r=64, lora_alpha=128
     ),
