@@ -115,19 +115,11 @@ def tool_chat_handler(
     llama,
     messages: list[dict],
     tools: list[dict] | None = None,
-    temperature: float = 0.2,
-    top_p: float = 0.95,
-    top_k: int = 40,
-    min_p: float = 0.05,
-    typical_p: float = 1.0,
     stream: bool = False,
     seed: int | None = None,
     max_tokens: int | None = None,
-    presence_penalty: float = 0.0,
-    frequency_penalty: float = 0.0,
-    repeat_penalty: float = 1.1,
     model: str | None = None,
-    **_ignored,
+    **request,
 ) -> dict:
     """A llama-cpp-python chat handler: OpenAI ``tools`` in, OpenAI ``tool_calls`` out.
 
@@ -143,11 +135,7 @@ def tool_chat_handler(
     if stream:
         raise ValueError("the mistral-tools chat format does not stream; send stream=false")
     prompt = tool_prompt_ids(llama, messages, tools)
-    sampling = dict(top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p, temp=temperature)
-    sampling |= dict(repeat_penalty=repeat_penalty, frequency_penalty=frequency_penalty)
-    text, generated, finish = _generate(
-        llama, prompt, seed, max_tokens, presence_penalty=presence_penalty, **sampling
-    )
+    text, generated, finish = _generate(llama, prompt, seed, max_tokens, **sampling(request))
     parsed = parse_tool_calls(text)
     message: dict = {"role": "assistant", "content": parsed.content or None}
     if parsed.calls:
@@ -169,6 +157,27 @@ def tool_chat_handler(
     elif "[TOOL_CALLS]" in text:
         message["content"] = text  # an unparseable call: show it as written
     return _completion(llama, model, message, finish, prompt, generated)
+
+
+# The course handlers' sampling defaults (llama-cpp-python's own), by the request's OpenAI-style names.
+SAMPLING_DEFAULTS = dict(
+    temperature=0.2,
+    top_p=0.95,
+    top_k=40,
+    min_p=0.05,
+    typical_p=1.0,
+    presence_penalty=0.0,
+    frequency_penalty=0.0,
+    repeat_penalty=1.1,
+)
+
+
+def sampling(request: dict) -> dict:
+    """``Llama.generate``'s sampling arguments from a chat request's (a missing or null value takes
+    :data:`SAMPLING_DEFAULTS`; ``temperature`` is ``temp`` there); other request fields are ignored."""
+    values = {k: d if request.get(k) is None else request[k] for k, d in SAMPLING_DEFAULTS.items()}
+    values["temp"] = values.pop("temperature")
+    return values
 
 
 def _generate(llama, prompt: list[int], seed: int | None, max_tokens: int | None, **sampling):
@@ -274,30 +283,18 @@ def reasoning_chat_handler(template: str, reasoning_effort: str | None = None):
     def handler(
         llama,
         messages: list[dict],
-        temperature: float = 0.2,
-        top_p: float = 0.95,
-        top_k: int = 40,
-        min_p: float = 0.05,
-        typical_p: float = 1.0,
         stream: bool = False,
         seed: int | None = None,
         max_tokens: int | None = None,
-        presence_penalty: float = 0.0,
-        frequency_penalty: float = 0.0,
-        repeat_penalty: float = 1.1,
         model: str | None = None,
-        **_ignored,
+        **request,
     ) -> dict:
         from course_utils.chat import split_thinking
 
         if stream:
             raise ValueError("the mistral-reasoning chat format does not stream; send stream=false")
         prompt = reasoning_prompt_ids(llama, template, messages, reasoning_effort)
-        sampling = dict(top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p, temp=temperature)
-        sampling |= dict(repeat_penalty=repeat_penalty, frequency_penalty=frequency_penalty)
-        text, generated, finish = _generate(
-            llama, prompt, seed, max_tokens, presence_penalty=presence_penalty, **sampling
-        )
+        text, generated, finish = _generate(llama, prompt, seed, max_tokens, **sampling(request))
         split = split_thinking(text)
         message = {"role": "assistant", "content": split.answer, "reasoning_content": split.thinking}
         return _completion(llama, model, message, finish, prompt, generated)

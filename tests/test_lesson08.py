@@ -270,3 +270,9 @@ def test_bounded_schema_caps_strings_and_lists_but_keeps_patterns():
     assert "maxLength" not in RECEIPT_SCHEMA["properties"]["merchant"]  # the original is untouched
     # \d would crash llama-cpp-python's server (unparseable grammar); [0-9] means the same
     assert bounded["properties"]["date"]["pattern"] == "^[0-9]{4}-[0-9]{2}-[0-9]{2}$"
+
+
+def test_handlers_take_the_requests_sampling_and_default_the_rest():
+    got = llama_server.sampling({"temperature": None, "top_k": 5, "tools": [], "stop": ["</s>"]})
+    assert got["top_k"] == 5 and got["temp"] == llama_server.SAMPLING_DEFAULTS["temperature"]
+    assert set(got) == {*llama_server.SAMPLING_DEFAULTS, "temp"} - {"temperature"}
