@@ -651,7 +651,7 @@ class ReasoningRun:
 
     effort: str
     replies: int
-    prompt_tokens: float  # "high" adds the [MODEL_SETTINGS] block
+    prompt_tokens: float  # either effort writes its [MODEL_SETTINGS] block
     reply_tokens: float  # everything generated, trace included
     thinking_tokens: float  # inside [THINK]…[/THINK]
     with_thinking: float  # share of replies that opened a trace
