@@ -11,25 +11,40 @@ known tool, schema-valid arguments), the right-tool rate, training wall and CPU 
 
 Measured on the 2-core CPU box (2026-11, all 30 held-out rows; target ≥ 0.9 well formed in ≤ 3 min):
 
-======================  =======  ==========  ===========  ==========
-variant                 train s  final loss  well formed  right tool
-======================  =======  ==========  ===========  ==========
-lesson08 (160 × 4)      —        2.11        0.0 (10)     —
-b2-300-lr5e-3           116      1.44        0.0          0.0
-b2-300-lr5e-3-rope1e4   131      1.37        0.667        0.2
-b2-300-lr5e-3-rope1e5   106      1.48        0.0          0.267
-b2-300-lr5e-3-rope1e6   107      1.40        0.0          0.0
-b2-500-lr5e-3           179      1.28        0.733        0.6         ← tools.TOOL_PRESETS
-b2-500-lr5e-3-seed1     166      1.11        0.667        0.6
-b2-500-lr8e-3           191      1.23        0.0          0.0
-b2-600-lr5e-3           205      1.15        0.0          0.0         keys repeat again
-b2-700-lr4e-3           236      1.05        0.967        0.633       over the 3-min budget
-b2-700-lr4e-3-seed1     252      1.08        0.433        0.433
-======================  =======  ==========  ===========  ==========
+=============================  =======  ==========  ===========  ==========
+variant                        train s  final loss  well formed  right tool
+=============================  =======  ==========  ===========  ==========
+lesson08 (160 × 4)             —        2.11        0.0 (10)     —
+b2-300-lr5e-3                  116      1.44        0.0          0.0
+b2-300-lr5e-3-rope1e4          131      1.37        0.667        0.2
+b2-300-lr5e-3-rope1e5          106      1.48        0.0          0.267
+b2-300-lr5e-3-rope1e6          107      1.40        0.0          0.0
+b2-500-lr5e-3                  179      1.28        0.733        0.6         ← tools.TOOL_PRESETS
+b2-500-lr5e-3-seed1            166      1.11        0.667        0.6
+b2-500-lr8e-3                  191      1.23        0.0          0.0
+b2-600-lr5e-3                  205      1.15        0.0          0.0         keys repeat again
+b2-700-lr4e-3                  236      1.05        0.967        0.633       over the 3-min budget
+b2-700-lr4e-3-seed1            252      1.08        0.433        0.433
+b2-500-lr5e-3-fp32             157      1.28        0.733        0.6         bf16 off: the same run
+b2-500-lr5e-3-rope1e4          170      1.19        1.0          0.867
+b2-500-lr5e-3-rope1e4-seed1    173      1.19        0.0          0.0         the same recipe, seed 1
+b2-500-lr5e-3-callonly-seed1   164      1.36        0.0          0.0         labels on the call only
+b2-500-lr5e-3-embmean-seed1    166      1.17        0.4          0.4         rows share a direction
+b2-500-lr5e-3-alltokens-seed1  257*     1.11        0.733        0.733       * machine shared
+b2-500-lr5e-3-unfreeze         178      1.69        0.0          0.0         attention weights train
+b2-500-lr5e-3-hd128            187      3.52        0.0          0.0         head_dim 128, new attention
+=============================  =======  ==========  ===========  ==========
 
 Well-formedness is a threshold, not a slope: replies either keep the key/value order or repeat keys, and
 the seed moves it as much as the recipe does (700 steps at 4e-3: 0.967 with seed 0, 0.433 with seed 1 —
 a mean of 0.70, the same as 500 at 5e-3 at two thirds of the time). The course keeps the 500-step preset.
+A RoPE base of 1e4 (more rotation pairs that tell neighbouring positions apart) gave 1.0 with seed 0 and
+0.0 with seed 1; neither training the attention's own weights (5e-3 is too much for them), nor a 128-wide
+head, nor labels on the call alone, nor giving every embedding row a shared direction, nor training every
+prompt token's row fixed seed 1 (0.0-0.73, around its 0.67 baseline). What fails is the previous-token
+information (`"id": "id": "id"`, `1.9.9`): a random 2-layer model forms that attention in some runs only.
+Lesson 08 therefore also shows the serving-side guarantee, ``tool_choice="required"`` (a grammar from the
+tools' schemas), which made 10 of 10 served calls well-formed where ``auto`` made 8.
 """
 
 from __future__ import annotations
@@ -62,6 +77,31 @@ VARIANTS: dict[str, dict] = {
     "b2-700-lr4e-3": dict(max_steps=700, per_device_train_batch_size=2, learning_rate=4e-3),
     "b2-700-lr4e-3-seed1": dict(max_steps=700, per_device_train_batch_size=2, learning_rate=4e-3, seed=1),
     "b2-600-lr5e-3": dict(max_steps=600, per_device_train_batch_size=2, learning_rate=5e-3),
+    "b2-500-lr5e-3-rope1e4": dict(max_steps=500, per_device_train_batch_size=2, learning_rate=5e-3),
+    "b2-500-lr5e-3-hd128": dict(max_steps=500, per_device_train_batch_size=2, learning_rate=5e-3),
+    "b2-500-lr5e-3-hd128-seed1": dict(
+        max_steps=500, per_device_train_batch_size=2, learning_rate=5e-3, seed=1
+    ),
+    "b2-500-lr5e-3-rope1e4-seed1": dict(
+        max_steps=500, per_device_train_batch_size=2, learning_rate=5e-3, seed=1
+    ),
+    "b2-500-lr5e-3-callonly": dict(max_steps=500, per_device_train_batch_size=2, learning_rate=5e-3),
+    "b2-500-lr5e-3-callonly-seed1": dict(
+        max_steps=500, per_device_train_batch_size=2, learning_rate=5e-3, seed=1
+    ),
+    "b2-500-lr5e-3-embmean-seed1": dict(
+        max_steps=500, per_device_train_batch_size=2, learning_rate=5e-3, seed=1
+    ),
+    "b2-500-lr5e-3-embmean": dict(max_steps=500, per_device_train_batch_size=2, learning_rate=5e-3),
+    "b2-500-lr5e-3-alltokens-seed1": dict(
+        max_steps=500, per_device_train_batch_size=2, learning_rate=5e-3, seed=1
+    ),
+    "b2-500-lr5e-3-unfreeze": dict(max_steps=500, per_device_train_batch_size=2, learning_rate=5e-3),
+    "b2-300-lr5e-3-unfreeze": dict(max_steps=300, per_device_train_batch_size=2, learning_rate=5e-3),
+    "b2-500-lr5e-3-fp32": dict(max_steps=500, per_device_train_batch_size=2, learning_rate=5e-3, bf16=False),
+    "b2-500-lr5e-3-fp32-seed1": dict(
+        max_steps=500, per_device_train_batch_size=2, learning_rate=5e-3, bf16=False, seed=1
+    ),
     "b1-600-lr5e-3-r64": dict(
         max_steps=600, per_device_train_batch_size=1, learning_rate=5e-3, lora_r=64, lora_alpha=128
     ),
@@ -79,20 +119,50 @@ def run(name: str, overrides: dict, held_out: int) -> dict:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     loaded = load("cpu-tiny")
     tokenizer = loaded.processor.tokenizer
-    if "-rope" in name:
+    if "-rope" in name or "-hd" in name:
         from transformers import AutoConfig, AutoModelForImageTextToText
 
         config = AutoConfig.from_pretrained(loaded.source)
-        theta = float(name.rsplit("-rope", 1)[1])  # -rope1e4, -rope1e6
-        config.text_config.rope_parameters = {"rope_type": "default", "rope_theta": theta}
+        for part in name.split("-"):
+            if part.startswith("rope"):  # -rope1e4: another RoPE base
+                theta = float(part[4:])
+                config.text_config.rope_parameters = {"rope_type": "default", "rope_theta": theta}
+            if part.startswith("hd"):  # -hd128: another head_dim (the attention weights start new, random)
+                config.text_config.head_dim = int(part[2:])
+        torch.manual_seed(0)
         loaded.model = AutoModelForImageTextToText.from_pretrained(
-            loaded.source, config=config, dtype=torch.float32
+            loaded.source, config=config, dtype=torch.float32, ignore_mismatched_sizes=True
         )
     preset = preset_for("cpu-tiny", **{"max_seq_length": 1024, "save_steps": 10**6, **overrides})
+    if (
+        "-embmean" in name
+    ):  # a direction every embedding row shares (a trained model's rows do; random ones not)
+        embed = loaded.model.get_input_embeddings().weight
+        with torch.no_grad():
+            shared = torch.randn(embed.shape[1], generator=torch.Generator().manual_seed(0))
+            embed += shared / shared.norm() * embed.norm(dim=1).mean()
+    if "-alltokens" in name:  # every token id of the rows (prompt too) gets a trained embedding row
+        from course_utils import loss as loss_module
+
+        tools_rows = tools.load_tool_split("train")
+        every = sorted(
+            {t for r in tools_rows for t in tools.render_ids(tokenizer, r["messages"], r["tools"])}
+        )
+        loss_module.trained_token_ids = lambda examples: every
     trainer = tools.build_tool_trainer(
         loaded.model, tokenizer, tools.load_tool_split("train"), preset, EXPERIMENTS / "tool-runs" / name
     )
     trainer.args.save_strategy = "no"
+    if "-callonly" in name:  # labels on the call only: the final answer (after the first </s>) is not trained
+        for example in trainer.train_dataset:
+            first_eos = example["labels"].index(tokenizer.eos_token_id)
+            example["labels"] = example["labels"][: first_eos + 1] + [-100] * (
+                len(example["labels"]) - first_eos - 1
+            )
+    if "-unfreeze" in name:  # the attention's own (frozen, random) weights train too, beside their LoRA
+        for pname, param in trainer.model.named_parameters():
+            if "language_model" in pname and "self_attn" in pname and pname.endswith("base_layer.weight"):
+                param.requires_grad_(True)
     wall0, cpu0 = time.perf_counter(), cpu_seconds()
     result = trainer.train()
     train_wall, train_cpu = time.perf_counter() - wall0, cpu_seconds() - cpu0
@@ -102,10 +172,7 @@ def run(name: str, overrides: dict, held_out: int) -> dict:
         tools.generate_raw(model, tokenizer, tools.prompt_messages(r), r["tools"], max_new_tokens=72)
         for r in rows
     ]
-    wanted = [
-        next(m for m in r["messages"] if m.get("tool_calls"))["tool_calls"][0]["function"]["name"]
-        for r in rows
-    ]
+    wanted = [tools.wanted_tool(r) for r in rows]
     called = [[c["name"] for c in tools.parse_tool_calls(x).calls] for x in replies]
     return {
         "variant": name,

@@ -119,6 +119,7 @@ def tool_chat_handler(
     seed: int | None = None,
     max_tokens: int | None = None,
     model: str | None = None,
+    tool_choice: str | dict | None = None,
     **request,
 ) -> dict:
     """A llama-cpp-python chat handler: OpenAI ``tools`` in, OpenAI ``tool_calls`` out.
@@ -127,6 +128,12 @@ def tool_chat_handler(
     ``tool_calls`` (``finish_reason: "tool_calls"``), with the model's 9-character id or a fresh one.
     A reply whose calls do not parse comes back as plain ``content``, so a client sees what the model
     wrote. No streaming (a tool call is only useful whole).
+
+    ``tool_choice`` as OpenAI and vLLM read it: ``"auto"`` (or absent) lets the model choose;
+    ``"required"`` or ``{"type": "function", "function": {"name": ...}}`` starts the reply with
+    ``[TOOL_CALLS]`` and constrains the rest with a grammar from the tools' schemas
+    (:func:`course_utils.tools.tool_calls_grammar`) — a call that always parses, not a right one;
+    ``"none"`` forbids the ``[TOOL_CALLS]`` token.
     """
     import random
 
@@ -135,7 +142,13 @@ def tool_chat_handler(
     if stream:
         raise ValueError("the mistral-tools chat format does not stream; send stream=false")
     prompt = tool_prompt_ids(llama, messages, tools)
-    text, generated, finish = _generate(llama, prompt, seed, max_tokens, **sampling(request))
+    (calls_token,) = llama.tokenize(b"[TOOL_CALLS]", add_bos=False, special=True)
+    forced, constraint = _tool_choice_constraint(llama, tools, tool_choice, calls_token)
+    text, generated, finish = _generate(
+        llama, prompt + forced, seed, max_tokens, **sampling(request), **constraint
+    )
+    if forced:
+        text, generated = "[TOOL_CALLS]" + text, forced + generated
     parsed = parse_tool_calls(text)
     message: dict = {"role": "assistant", "content": parsed.content or None}
     if parsed.calls:
@@ -157,6 +170,36 @@ def tool_chat_handler(
     elif "[TOOL_CALLS]" in text:
         message["content"] = text  # an unparseable call: show it as written
     return _completion(llama, model, message, finish, prompt, generated)
+
+
+def _tool_choice_constraint(llama, tools: list[dict] | None, tool_choice, calls_token: int):
+    """(tokens to prefill, extra ``generate`` arguments) for a request's ``tool_choice``."""
+    from llama_cpp import LlamaGrammar
+
+    from course_utils.tools import tool_calls_grammar
+
+    if tool_choice in (None, "auto"):
+        return [], {}
+    if tool_choice == "none":
+
+        def ban_calls(input_ids, scores):
+            scores[calls_token] = -float("inf")
+            return scores
+
+        return [], {"logits_processor": [ban_calls]}
+    if tool_choice == "required":
+        name = None
+    elif isinstance(tool_choice, dict) and isinstance(tool_choice.get("function"), dict):
+        name = tool_choice["function"].get("name")
+    else:
+        raise ValueError(
+            f"tool_choice {tool_choice!r}: use 'auto', 'none', 'required' or "
+            '{"type": "function", "function": {"name": ...}}'
+        )
+    if not tools:
+        raise ValueError(f"tool_choice {tool_choice!r} needs tools in the request")
+    grammar = LlamaGrammar.from_string(tool_calls_grammar(tools, name), verbose=False)
+    return [calls_token], {"grammar": grammar}
 
 
 # The course handlers' sampling defaults (llama-cpp-python's own), by the request's OpenAI-style names.

@@ -345,6 +345,14 @@ def prompt_messages(row: dict) -> list[dict]:
     return row["messages"][: last_user + 1]
 
 
+def wanted_tool(row: dict) -> str | None:
+    """The tool the row's first call names: the right answer to "which tool?" (None: the row calls none)."""
+    for message in row["messages"]:
+        if message.get("tool_calls"):
+            return message["tool_calls"][0]["function"]["name"]
+    return None
+
+
 # --- Checking calls --------------------------------------------------------------------------------
 
 
@@ -655,9 +663,15 @@ def bounded_schema(schema: dict, max_length: int = 24, max_items: int = 4) -> di
     built from it cannot run on forever, so a reply always closes within a known token budget.
     ``\d`` in patterns becomes ``[0-9]`` (same meaning): llama-cpp-python 0.3.36 turns ``\d`` into a
     grammar llama.cpp fails to parse, and its server then dies on the request."""
-    out = {
-        k: bounded_schema(v, max_length, max_items) if isinstance(v, dict) else v for k, v in schema.items()
-    }
+
+    def bound(value):
+        if isinstance(value, dict):
+            return bounded_schema(value, max_length, max_items)
+        if isinstance(value, list):  # anyOf / oneOf / allOf branches
+            return [bound(v) for v in value]
+        return value
+
+    out = {k: bound(v) for k, v in schema.items()}
     if "properties" in schema:
         out["properties"] = {
             k: bounded_schema(v, max_length, max_items) for k, v in schema["properties"].items()
@@ -697,6 +711,35 @@ def schema_grammar(
             line = r'char ::= [^"\\\x7F\x00-\x1F] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F]{4})'
         lines.append(line)
     return "\n".join(lines) + "\n"
+
+
+def tool_calls_schema(tools: list[dict], name: str | None = None) -> dict:
+    """The JSON schema of what follows ``[TOOL_CALLS]`` in Mistral's v7 format: a list of calls, each
+    ``{"name", "arguments", "id"}`` in that order, to one of ``tools`` (only ``name`` when given) with
+    arguments valid for that tool and a 9-character id. A grammar from it is ``tool_choice="required"``."""
+    chosen = [t["function"] for t in tools if name is None or t["function"]["name"] == name]
+    if not chosen:
+        known = ", ".join(t["function"]["name"] for t in tools)
+        raise ValueError(f"tool_choice names no tool named {name!r}; the request's tools: {known}")
+    calls = [
+        {
+            "type": "object",
+            "properties": {
+                "name": {"const": f["name"]},
+                "arguments": f.get("parameters") or {"type": "object"},
+                "id": {"type": "string", "pattern": CALL_ID_PATTERN.pattern},
+            },
+            "required": ["name", "arguments", "id"],
+            "additionalProperties": False,
+        }
+        for f in chosen
+    ]
+    return {"type": "array", "items": calls[0] if len(calls) == 1 else {"anyOf": calls}, "minItems": 1}
+
+
+def tool_calls_grammar(tools: list[dict], name: str | None = None) -> str:
+    """:func:`schema_grammar` of :func:`tool_calls_schema`: at most 4 calls, bounded strings and numbers."""
+    return schema_grammar(tool_calls_schema(tools, name))
 
 
 @dataclass

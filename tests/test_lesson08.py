@@ -276,3 +276,101 @@ def test_handlers_take_the_requests_sampling_and_default_the_rest():
     got = llama_server.sampling({"temperature": None, "top_k": 5, "tools": [], "stop": ["</s>"]})
     assert got["top_k"] == 5 and got["temp"] == llama_server.SAMPLING_DEFAULTS["temperature"]
     assert set(got) == {*llama_server.SAMPLING_DEFAULTS, "temp"} - {"temperature"}
+
+
+# --- tool_choice: "required" or a named function constrains the call; "none" forbids one ------------
+
+
+def test_tool_calls_schema_accepts_the_training_rows_calls_and_rejects_broken_ones():
+    import jsonschema
+
+    schema = tools.tool_calls_schema(tools.TOOLS)
+    for row in tools.load_tool_split("test")[:10]:
+        call = next(m for m in row["messages"] if m.get("tool_calls"))["tool_calls"][0]
+        written = [
+            {
+                "name": call["function"]["name"],
+                "arguments": json.loads(call["function"]["arguments"]),
+                "id": call["id"],
+            }
+        ]
+        jsonschema.validate(written, schema)
+        broken = [{**written[0], "id": "short"}], [{**written[0], "name": "delete_files"}], []
+        for bad in broken:
+            with pytest.raises(jsonschema.ValidationError):
+                jsonschema.validate(bad, schema)
+    only = tools.tool_calls_schema(tools.TOOLS, name="sum_amounts")
+    jsonschema.validate([{"name": "sum_amounts", "arguments": {"amounts": [1.5]}, "id": "a1b2c3d4e"}], only)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(
+            [{"name": "lookup_merchant", "arguments": {"name": "X"}, "id": "a1b2c3d4e"}], only
+        )
+    with pytest.raises(ValueError, match="no tool named 'nope'"):
+        tools.tool_calls_schema(tools.TOOLS, name="nope")
+
+
+def test_tool_choice_none_bans_the_tool_calls_token(vocab):
+    import numpy as np
+
+    row = tools.load_tool_split("test")[0]
+    llama = ScriptedLlama(vocab, "The total is 3 EUR.")
+    seen = {}
+    generate = llama.generate
+
+    def recording(prompt, **kwargs):
+        seen.update(kwargs)
+        yield from generate(prompt, **kwargs)
+
+    llama.generate = recording
+    llama_server.tool_chat_handler(llama, tools.prompt_messages(row), tools=row["tools"], tool_choice="none")
+    (ban,) = seen["logits_processor"]
+    scores = ban(np.array([1]), np.zeros(vocab.n_vocab(), dtype=np.float32))
+    (token,) = vocab.tokenize(b"[TOOL_CALLS]", add_bos=False, special=True)
+    assert scores[token] == -np.inf and np.isfinite(np.delete(scores, token)).all()
+
+
+def test_handler_refuses_an_unknown_tool_choice(vocab):
+    row = tools.load_tool_split("test")[0]
+    with pytest.raises(ValueError, match="tool_choice"):
+        llama_server.tool_chat_handler(
+            ScriptedLlama(vocab, "x"), tools.prompt_messages(row), tools=row["tools"], tool_choice="always"
+        )
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "sum_amounts"}}])
+def test_required_tool_choice_makes_every_served_call_well_formed(exported, choice):
+    """The untrained test model almost never writes a valid call; with tool_choice required (or one named
+    function) the server prefills [TOOL_CALLS] and a grammar from the tools' schemas constrains the rest."""
+    rows = tools.load_tool_split("test")[:4]
+    with serve.llama_tool_server(exported["files"]["F16"], n_ctx=2048) as server:
+        client = serve.client(server.url + "/v1")
+
+        def ask(row, **extra):
+            return client.chat.completions.create(
+                model="tools",
+                messages=tools.prompt_messages(row),
+                tools=row["tools"],
+                temperature=0.0,
+                **extra,
+            )
+
+        free = [ask(r, max_tokens=60) for r in rows]
+        forced = [ask(r, max_tokens=400, tool_choice=choice) for r in rows]
+    assert not all(r.choices[0].message.tool_calls for r in free)
+    for response in forced:
+        message = response.choices[0].message
+        assert response.choices[0].finish_reason == "tool_calls", message
+        for call in message.tool_calls:
+            verdict = tools.validate_call(call.function.name, call.function.arguments, tools.TOOLS)
+            assert verdict.ok, (verdict, call)
+            assert tools.CALL_ID_PATTERN.match(call.id)
+            if isinstance(choice, dict):
+                assert call.function.name == "sum_amounts"
+
+
+def test_bounded_schema_reaches_into_any_of_branches():
+    bounded = tools.bounded_schema(tools.tool_calls_schema(tools.TOOLS), max_length=20, max_items=3)
+    branches = {b["properties"]["name"]["const"]: b["properties"] for b in bounded["items"]["anyOf"]}
+    assert branches["lookup_merchant"]["arguments"]["properties"]["name"]["maxLength"] == 20
+    assert branches["sum_amounts"]["arguments"]["properties"]["amounts"]["maxItems"] == 3
+    assert bounded["maxItems"] == 3

@@ -229,3 +229,9 @@ def test_llama_cpp_format_and_tool_server_command(tmp_path):
     assert serve.llama_cpp_response_format(SCHEMA) == {"type": "json_object", "schema": SCHEMA}
     server = serve.llama_tool_server(tmp_path / "m.gguf")
     assert server.command[-2:] == ["--chat_format", "mistral-tools"] and "127.0.0.1" in server.command
+
+
+def test_wanted_tool_is_the_first_calls_name(rows):
+    names = {tools.wanted_tool(r) for r in rows["test"]}
+    assert names == {t["function"]["name"] for t in tools.TOOLS}
+    assert tools.wanted_tool({"messages": [{"role": "user", "content": "hi"}]}) is None
