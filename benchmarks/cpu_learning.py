@@ -26,6 +26,7 @@ b1-880-lr5e-3-textonly     247      0.86        0.18             0.008    1 row/
 rope1e4                    153      0.82        0.61             0.006    digits run on
 rope1e4-330                227      0.72        0.71             0.017    lower loss, still no copying
 l4-full-textheavy          —        1.14 @130   —                —        stopped: above baseline
+embmean                    157      0.89        1.00             0.015    rows share a direction
 =========================  =======  ==========  ===============  =======  ============================
 
 The loss floor (≈ 0.7-0.85 nats per reply token) is the values: the stand-in writes the JSON skeleton and
@@ -57,8 +58,7 @@ class Variant:
     text: dict = field(default_factory=dict)  # overrides of the tiny-mistral-small-3 text recipe
     preset: dict = field(default_factory=dict)  # overrides of preset_for("cpu-tiny")
     rows: str = "mixed"  # mixed: lesson 04's rows; text-heavy, text-first, text-only: see ordered_rows
-    train: str = "lora"  # lora: lesson 04 (LoRA + embedding rows); full: every language-model weight;
-    # lora+attn: lesson 04's LoRA with the attention layers' own (random) weights training too
+    train: str = "lora"  # lora: lesson 04 (LoRA + embedding rows); full: every language-model weight
     embed_shared: float = 0.0  # add a direction every embedding row shares, this times the mean row norm
     note: str = ""
 
@@ -91,8 +91,6 @@ VARIANTS: dict[str, Variant] = {
     "l4-lora": Variant(text=L4, note="128 wide, 4 layers, lesson 04's LoRA"),
     "l4-lora-r64": Variant(text=L4, preset=dict(lora_r=64, lora_alpha=64), note="LoRA r64"),
     "embmean": Variant(embed_shared=1.0, note="embedding rows share one direction (as trained ones do)"),
-    "attn": Variant(train="lora+attn", note="lesson 04's LoRA + the attention weights train"),
-    "attn-330": Variant(train="lora+attn", preset=dict(max_steps=330), note="lora+attn, 330 steps"),
     "l2-full": Variant(train="full", note="today's sizes, every language weight trains"),
     "w256-l4-full": Variant(text=W256, train="full", note="256 wide, 4 layers, full"),
     "w256-l4-lora": Variant(text=W256, note="256 wide, 4 layers, lesson 04's LoRA"),
@@ -224,13 +222,9 @@ def run(name: str, variant: Variant, eval_limit: int | None) -> dict:
             shared = torch.randn(embed.shape[1], generator=torch.Generator().manual_seed(0))
             embed += shared / shared.norm() * embed.norm(dim=1).mean() * variant.embed_shared
     out_dir = EXPERIMENTS / "runs" / name
-    if variant.train in ("lora", "lora+attn"):
+    if variant.train == "lora":
         training = build_trainer(model, processor, train_rows, None, preset, out_dir, progress=False)
         trainer, model = training.trainer, training.model
-        if variant.train == "lora+attn":
-            for pname, param in model.named_parameters():
-                if "language_model" in pname and "self_attn" in pname and pname.endswith("base_layer.weight"):
-                    param.requires_grad_(True)
     else:
         training = build_trainer(
             model,

@@ -25,6 +25,7 @@ from course_utils.export import ExportError
 def main(argv: list[str]) -> None:
     import llama_cpp.llama_chat_format as chat_format
 
+    _serve_bad_requests()
     if TOOL_CHAT_FORMAT in argv:
         chat_format.register_chat_completion_handler(TOOL_CHAT_FORMAT)(tool_chat_handler)
     if REASONING_CHAT_FORMAT in argv:
@@ -132,30 +133,39 @@ def tool_chat_handler(
     ``tool_choice`` as OpenAI and vLLM read it: ``"auto"`` (or absent) lets the model choose;
     ``"required"`` or ``{"type": "function", "function": {"name": ...}}`` starts the reply with
     ``[TOOL_CALLS]`` and constrains the rest with a grammar from the tools' schemas
-    (:func:`course_utils.tools.tool_calls_grammar`) — a call that always parses, not a right one;
-    ``"none"`` forbids the ``[TOOL_CALLS]`` token.
+    (:func:`course_utils.tools.tool_calls_grammar`) — a call that always parses when ``max_tokens``
+    leaves room for it, not a right one; its ids are fresh ones (greedy decoding would repeat the model's).
+    ``"none"`` forbids the ``[TOOL_CALLS]`` token and returns what the model wrote as content.
     """
     import random
 
-    from course_utils.tools import CALL_ID_PATTERN, new_call_id, parse_tool_calls
+    from course_utils.tools import CALL_ID_PATTERN, ParsedReply, new_call_id, parse_tool_calls
 
     if stream:
-        raise ValueError("the mistral-tools chat format does not stream; send stream=false")
+        raise BadRequest("the mistral-tools chat format does not stream; send stream=false")
     prompt = tool_prompt_ids(llama, messages, tools)
     (calls_token,) = llama.tokenize(b"[TOOL_CALLS]", add_bos=False, special=True)
     forced, constraint = _tool_choice_constraint(llama, tools, tool_choice, calls_token)
+    budget = None if max_tokens is None else max(1, max_tokens - len(forced))  # the prefill counts
     text, generated, finish = _generate(
-        llama, prompt + forced, seed, max_tokens, **sampling(request), **constraint
+        llama, prompt + forced, seed, budget, **sampling(request), **constraint
     )
     if forced:
         text, generated = "[TOOL_CALLS]" + text, forced + generated
-    parsed = parse_tool_calls(text)
+    parsed = parse_tool_calls(text) if tool_choice != "none" else ParsedReply(text.removesuffix("</s>"), [])
     message: dict = {"role": "assistant", "content": parsed.content or None}
     if parsed.calls:
-        rng = random.Random()
+        rng, used = random.Random(), set()
+
+        def call_id(call: dict) -> str:  # the model's id unless forced (greedy ids repeat) or already used
+            written = str(call.get("id", ""))
+            keep = not forced and CALL_ID_PATTERN.match(written) and written not in used
+            used.add(chosen := written if keep else new_call_id(rng))
+            return chosen
+
         message["tool_calls"] = [
             {
-                "id": call["id"] if CALL_ID_PATTERN.match(str(call.get("id", ""))) else new_call_id(rng),
+                "id": call_id(call),
                 "type": "function",
                 "function": {
                     "name": call["name"],
@@ -174,6 +184,7 @@ def tool_chat_handler(
 
 def _tool_choice_constraint(llama, tools: list[dict] | None, tool_choice, calls_token: int):
     """(tokens to prefill, extra ``generate`` arguments) for a request's ``tool_choice``."""
+    import llama_cpp
     from llama_cpp import LlamaGrammar
 
     from course_utils.tools import tool_calls_grammar
@@ -189,17 +200,53 @@ def _tool_choice_constraint(llama, tools: list[dict] | None, tool_choice, calls_
         return [], {"logits_processor": [ban_calls]}
     if tool_choice == "required":
         name = None
-    elif isinstance(tool_choice, dict) and isinstance(tool_choice.get("function"), dict):
-        name = tool_choice["function"].get("name")
+    elif isinstance(tool_choice, dict) and isinstance((tool_choice.get("function") or {}).get("name"), str):
+        name = tool_choice["function"]["name"]
     else:
-        raise ValueError(
+        raise BadRequest(
             f"tool_choice {tool_choice!r}: use 'auto', 'none', 'required' or "
-            '{"type": "function", "function": {"name": ...}}'
+            '{"type": "function", "function": {"name": ...}} with the name of one of the tools'
         )
     if not tools:
-        raise ValueError(f"tool_choice {tool_choice!r} needs tools in the request")
-    grammar = LlamaGrammar.from_string(tool_calls_grammar(tools, name), verbose=False)
-    return [calls_token], {"grammar": grammar}
+        raise BadRequest(f"tool_choice {tool_choice!r} needs tools in the request")
+    try:
+        text = tool_calls_grammar(tools, name)
+    except ValueError as error:
+        raise BadRequest(str(error)) from None
+    # llama.cpp returns no sampler for a grammar it cannot parse, and generating with it then crashes the
+    # process: try it here first
+    sampler = llama_cpp.llama_sampler_init_grammar(llama._model.vocab, text.encode(), b"root")
+    if not sampler:
+        raise BadRequest(
+            "llama.cpp cannot parse the grammar from the tools' schemas (a regex construct it lacks, such "
+            "as a negated shorthand inside a class?)"
+        )
+    llama_cpp.llama_sampler_free(sampler)
+    return [calls_token], {"grammar": LlamaGrammar.from_string(text, verbose=False)}
+
+
+class BadRequest(ValueError):
+    """A request a handler refuses. In process a ``ValueError``; through the server an OpenAI-shaped
+    HTTP 400 (``invalid_request_error``, see :func:`_serve_bad_requests`) — any other error becomes a
+    500 with a traceback in the log, which clients retry."""
+
+    PREFIX = "invalid request: "
+
+    def __init__(self, message: str):
+        super().__init__(self.PREFIX + message)
+
+
+def _serve_bad_requests() -> None:
+    """Teach llama_cpp.server's error handler (it maps error messages to responses by regex) that a
+    :class:`BadRequest` is the client's mistake: 400 with the message, like OpenAI's API."""
+    from llama_cpp.server.errors import ErrorResponse, RouteErrorHandler
+
+    def bad_request(body, match):
+        return 400, ErrorResponse(message=match.group(1), type="invalid_request_error", param=None, code=None)
+
+    RouteErrorHandler.pattern_and_formatters[
+        re.compile("^" + re.escape(BadRequest.PREFIX) + "(.+)$", re.S)
+    ] = bad_request
 
 
 # The course handlers' sampling defaults (llama-cpp-python's own), by the request's OpenAI-style names.
@@ -335,7 +382,7 @@ def reasoning_chat_handler(template: str, reasoning_effort: str | None = None):
         from course_utils.chat import split_thinking
 
         if stream:
-            raise ValueError("the mistral-reasoning chat format does not stream; send stream=false")
+            raise BadRequest("the mistral-reasoning chat format does not stream; send stream=false")
         prompt = reasoning_prompt_ids(llama, template, messages, reasoning_effort)
         text, generated, finish = _generate(llama, prompt, seed, max_tokens, **sampling(request))
         split = split_thinking(text)

@@ -681,8 +681,37 @@ def bounded_schema(schema: dict, max_length: int = 24, max_items: int = 4) -> di
     if schema.get("type") == "array":
         out.setdefault("maxItems", max_items)
     if "pattern" in schema:  # llama-cpp-python's converter writes \d as an escape llama.cpp cannot parse
-        out["pattern"] = schema["pattern"].replace("\\d", "[0-9]")
+        out["pattern"] = plain_pattern(schema["pattern"])
     return out
+
+
+# \d, \w, \s as the character ranges they mean: llama-cpp-python's converter copies the shorthands into
+# the grammar, which llama.cpp then fails to parse (and a server given it crashes)
+_SHORTHANDS = {"d": "0-9", "w": "A-Za-z0-9_", "s": " \\t\\n\\r"}
+
+
+def plain_pattern(pattern: str) -> str:
+    r"""``pattern`` with ``\d``, ``\w`` and ``\s`` spelled as ranges (``[0-9]`` outside a class, ``0-9``
+    inside one). Other escapes are kept; a grammar that still fails is refused before it is used."""
+    out, in_class, i = [], False, 0
+    while i < len(pattern):
+        char = pattern[i]
+        if char == "\\" and i + 1 < len(pattern):
+            escaped = pattern[i + 1]
+            if escaped in _SHORTHANDS:
+                ranges = _SHORTHANDS[escaped]
+                out.append(ranges if in_class else f"[{ranges}]")
+            else:
+                out.append(pattern[i : i + 2])
+            i += 2
+            continue
+        if char == "[" and not in_class:
+            in_class = True
+        elif char == "]" and in_class:
+            in_class = False
+        out.append(char)
+        i += 1
+    return "".join(out)
 
 
 def schema_grammar(
@@ -721,25 +750,58 @@ def tool_calls_schema(tools: list[dict], name: str | None = None) -> dict:
     if not chosen:
         known = ", ".join(t["function"]["name"] for t in tools)
         raise ValueError(f"tool_choice names no tool named {name!r}; the request's tools: {known}")
-    calls = [
-        {
-            "type": "object",
-            "properties": {
-                "name": {"const": f["name"]},
-                "arguments": f.get("parameters") or {"type": "object"},
-                "id": {"type": "string", "pattern": CALL_ID_PATTERN.pattern},
-            },
-            "required": ["name", "arguments", "id"],
-            "additionalProperties": False,
-        }
-        for f in chosen
-    ]
-    return {"type": "array", "items": calls[0] if len(calls) == 1 else {"anyOf": calls}, "minItems": 1}
+    definitions: dict = {}  # each tool's $defs, moved to the root (its $refs resolve from there)
+    calls = []
+    for f in chosen:
+        parameters = _hoist_definitions(f.get("parameters") or {"type": "object"}, f["name"], definitions)
+        calls.append(
+            {
+                "type": "object",
+                "properties": {
+                    "name": {"const": f["name"]},
+                    "arguments": parameters,
+                    "id": {"type": "string", "pattern": CALL_ID_PATTERN.pattern},
+                },
+                "required": ["name", "arguments", "id"],
+                "additionalProperties": False,
+            }
+        )
+    schema = {"type": "array", "items": calls[0] if len(calls) == 1 else {"anyOf": calls}, "minItems": 1}
+    return {**schema, "$defs": definitions} if definitions else schema
+
+
+def _hoist_definitions(parameters: dict, tool: str, definitions: dict) -> dict:
+    """``parameters`` without its ``$defs``/``definitions``: they go into ``definitions`` as
+    ``<tool>__<name>`` and every ``$ref`` to them is rewritten to match (pydantic writes such schemas)."""
+    own = {**parameters.get("definitions", {}), **parameters.get("$defs", {})}
+    renamed = {
+        f"#/{kind}/{key}": f"#/$defs/{tool}__{key}" for kind in ("$defs", "definitions") for key in own
+    }
+
+    def rewrite(node):
+        if isinstance(node, dict):
+            return {
+                k: renamed.get(v, v) if k == "$ref" else rewrite(v)
+                for k, v in node.items()
+                if k not in ("$defs", "definitions")
+            }
+        if isinstance(node, list):
+            return [rewrite(v) for v in node]
+        return node
+
+    for key, value in own.items():
+        definitions[f"{tool}__{key}"] = rewrite(value)
+    return rewrite(parameters)
 
 
 def tool_calls_grammar(tools: list[dict], name: str | None = None) -> str:
-    """:func:`schema_grammar` of :func:`tool_calls_schema`: at most 4 calls, bounded strings and numbers."""
-    return schema_grammar(tool_calls_schema(tools, name))
+    """:func:`schema_grammar` of :func:`tool_calls_schema`: at most 4 calls, bounded strings and numbers.
+    A schema the converter cannot turn into a grammar raises ``ValueError`` saying so."""
+    schema = tool_calls_schema(tools, name)
+    try:
+        return schema_grammar(schema)
+    except (ValueError, AssertionError, KeyError) as error:  # the converter asserts on what it lacks
+        raise ValueError(f"the tools' schemas do not convert to a grammar: {error}") from None
 
 
 @dataclass

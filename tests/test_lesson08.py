@@ -374,3 +374,114 @@ def test_bounded_schema_reaches_into_any_of_branches():
     assert branches["lookup_merchant"]["arguments"]["properties"]["name"]["maxLength"] == 20
     assert branches["sum_amounts"]["arguments"]["properties"]["amounts"]["maxItems"] == 3
     assert bounded["maxItems"] == 3
+
+
+# --- review findings: unparseable grammars, $defs, fresh ids, token budget, "none" ---------------
+
+ITEM_TOOL = {  # a tool schema the way pydantic's model_json_schema() writes it: $defs + $ref
+    "type": "function",
+    "function": {
+        "name": "add_item",
+        "parameters": {
+            "type": "object",
+            "properties": {"item": {"$ref": "#/$defs/Item"}},
+            "required": ["item"],
+            "$defs": {
+                "Item": {
+                    "type": "object",
+                    "properties": {"name": {"type": "string"}, "qty": {"type": "integer"}},
+                    "required": ["name", "qty"],
+                }
+            },
+        },
+    },
+}
+
+
+def test_tool_schemas_with_defs_and_refs_give_a_working_grammar(vocab):
+    import jsonschema
+
+    schema = tools.tool_calls_schema([*tools.TOOLS, ITEM_TOOL])
+    call = [{"name": "add_item", "arguments": {"item": {"name": "Tea", "qty": 2}}, "id": "a1b2c3d4e"}]
+    jsonschema.validate(call, schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate([{**call[0], "arguments": {"item": {"name": "Tea"}}}], schema)
+    forced, extra = llama_server._tool_choice_constraint(vocab, [*tools.TOOLS, ITEM_TOOL], "required", 9)
+    assert forced == [9] and "grammar" in extra
+
+
+def test_regex_shorthands_become_classes_llama_cpp_parses():
+    bounded = tools.bounded_schema({"type": "string", "pattern": r"^\w{3}\s[\w.]+\d$"})
+    assert bounded["pattern"] == r"^[A-Za-z0-9_]{3}[ \t\n\r][A-Za-z0-9_.]+[0-9]$"
+
+
+@pytest.mark.parametrize(
+    "parameters, problem",
+    [
+        ({"type": "object", "properties": {"x": {"type": "string", "pattern": r"^[\D]$"}}}, "cannot parse"),
+        ({"type": "object", "properties": {"x": {"type": "string", "pattern": "^(?=a)b$"}}}, "grammar"),
+    ],
+)
+def test_a_schema_llama_cpp_cannot_use_is_a_bad_request_not_a_crash(vocab, parameters, problem):
+    tool = {"type": "function", "function": {"name": "odd", "parameters": parameters}}
+    with pytest.raises(ValueError, match=problem) as raised:
+        llama_server._tool_choice_constraint(vocab, [tool], "required", 9)
+    assert isinstance(raised.value, llama_server.BadRequest)
+
+
+def test_forced_calls_get_fresh_distinct_ids_and_the_budget_counts_the_prefill(vocab):
+    row = tools.load_tool_split("test")[0]
+    two = (
+        '[{"name": "sum_amounts", "arguments": {"amounts": [1]}, "id": "a1b2c3d4e"}, '
+        '{"name": "sum_amounts", "arguments": {"amounts": [2]}, "id": "a1b2c3d4e"}]'
+    )
+    out = llama_server.tool_chat_handler(
+        ScriptedLlama(vocab, two), tools.prompt_messages(row), tools=row["tools"], tool_choice="required"
+    )
+    ids = [c["id"] for c in out["choices"][0]["message"]["tool_calls"]]
+    assert len(set(ids)) == 2 and all(tools.CALL_ID_PATTERN.match(i) for i in ids)
+    short = llama_server.tool_chat_handler(
+        ScriptedLlama(vocab, two),
+        tools.prompt_messages(row),
+        tools=row["tools"],
+        tool_choice="required",
+        max_tokens=5,
+    )
+    assert short["usage"]["completion_tokens"] == 5 and short["choices"][0]["finish_reason"] == "length"
+    # without tool_choice, a model that repeats an id still gets distinct ids back
+    auto = llama_server.tool_chat_handler(
+        ScriptedLlama(vocab, "[TOOL_CALLS]" + two), tools.prompt_messages(row), tools=row["tools"]
+    )
+    ids = [c["id"] for c in auto["choices"][0]["message"]["tool_calls"]]
+    assert ids[0] == "a1b2c3d4e" and ids[1] != ids[0]
+
+
+def test_tool_choice_none_never_returns_tool_calls(vocab):
+    row = tools.load_tool_split("test")[0]
+    spelled = '[TOOL_CALLS][{"name": "sum_amounts", "arguments": {"amounts": [1]}, "id": "a1b2c3d4e"}]'
+    out = llama_server.tool_chat_handler(
+        ScriptedLlama(vocab, spelled), tools.prompt_messages(row), tools=row["tools"], tool_choice="none"
+    )
+    message = out["choices"][0]["message"]
+    assert not message.get("tool_calls") and out["choices"][0]["finish_reason"] == "stop"
+
+
+def test_a_named_tool_choice_needs_a_name(vocab):
+    with pytest.raises(ValueError, match="name"):
+        llama_server._tool_choice_constraint(vocab, tools.TOOLS, {"type": "function", "function": {}}, 9)
+
+
+def test_a_bad_tool_choice_is_a_400_through_the_server(exported):
+    import openai
+
+    row = tools.load_tool_split("test")[0]
+    with serve.llama_tool_server(exported["files"]["F16"], n_ctx=2048) as server:
+        with pytest.raises(openai.BadRequestError, match="no tool named 'nope'") as raised:
+            serve.client(server.url + "/v1").chat.completions.create(
+                model="tools",
+                messages=tools.prompt_messages(row),
+                tools=row["tools"],
+                tool_choice={"type": "function", "function": {"name": "nope"}},
+                max_tokens=8,
+            )
+    assert raised.value.body["type"] == "invalid_request_error"
