@@ -14,6 +14,8 @@
 # - Render tool conversations in Mistral's format (`[AVAILABLE_TOOLS]`, `[TOOL_CALLS]`, 9-character
 #   call ids, `[TOOL_RESULTS]`) exactly as mistral-common does, and fine-tune a model to emit calls.
 # - Serve tool calls behind the OpenAI API; write a bounded, validating agent loop with the `openai` client.
+# - Make every served call parse with `tool_choice="required"` (a grammar from the tools' schemas), and
+#   know what that guarantee does not cover.
 # - Know when a grammar (GBNF) helps for markdown or XML, and write one.
 
 # %% [markdown]
