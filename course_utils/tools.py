@@ -661,8 +661,8 @@ def ensure_tool_adapter(
 def bounded_schema(schema: dict, max_length: int = 24, max_items: int = 4) -> dict:
     r"""``schema`` with every free string given ``maxLength`` and every array ``maxItems``: a grammar
     built from it cannot run on forever, so a reply always closes within a known token budget.
-    ``\d`` in patterns becomes ``[0-9]`` (same meaning): llama-cpp-python 0.3.36 turns ``\d`` into a
-    grammar llama.cpp fails to parse, and its server then dies on the request."""
+    Patterns get ``\d``, ``\w`` and ``\s`` spelled as ranges (:func:`plain_pattern`): llama-cpp-python
+    0.3.36 copies the shorthands into a grammar llama.cpp fails to parse, and its server then dies."""
 
     def bound(value):
         if isinstance(value, dict):
@@ -671,20 +671,23 @@ def bounded_schema(schema: dict, max_length: int = 24, max_items: int = 4) -> di
             return [bound(v) for v in value]
         return value
 
-    out = {k: bound(v) for k, v in schema.items()}
-    if "properties" in schema:
-        out["properties"] = {
-            k: bounded_schema(v, max_length, max_items) for k, v in schema["properties"].items()
-        }
+    out = {
+        # maps of name → schema: their keys are names (an argument may be called "pattern"), not keywords
+        k: {name: bound(sub) for name, sub in v.items()}
+        if k in _SCHEMA_MAPS and isinstance(v, dict)
+        else bound(v)
+        for k, v in schema.items()
+    }
     if schema.get("type") == "string" and "pattern" not in schema and "enum" not in schema:
         out.setdefault("maxLength", max_length)
     if schema.get("type") == "array":
         out.setdefault("maxItems", max_items)
-    if "pattern" in schema:  # llama-cpp-python's converter writes \d as an escape llama.cpp cannot parse
+    if isinstance(schema.get("pattern"), str):
         out["pattern"] = plain_pattern(schema["pattern"])
     return out
 
 
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions")  # name → schema
 # \d, \w, \s as the character ranges they mean: llama-cpp-python's converter copies the shorthands into
 # the grammar, which llama.cpp then fails to parse (and a server given it crashes)
 _SHORTHANDS = {"d": "0-9", "w": "A-Za-z0-9_", "s": " \\t\\n\\r"}

@@ -485,3 +485,14 @@ def test_a_bad_tool_choice_is_a_400_through_the_server(exported):
                 max_tokens=8,
             )
     assert raised.value.body["type"] == "invalid_request_error"
+
+
+def test_bounded_schema_treats_property_names_as_names_not_keywords():
+    schema = {
+        "type": "object",
+        "properties": {"pattern": {"type": "string"}, "type": {"type": "string", "pattern": r"^\d+$"}},
+    }
+    bounded = tools.bounded_schema(schema, max_length=20)
+    assert bounded["properties"]["pattern"] == {"type": "string", "maxLength": 20}
+    assert bounded["properties"]["type"]["pattern"] == "^[0-9]+$"
+    tools.schema_grammar(schema)  # an argument called "pattern" is an ordinary argument
