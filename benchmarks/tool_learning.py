@@ -50,10 +50,12 @@ tools' schemas), which made 10 of 10 served calls well-formed where ``auto`` mad
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -141,17 +143,16 @@ def run(name: str, overrides: dict, held_out: int) -> dict:
         with torch.no_grad():
             shared = torch.randn(embed.shape[1], generator=torch.Generator().manual_seed(0))
             embed += shared / shared.norm() * embed.norm(dim=1).mean()
+    rows_tokens = contextlib.nullcontext()
     if "-alltokens" in name:  # every token id of the rows (prompt too) gets a trained embedding row
-        from course_utils import loss as loss_module
-
-        tools_rows = tools.load_tool_split("train")
-        every = sorted(
-            {t for r in tools_rows for t in tools.render_ids(tokenizer, r["messages"], r["tools"])}
+        rows = tools.load_tool_split("train")
+        every = sorted({t for r in rows for t in tools.render_ids(tokenizer, r["messages"], r["tools"])})
+        # for this variant's trainer only (the next variant in the same process gets the course's rule)
+        rows_tokens = mock.patch("course_utils.loss.trained_token_ids", lambda examples: every)
+    with rows_tokens:
+        trainer = tools.build_tool_trainer(
+            loaded.model, tokenizer, tools.load_tool_split("train"), preset, EXPERIMENTS / "tool-runs" / name
         )
-        loss_module.trained_token_ids = lambda examples: every
-    trainer = tools.build_tool_trainer(
-        loaded.model, tokenizer, tools.load_tool_split("train"), preset, EXPERIMENTS / "tool-runs" / name
-    )
     trainer.args.save_strategy = "no"
     if "-callonly" in name:  # labels on the call only: the final answer (after the first </s>) is not trained
         for example in trainer.train_dataset:
