@@ -104,6 +104,19 @@ VARIANTS: dict[str, dict] = {
     "b2-500-lr5e-3-fp32-seed1": dict(
         max_steps=500, per_device_train_batch_size=2, learning_rate=5e-3, bf16=False, seed=1
     ),
+    # LoRA+ (Hayou et al. 2024, arXiv:2402.12354): the B matrices learn ratio × faster than A (-lp<ratio>)
+    "b2-500-lr5e-3-lp16": dict(max_steps=500, per_device_train_batch_size=2, learning_rate=5e-3),
+    "b2-500-lr5e-3-lp16-seed1": dict(
+        max_steps=500, per_device_train_batch_size=2, learning_rate=5e-3, seed=1
+    ),
+    "b2-500-lr2e-3-lp16": dict(max_steps=500, per_device_train_batch_size=2, learning_rate=2e-3),
+    "b2-500-lr2e-3-lp16-seed1": dict(
+        max_steps=500, per_device_train_batch_size=2, learning_rate=2e-3, seed=1
+    ),
+    "b2-500-lr5e-3-lp4": dict(max_steps=500, per_device_train_batch_size=2, learning_rate=5e-3),
+    "b2-500-lr5e-3-lp4-seed1": dict(
+        max_steps=500, per_device_train_batch_size=2, learning_rate=5e-3, seed=1
+    ),
     "b1-600-lr5e-3-r64": dict(
         max_steps=600, per_device_train_batch_size=1, learning_rate=5e-3, lora_r=64, lora_alpha=128
     ),
@@ -164,6 +177,17 @@ def run(name: str, overrides: dict, held_out: int) -> dict:
         for pname, param in trainer.model.named_parameters():
             if "language_model" in pname and "self_attn" in pname and pname.endswith("base_layer.weight"):
                 param.requires_grad_(True)
+    for part in name.split("-"):
+        if part.startswith("lp"):  # -lp16: LoRA+ with that B/A learning-rate ratio (peft's own optimizer)
+            from peft.optimizers import create_loraplus_optimizer
+
+            trainer.optimizer = create_loraplus_optimizer(
+                trainer.model,
+                torch.optim.AdamW,
+                lr=preset.learning_rate,
+                loraplus_lr_ratio=float(part[2:]),
+                weight_decay=preset.weight_decay,
+            )
     wall0, cpu0 = time.perf_counter(), cpu_seconds()
     result = trainer.train()
     train_wall, train_cpu = time.perf_counter() - wall0, cpu_seconds() - cpu0

@@ -40,6 +40,33 @@ def to_messages(message: dict | str, history: list, system: str | None = None) -
     return out
 
 
+def responder(
+    base_url: str,
+    model: str = "receipts",
+    api_key: str | None = None,
+    system: str | None = None,
+    max_tokens: int = 256,
+):
+    """The chat function behind the demo: streams the reply from the endpoint in the box.
+
+    The box is editable, so ``api_key`` (a gateway's master key) goes only to ``base_url`` itself; any
+    other endpoint a visitor types is called without it — the key never leaves for a URL you did not set.
+    """
+    from course_utils import serve
+
+    def respond(message, history, endpoint, temp):
+        own = endpoint.rstrip("/") == base_url.rstrip("/")
+        api = serve.client(endpoint, api_key if own else None)
+        reply = ""
+        for piece in serve.stream_chat(
+            api, model, to_messages(message, history, system), temperature=float(temp), max_tokens=max_tokens
+        ):
+            reply += piece
+            yield reply
+
+    return respond
+
+
 def build_demo(
     base_url: str,
     model: str = "receipts",
@@ -49,19 +76,10 @@ def build_demo(
     max_tokens: int = 256,
     title: str = TITLE,
 ):
-    """The gradio Blocks app (not launched)."""
+    """The gradio Blocks app (not launched); ``api_key`` is sent to ``base_url`` only (:func:`responder`)."""
     import gradio as gr
 
-    from course_utils.serve import client, stream_chat
-
-    def respond(message, history, endpoint, temp):
-        api = client(endpoint, api_key)
-        reply = ""
-        for piece in stream_chat(
-            api, model, to_messages(message, history, system), temperature=float(temp), max_tokens=max_tokens
-        ):
-            reply += piece
-            yield reply
+    respond = responder(base_url, model, api_key, system, max_tokens)
 
     with gr.Blocks(title=title) as demo:
         gr.Markdown(f"# {title}\nUpload a receipt (or paste its text) and get JSON back. Model: `{model}`.")

@@ -253,7 +253,8 @@ figure = result.plot()
 # `demo.build_demo` is a gradio chat with image upload, an endpoint box and a temperature slider; replies
 # stream. It binds 127.0.0.1 with `share=False` (a public `*.gradio.live` link only if you pass
 # `share=True` — think before you do); set `DEMO_USER` and `DEMO_PASSWORD` in the environment to require a
-# login. Below it is driven through `gradio_client`, as a script or a test would.
+# login. The endpoint box is editable, so the gateway key you pass goes to your own endpoint only: a URL a
+# visitor types is called without it. Below it is driven through `gradio_client`, as a script or a test would.
 #
 # A chat box is also where people type `[/INST]` to close their turn and write the assistant's (prompt
 # injection). mistral-common encodes typed control tokens as text; so do the course's training

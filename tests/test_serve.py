@@ -417,3 +417,16 @@ def test_served_small_4_reply_keeps_reasoning_apart(small4_gguf, stand_in_dir):
     assert "[THINK]" not in (message.content or "") and "reasoning_content" in message.model_extra
     with pytest.raises(ValueError, match="reasoning_effort"):
         serve.llama_reasoning_server(small4_gguf, "medium")
+
+
+def test_demo_sends_its_key_only_to_its_own_endpoint(monkeypatch):
+    """The endpoint box is editable: a visitor who types another URL must not receive the gateway's key."""
+    import course_utils.serve as serve_module
+
+    seen = []
+    monkeypatch.setattr(serve_module, "client", lambda endpoint, api_key=None: seen.append((endpoint, api_key)))
+    monkeypatch.setattr(serve_module, "stream_chat", lambda api, model, messages, **kw: iter(["{}"]))
+    respond = demo.responder("http://127.0.0.1:4000/v1", api_key="sk-master-secret")
+    assert list(respond("hi", [], "http://127.0.0.1:4000/v1/", 0.1)) == ["{}"]
+    assert list(respond("hi", [], "https://attacker.example/v1", 0.1)) == ["{}"]
+    assert seen == [("http://127.0.0.1:4000/v1/", "sk-master-secret"), ("https://attacker.example/v1", None)]
