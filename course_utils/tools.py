@@ -29,6 +29,36 @@ import jsonschema
 from course_utils.paths import atomic_write, course_root
 from course_utils.tiny import TOOLS_CHAT_TEMPLATE  # re-exported: lesson 08 reads tools.TOOLS_CHAT_TEMPLATE
 
+# The family lesson 08 runs: its tool format is v7's ([TOOL_CALLS][{…, "id": …}]); Small 4's tokenizer (v15)
+# writes calls as [TOOL_CALLS]name[ARGS]{…}, which this lesson's template, data and parser do not speak.
+LESSON_MODEL = "mistral-small-3.2"
+
+
+@dataclass(frozen=True)
+class LessonProfile:
+    profile: object  # course_utils.profiles.Profile
+    model: str
+    message: str  # what changed and why; "" when MODEL already was Small 3.2
+
+
+def lesson_profile(requested: str, hardware, model: str) -> LessonProfile:
+    """Lesson 08's profile: ``requested``'s rung running Small 3.2, whatever ``MODEL``/``COURSE_MODEL`` say.
+
+    Sets ``COURSE_MODEL`` in this process (this notebook's kernel) too, so every helper that resolves the
+    model itself (:func:`ensure_tool_adapter`, :func:`ensure_tuned_gguf`, …) loads the same one.
+    """
+    from course_utils.profiles import MODEL_ENV_VAR, resolve_profile
+
+    message = ""
+    if model != LESSON_MODEL:
+        message = (
+            f"MODEL is {model}: lesson 08 runs Mistral Small 3.2 instead — its tool calls are "
+            "[TOOL_CALLS][{…, \"id\": …}] (tokenizer v7); Small 4's are [TOOL_CALLS]name[ARGS]{…} (v15)."
+        )
+    os.environ[MODEL_ENV_VAR] = LESSON_MODEL
+    return LessonProfile(resolve_profile(requested, hardware=hardware, model=LESSON_MODEL), LESSON_MODEL, message)
+
+
 SYSTEM_PROMPT = "You answer questions about receipts. Call a tool when one is needed."
 SPLITS = {"train": 240, "val": 30, "test": 30}
 DEFAULT_DIR = Path("data") / "tools"

@@ -28,6 +28,8 @@
 #
 # The servers are the course's llama.cpp server from lesson 07 on the Q4_K_M files: lesson 06's tuned
 # model (exported now if lesson 06 has not run), and the base exported the same way (seconds on `cpu-tiny`).
+# This lesson runs Mistral Small 3.2 (or its stand-in) even when `MODEL` says Small 4: Small 4's tokenizer
+# writes tool calls in another format (`[TOOL_CALLS]name[ARGS]{…}`), which this lesson's data does not use.
 
 # %%
 # NBVAL_IGNORE_OUTPUT
@@ -35,6 +37,9 @@ from course_utils import serve, tools
 from course_utils.paths import outputs_dir
 from course_utils.receipts import RECEIPT_SCHEMA, lesson_splits
 
+lesson = tools.lesson_profile(PROFILE, hardware, MODEL)  # this lesson speaks Small 3.2's tool format
+profile, MODEL = lesson.profile, lesson.model
+print(lesson.message or f"model: {MODEL}")
 work_dir = outputs_dir(profile.name, "lesson08")
 tuned_files = tools.ensure_tuned_gguf(profile.name, hardware=hardware)  # lesson 06's files, or built now
 base_files = tools.ensure_base_gguf(profile.name, work_dir)

@@ -496,3 +496,18 @@ def test_bounded_schema_treats_property_names_as_names_not_keywords():
     assert bounded["properties"]["pattern"] == {"type": "string", "maxLength": 20}
     assert bounded["properties"]["type"]["pattern"] == "^[0-9]+$"
     tools.schema_grammar(schema)  # an argument called "pattern" is an ordinary argument
+
+
+def test_lesson_08_runs_small_3_whatever_model_says(monkeypatch):
+    """Small 4's tokenizer writes tool calls in another format ([TOOL_CALLS]name[ARGS]…): lesson 08 pins
+    Small 3.2 — its own helpers included, which resolve the model from COURSE_MODEL."""
+    from course_utils.models import model_source
+
+    monkeypatch.setenv("COURSE_MODEL", "mistral-small-4")
+    pinned = tools.lesson_profile("cpu-tiny", hardware=None, model="mistral-small-4")
+    assert pinned.profile.model == "mistral-small-3.2" and pinned.model == "mistral-small-3.2"
+    assert "mistral-small-4" in pinned.message and "Small 3.2" in pinned.message
+    assert Path(model_source("cpu-tiny").model_id).name == "tiny-mistral-small-3"  # what the helpers load
+    assert tools.lesson_profile("cpu-tiny", hardware=None, model="mistral-small-3.2").message == ""
+    source = LESSON.read_text()
+    assert source.index("tools.lesson_profile(") < source.index("ensure_tuned_gguf(")
