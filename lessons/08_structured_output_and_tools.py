@@ -348,17 +348,18 @@ import jsonschema
 from openai import OpenAI
 
 
-def run_agent(client, model, question, tools, functions, max_turns=4):
+def run_agent(client, model, question, tools, functions, max_turns=4, max_tokens=256):
     schemas = {tool["function"]["name"]: tool["function"]["parameters"] for tool in tools}
     messages = [{"role": "user", "content": question}]
     for _ in range(max_turns):
-        reply = (
-            client.chat.completions.create(
-                model=model, messages=messages, tools=tools, temperature=0.0, max_tokens=128
-            )
-            .choices[0]
-            .message
-        )
+        choice = client.chat.completions.create(
+            model=model, messages=messages, tools=tools, temperature=0.0, max_tokens=max_tokens
+        ).choices[0]
+        reply = choice.message
+        if choice.finish_reason == "length":  # cut off mid-answer or mid-call: not an answer
+            cut = f"(cut off at max_tokens={max_tokens}, no answer) {reply.content or ''}"
+            messages.append({"role": "assistant", "content": cut})
+            return messages
         if not reply.tool_calls:
             messages.append({"role": "assistant", "content": reply.content or ""})
             return messages

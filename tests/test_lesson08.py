@@ -57,10 +57,10 @@ class ScriptedClient:
         # what the course's llama.cpp server would accept (its request model rejects content=None)
         CreateChatCompletionRequest(messages=kwargs["messages"], tools=kwargs.get("tools"))
         self.sent.append(json.loads(json.dumps(kwargs["messages"])))
-        content, calls = self.replies.pop(0)
-        return SimpleNamespace(
-            choices=[SimpleNamespace(message=SimpleNamespace(content=content, tool_calls=calls))]
-        )
+        content, calls, *finish = self.replies.pop(0)
+        finish_reason = finish[0] if finish else ("tool_calls" if calls else "stop")
+        message = SimpleNamespace(content=content, tool_calls=calls)
+        return SimpleNamespace(choices=[SimpleNamespace(message=message, finish_reason=finish_reason)])
 
 
 def test_agent_refuses_bad_arguments_and_unknown_tools_then_answers():
@@ -100,6 +100,17 @@ def test_agent_stops_after_max_turns():
     transcript = tools.run_agent(client, "m", "Who?", tools.TOOLS, tools.FUNCTIONS, max_turns=3)
     assert len(client.sent) == 3
     assert "stopped after 3 turns" in transcript[-1]["content"]
+
+
+def test_agent_does_not_take_a_cut_off_reply_for_an_answer():
+    """A reply that hit max_tokens (here a call cut mid-name, which the server returns as content) is not
+    the final answer: the loop stops and says so."""
+    client = ScriptedClient([('[TOOL_CALLS][{"name": "convert_currency", "argum', None, "length")] * 3)
+    transcript = tools.run_agent(client, "m", "12 EUR in USD?", tools.TOOLS, tools.FUNCTIONS, max_turns=3)
+    assert len(client.sent) == 1
+    assert transcript[-1]["role"] == "assistant"
+    assert transcript[-1]["content"].startswith("(cut off at max_tokens")
+    assert '"argum' in transcript[-1]["content"]  # what the model had written is kept, marked
 
 
 # --- the tool handler, with a scripted model -------------------------------------------------------
