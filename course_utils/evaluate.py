@@ -72,24 +72,37 @@ _CURRENCY_SYMBOLS = {"€": "EUR", "$": "USD", "£": "GBP", "¥": "JPY", "CHF": 
 
 
 def normalize_number(value) -> float | None:
-    """``"1,234.50"``, ``"12.3 €"``, ``12.30`` → 12.3 (rounded to cents); ``None`` when not a number."""
+    """``"1,234.50"``, ``"1.234,50"``, ``"12,3 €"``, ``"Rp 45.500"``, ``12.30`` → the number, rounded to
+    cents; ``None`` when not a number.
+
+    The last separator is the decimal mark when both kinds appear; a single kind is the decimal mark
+    only when it appears once and is not followed by exactly three digits (``45.500`` groups thousands).
+    """
     if isinstance(value, bool):
         return None
     if isinstance(value, (int, float)):
         return round(float(value), 2)
-    if isinstance(value, str):
-        cleaned = "".join(ch for ch in value if ch.isdigit() or ch in ".-,")
-        if cleaned.count(",") and cleaned.count("."):
-            cleaned = cleaned.replace(",", "")
-        elif cleaned.count(",") == 1 and len(cleaned.split(",")[1]) == 2:
-            cleaned = cleaned.replace(",", ".")  # decimal comma: 12,30
+    if not isinstance(value, str):
+        return None
+    cleaned = "".join(ch for ch in value if ch.isdigit() or ch in ".-,")
+    marks = [ch for ch in cleaned if ch in ".,"]
+    if marks:
+        last = marks[-1]
+        other = "," if last == "." else "."
+        if other in marks:  # 1.234,56 / 1,234.56: the last kind is the decimal mark
+            decimal = last if marks.count(last) == 1 else None
         else:
-            cleaned = cleaned.replace(",", "")
-        try:
-            return round(float(cleaned), 2)
-        except ValueError:
+            decimal = last if marks.count(last) == 1 and len(cleaned.rsplit(last, 1)[1]) != 3 else ""
+        if decimal is None:  # the last kind appears twice after the other: 1.2.3,4,5
             return None
-    return None
+        grouping = other if decimal else last
+        cleaned = cleaned.replace(grouping, "")
+        if decimal:
+            cleaned = cleaned.replace(decimal, ".")
+    try:
+        return round(float(cleaned), 2)
+    except ValueError:
+        return None
 
 
 def normalize_date(value) -> str | None:

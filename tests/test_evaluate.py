@@ -33,6 +33,13 @@ GOLD = {
         ("1,234.50", 1234.5),
         ("12,30 €", 12.3),
         ("$15", 15.0),
+        ("1.234,56", 1234.56),  # European: the last separator is the decimal one
+        ("12,5", 12.5),
+        ("Rp 45.500", 45500.0),  # CORD-v2: dots group thousands
+        ("1.234.000", 1234000.0),
+        ("1,234", 1234.0),
+        ("-3.50", -3.5),
+        ("1.2.3,4,5", None),  # not a number: two decimal marks
         (3, 3.0),
         ("n/a", None),
         (True, None),
