@@ -257,7 +257,7 @@ def run(args) -> int:
     """Execute every notebook in order into ``--out``; print notebook, status, seconds."""
     import nbformat
     from nbclient import NotebookClient
-    from nbclient.exceptions import CellExecutionError
+    from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
 
     notebooks = discover_notebooks(Path(args.notebooks))
     if args.only:
@@ -288,6 +288,16 @@ def run(args) -> int:
         except CellExecutionError as exc:
             status, failed = "FAILED", True
             print(f"\n{nb_path.name} failed:\n{str(exc)[-2000:]}", file=sys.stderr)
+        except DeadKernelError:
+            status, failed = "FAILED", True
+            print(
+                f"\n{nb_path.name}: the kernel died (often out of memory: close other notebooks, or pick a "
+                "smaller profile); the cells before it are in the executed notebook",
+                file=sys.stderr,
+            )
+        except CellTimeoutError:
+            status, failed = "FAILED", True
+            print(f"\n{nb_path.name}: a cell ran past --timeout {args.timeout} s", file=sys.stderr)
         seconds = time.perf_counter() - t0
         nbformat.write(nb, out / nb_path.name)
         rows.append({"notebook": nb_path.name, "status": status, "seconds": round(seconds, 1)})

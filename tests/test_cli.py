@@ -63,6 +63,28 @@ def test_run_executes_in_order_and_reports_failures(tmp_path, capsys):
     assert executed.cells[0].outputs[0]["text"].strip() == "cpu-tiny"
 
 
+def test_run_reports_a_dead_kernel_and_a_timeout_without_a_traceback(tmp_path, capsys):
+    """A kernel killed (out of memory) or a cell past --timeout is a failed lesson in the summary, not a
+    traceback that loses the executed notebook and summary.json."""
+    nbs = tmp_path / "nbs"
+    nbs.mkdir()
+    _notebook(nbs / "00_dies.ipynb", "print('started')", "import os\nos._exit(9)")
+    _notebook(nbs / "01_slow.ipynb", "import time\ntime.sleep(30)")
+    argv = ["run", "--notebooks", str(nbs), "--out", str(tmp_path / "runs"), "--profile", "cpu-tiny"]
+    rc = main([*argv, "--keep-going", "--timeout", "3"])
+    captured = capsys.readouterr()
+    assert rc == 1
+    assert "00_dies.ipynb: the kernel died" in captured.err
+    assert "01_slow.ipynb: a cell ran past --timeout 3 s" in captured.err
+    summary = json.loads((tmp_path / "runs" / "summary.json").read_text())
+    assert [(r["notebook"], r["status"]) for r in summary] == [
+        ("00_dies.ipynb", "FAILED"),
+        ("01_slow.ipynb", "FAILED"),
+    ]
+    executed = nbformat.read(tmp_path / "runs" / "00_dies.ipynb", as_version=4)
+    assert executed.cells[0].outputs[0]["text"].strip() == "started"  # what ran before is kept
+
+
 def test_checkpoint_runs_the_lessons_up_to_the_one_asked_for(tmp_path, capsys):
     nbs = tmp_path / "nbs"
     nbs.mkdir()
