@@ -423,7 +423,21 @@ def litellm_config(
 def litellm_proxy(
     config_path: str | os.PathLike, master_key: str, host: str = LOCALHOST, port: int | None = None
 ) -> Server:
-    """A real ``litellm`` proxy in front of the configured backends (not started yet)."""
+    """A real ``litellm`` proxy in front of the configured backends (not started yet).
+
+    ``master_key`` is exported under the name the config's ``general_settings.master_key:
+    os.environ/NAME`` reads (:func:`litellm_config` writes it); a config without one would serve every
+    request unauthenticated and is refused, as is a key written into the file itself.
+    """
+    import yaml
+
+    config = yaml.safe_load(Path(config_path).read_text(encoding="utf-8")) or {}
+    reference = str((config.get("general_settings") or {}).get("master_key") or "")
+    where = f"{Path(config_path).name}: general_settings.master_key"
+    if not reference:
+        raise ValueError(f"{where} is not set: the proxy would accept every request (use litellm_config)")
+    if not reference.startswith("os.environ/"):
+        raise ValueError(f"{where} holds a key in the file: write os.environ/NAME and pass the key here")
     port = port or free_port(host)
     command = [
         str(Path(sys.executable).with_name("litellm")),
@@ -437,7 +451,7 @@ def litellm_proxy(
         "1",
     ]
     env = {
-        "LITELLM_MASTER_KEY": master_key,
+        reference.removeprefix("os.environ/"): master_key,
         "LITELLM_LOG": "ERROR",
         "LITELLM_LOCAL_MODEL_COST_MAP": "True",
         "DISABLE_SCHEMA_UPDATE": "True",

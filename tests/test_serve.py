@@ -419,6 +419,28 @@ def test_served_small_4_reply_keeps_reasoning_apart(small4_gguf, stand_in_dir):
         serve.llama_reasoning_server(small4_gguf, "medium")
 
 
+def test_the_proxy_exports_its_key_under_the_name_the_config_reads(tmp_path):
+    """litellm resolves ``master_key: os.environ/NAME``; a key exported under another name left the proxy
+    without auth (every request accepted)."""
+    import yaml
+
+    backends = [{"name": "m", "kind": "openai", "api_base": "http://127.0.0.1:1/v1", "model": "m"}]
+    path = tmp_path / "litellm.yaml"
+    path.write_text(yaml.safe_dump(serve.litellm_config(backends, master_key_env="GATEWAY_KEY")))
+    proxy = serve.litellm_proxy(path, master_key="sk-test")
+    assert proxy.env["GATEWAY_KEY"] == "sk-test" and "LITELLM_MASTER_KEY" not in proxy.env
+    open_config = serve.litellm_config(backends)
+    del open_config["general_settings"]
+    path.write_text(yaml.safe_dump(open_config))
+    with pytest.raises(ValueError, match=r"litellm.yaml: general_settings.master_key .* every request"):
+        serve.litellm_proxy(path, master_key="sk-test")
+    open_config["general_settings"] = {"master_key": "sk-written-in-the-file"}
+    path.write_text(yaml.safe_dump(open_config))
+    with pytest.raises(ValueError, match=r"os.environ/NAME") as refused:
+        serve.litellm_proxy(path, master_key="sk-test")
+    assert "sk-written-in-the-file" not in str(refused.value)  # a key is never echoed
+
+
 def test_demo_sends_its_key_only_to_its_own_endpoint(monkeypatch):
     """The endpoint box is editable: a visitor who types another URL must not receive the gateway's key."""
     import course_utils.serve as serve_module
