@@ -53,10 +53,12 @@ def lesson_profile(requested: str, hardware, model: str) -> LessonProfile:
     if model != LESSON_MODEL:
         message = (
             f"MODEL is {model}: lesson 08 runs Mistral Small 3.2 instead — its tool calls are "
-            "[TOOL_CALLS][{…, \"id\": …}] (tokenizer v7); Small 4's are [TOOL_CALLS]name[ARGS]{…} (v15)."
+            '[TOOL_CALLS][{…, "id": …}] (tokenizer v7); Small 4\'s are [TOOL_CALLS]name[ARGS]{…} (v15).'
         )
     os.environ[MODEL_ENV_VAR] = LESSON_MODEL
-    return LessonProfile(resolve_profile(requested, hardware=hardware, model=LESSON_MODEL), LESSON_MODEL, message)
+    return LessonProfile(
+        resolve_profile(requested, hardware=hardware, model=LESSON_MODEL), LESSON_MODEL, message
+    )
 
 
 SYSTEM_PROMPT = "You answer questions about receipts. Call a tool when one is needed."

@@ -446,7 +446,9 @@ def test_demo_sends_its_key_only_to_its_own_endpoint(monkeypatch):
     import course_utils.serve as serve_module
 
     seen = []
-    monkeypatch.setattr(serve_module, "client", lambda endpoint, api_key=None: seen.append((endpoint, api_key)))
+    monkeypatch.setattr(
+        serve_module, "client", lambda endpoint, api_key=None: seen.append((endpoint, api_key))
+    )
     monkeypatch.setattr(serve_module, "stream_chat", lambda api, model, messages, **kw: iter(["{}"]))
     respond = demo.responder("http://127.0.0.1:4000/v1", api_key="sk-master-secret")
     assert list(respond("hi", [], "http://127.0.0.1:4000/v1/", 0.1)) == ["{}"]
