@@ -636,56 +636,62 @@ def ensure_tool_adapter(
 ) -> tuple[Path, str]:
     """The tool-calling adapter when it exists for this data; otherwise train it now and save it.
 
-    Reused only when its card says it was trained on these rows (``dataset_sha256_16``).
+    Reused only when its card says it was trained on these rows (``dataset_sha256_16``), on this base
+    (``base_fingerprint``) and with this recipe (``preset``); otherwise retrained, and the message says
+    why. The new adapter replaces the old one only once it is complete (:func:`~course_utils.paths.staged`).
     """
     import time
 
-    from course_utils.models import load
+    from course_utils.models import load, model_source
+    from course_utils.paths import staged
     from course_utils.train import dataset_hash, preset_for
 
     adapter_dir = Path(adapter_dir)
     card_path = adapter_dir / "training_card.json"
     digest = dataset_hash(train_rows)
     base = _base_fingerprint(profile_name)
-    if (
-        card_path.exists()
-        and json.loads(card_path.read_text())["dataset_sha256_16"] == digest
-        and json.loads(card_path.read_text()).get("base_fingerprint") == base
-    ):
-        card = json.loads(card_path.read_text())
-        return (
-            adapter_dir,
-            f"reused {adapter_dir.name}: {card['max_steps']} steps in {card['train_seconds']} s",
-        )
-    loaded = load(profile_name)
-    overrides = {"max_steps": 200, **TOOL_PRESETS.get(loaded.profile.name, {})}
+    rung = model_source(profile_name).profile.name
+    overrides = {"max_steps": 200, **TOOL_PRESETS.get(rung, {})}
     if max_steps:
         overrides["max_steps"] = max_steps
-    preset = preset_for(loaded.profile.name, max_seq_length=1024, save_steps=10**6, **overrides)
-    steps = preset.max_steps
-    trainer = build_tool_trainer(
-        loaded.model,
-        loaded.processor.tokenizer,
-        train_rows,
-        preset,
-        adapter_dir.with_name(adapter_dir.name + "-run"),
+    preset = preset_for(rung, max_seq_length=1024, save_steps=10**6, **overrides)
+    old = json.loads(card_path.read_text()) if card_path.is_file() else None
+    if old and (old["dataset_sha256_16"], old.get("base_fingerprint"), old.get("preset")) == (
+        digest,
+        base,
+        preset.as_dict(),
+    ):
+        return adapter_dir, f"reused {adapter_dir.name}: {old['max_steps']} steps in {old['train_seconds']} s"
+    why = (
+        ""
+        if old is None
+        else " (the saved one was for other rows)"
+        if old["dataset_sha256_16"] != digest
+        else " (the saved one was for another base)"
+        if old.get("base_fingerprint") != base
+        else " (the saved one had another recipe)"
     )
+    loaded = load(profile_name)
+    run_dir = adapter_dir.with_name(adapter_dir.name + "-run")
+    trainer = build_tool_trainer(loaded.model, loaded.processor.tokenizer, train_rows, preset, run_dir)
     started = time.perf_counter()
     result = trainer.train()
     seconds = round(time.perf_counter() - started, 1)
-    trainer.model.save_pretrained(adapter_dir)
-    shutil.rmtree(adapter_dir.with_name(adapter_dir.name + "-run"), ignore_errors=True)  # no checkpoints kept
     card = {
-        "max_steps": steps,
+        "max_steps": preset.max_steps,
         "train_loss": round(result.training_loss, 4),
         "train_seconds": seconds,
         "train_examples": len(train_rows),
         "dataset_sha256_16": digest,
         "base_fingerprint": base,
+        "preset": preset.as_dict(),
         "losses": [round(h["loss"], 4) for h in trainer.state.log_history if "loss" in h],
     }
-    atomic_write(card_path, json.dumps(card, indent=2), overwrite=True)
-    return adapter_dir, f"trained {adapter_dir.name}: {steps} steps in {seconds} s"
+    with staged(adapter_dir, overwrite=True, folder=True) as tmp:  # the old adapter stays until this is whole
+        trainer.model.save_pretrained(tmp)
+        (tmp / "training_card.json").write_text(json.dumps(card, indent=2), encoding="utf-8")
+    shutil.rmtree(run_dir, ignore_errors=True)  # no checkpoints kept
+    return adapter_dir, f"trained {adapter_dir.name}{why}: {preset.max_steps} steps in {seconds} s"
 
 
 # --- Structured output: constrained decoding through the course's llama.cpp server -----------------

@@ -395,7 +395,7 @@ print("round trip identical:", load_image(uri).convert("RGB").tobytes() == small
 # ## Summary
 #
 # - An image costs `rows × cols` tokens plus one per row, with one token per 28×28 px for Small 3.x:
-#   a 1540 px page is ≈ 3–4k tokens; resize to a budget, but keep text legible.
+#   a 1540 × 2053 px page is ≈ 2.4k tokens (the table in 2.2); resize to a budget, but keep text legible.
 # - Images go first in the user turn, as paths, PIL images, URLs or data URIs.
 # - Reliable JSON comes from a strict system prompt, named keys, low temperature, few-shot examples —
 #   and validation of every reply. On the stand-in all of it fails, honestly; lesson 04 fixes that by

@@ -522,3 +522,16 @@ def test_lesson_08_runs_small_3_whatever_model_says(monkeypatch):
     assert tools.lesson_profile("cpu-tiny", hardware=None, model="mistral-small-3.2").message == ""
     source = LESSON.read_text()
     assert source.index("tools.lesson_profile(") < source.index("ensure_tuned_gguf(")
+
+
+def test_the_tool_adapter_is_reused_only_for_the_same_rows_base_and_recipe(tmp_path):
+    rows = tools.load_tool_split("train")[:4]
+    adapter = tmp_path / "tools-lora"
+    _, first = tools.ensure_tool_adapter("cpu-tiny", adapter, rows, max_steps=2)
+    _, again = tools.ensure_tool_adapter("cpu-tiny", adapter, rows, max_steps=2)
+    assert first.startswith("trained tools-lora") and again.startswith("reused tools-lora")
+    _, other_recipe = tools.ensure_tool_adapter("cpu-tiny", adapter, rows, max_steps=3)
+    assert other_recipe.startswith("trained tools-lora") and "another recipe" in other_recipe
+    assert json.loads((adapter / "training_card.json").read_text())["max_steps"] == 3
+    assert (adapter / "adapter_model.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tools-lora"]  # no half-written or run folders
