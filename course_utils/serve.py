@@ -367,13 +367,24 @@ def vllm_memory(
     bytes_per_weight: float | None = None,
     concurrent_sequences: int = 1,
 ) -> dict:
-    """Per-GPU GiB for weights and a full KV cache (from the config), and the GPU class that fits."""
+    """Per-GPU GiB for weights and a full KV cache (from the config), and the GPU class that fits.
+
+    Tensor parallelism splits the weights, and GQA's KV heads down to one head per GPU (a GPU beyond the
+    head count holds a copy); MLA caches one latent per token that every rank keeps whole (vLLM's MLA
+    cache has a single "head"), so Small 4's cache does not shrink with more GPUs.
+    """
+    import math
+
     from course_utils.profiles import MODELS
 
     spec = MODELS[model_key]
     bytes_per_weight = spec.served_bytes_per_weight if bytes_per_weight is None else bytes_per_weight
     weights = spec.total_params_b * 1e9 * bytes_per_weight / 2**30 / tensor_parallel
-    kv = spec.kv_cache_bytes_per_token() * max_model_len * concurrent_sequences / 2**30 / tensor_parallel
+    if spec.attention == "MLA":
+        kv_share = 1.0
+    else:
+        kv_share = math.ceil(spec.num_key_value_heads / tensor_parallel) / spec.num_key_value_heads
+    kv = spec.kv_cache_bytes_per_token() * max_model_len * concurrent_sequences / 2**30 * kv_share
     total = (weights + kv) / 0.9  # vLLM's default gpu_memory_utilization is 0.9
     fits = next((f"{g} GB" for g in (24, 48, 80, 141) if total <= g * 0.93), "more than one 141 GB GPU")
     return {

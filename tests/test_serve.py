@@ -85,6 +85,25 @@ def test_vllm_memory_from_the_config():
     assert serve.vllm_memory("mistral-small-4", 32768, tensor_parallel=4)["per_gpu_gib"] < 80
 
 
+def test_vllm_memory_splits_gqa_heads_across_gpus_but_not_mlas_latent():
+    """Tensor parallelism splits GQA's KV heads (8 for Small 3.2: no further than one head per GPU) but not
+    MLA's single latent, which every rank keeps whole."""
+    from course_utils.profiles import MODELS
+
+    small3 = MODELS["mistral-small-3.2"].kv_cache_bytes_per_token() * 32768 / 2**30
+    assert serve.vllm_memory("mistral-small-3.2", 32768, tensor_parallel=2)["kv_cache_gib"] == round(
+        small3 / 2, 1
+    )
+    assert serve.vllm_memory("mistral-small-3.2", 32768, tensor_parallel=16)["kv_cache_gib"] == round(
+        small3 / 8, 1
+    )
+    small4 = MODELS["mistral-small-4"].kv_cache_bytes_per_token() * 32768 / 2**30
+    for tp in (1, 4):
+        assert serve.vllm_memory("mistral-small-4", 32768, tensor_parallel=tp)["kv_cache_gib"] == round(
+            small4, 1
+        )
+
+
 def test_litellm_config_references_keys_never_values(monkeypatch):
     monkeypatch.setenv("LLAMA_API_KEY", "sk-secret-value")
     config = serve.litellm_config(
