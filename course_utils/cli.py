@@ -333,6 +333,8 @@ def checkpoint(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from course_utils.profiles import STAND_IN_OF_MODEL
+
     parser = argparse.ArgumentParser(prog="python -m course_utils", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -343,7 +345,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("tiny", help="build the offline stand-in models")
     p.add_argument("--out", default=None, help="default: outputs/stand-ins under the course root")
-    p.add_argument("--name", action="append", help="build only this stand-in (repeatable)")
+    p.add_argument(
+        "--name",
+        action="append",
+        choices=sorted(set(STAND_IN_OF_MODEL.values())),  # course_utils.tiny.STAND_INS, without torch
+        help="build only this stand-in (repeatable)",
+    )
     p.add_argument("--force", action="store_true", help="rebuild even if a matching build is cached")
     p.set_defaults(func=tiny)
 

@@ -237,7 +237,8 @@ def load(
     else:
         kwargs.update(dtype=torch.float32)  # bf16 matmuls are slow on most CPUs; the stand-in is small
     processor = AutoProcessor.from_pretrained(source)
-    model = AutoModelForImageTextToText.from_pretrained(source, **kwargs)
+    # safetensors only: a pickled pytorch_model.bin can run code when it is loaded
+    model = AutoModelForImageTextToText.from_pretrained(source, use_safetensors=True, **kwargs)
     model.eval()
     return LoadedModel(model, processor, prof, backend, source, reasons)
 

@@ -99,6 +99,7 @@ else:
         MODEL_ID,
         quantization_config=quantization,
         dtype=torch.float32,  # bf16 is slow on most CPUs
+        use_safetensors=True,  # never a pickled .bin: unpickling can run code
     ).eval()
 print(type(model).__name__, f"{model.num_parameters():,} parameters", "on", model.device)
 

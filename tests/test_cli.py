@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import nbformat
+import pytest
 
 from course_utils.cli import check_packages, main, read_pins
 
@@ -39,6 +40,17 @@ def test_tiny_command_builds_both(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "tiny-mistral-small-3" in out and "tiny-mistral-small-4" in out
     assert (tmp_path / "tiny-mistral-small-4" / "model.safetensors").is_file()
+
+
+def test_tiny_with_an_unknown_name_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["tiny", "--name", "tiny-bogus"])
+    assert exited.value.code == 2
+    assert "invalid choice: 'tiny-bogus'" in capsys.readouterr().err
+    from course_utils.profiles import STAND_IN_OF_MODEL
+    from course_utils.tiny import STAND_INS
+
+    assert set(STAND_IN_OF_MODEL.values()) == set(STAND_INS)  # the choices offered are what tiny builds
 
 
 def _notebook(path, *sources):

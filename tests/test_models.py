@@ -40,6 +40,21 @@ def test_load_describes_what_was_chosen_and_why(stand_in_dir, cpu_hardware):
     assert not model.training
 
 
+def test_load_takes_safetensors_only(stand_in_dir, cpu_hardware, tmp_path):
+    """A checkpoint with only a pickled pytorch_model.bin (unpickling can run code) is refused."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    pickled = tmp_path / "tiny-mistral-small-3"
+    shutil.copytree(stand_in_dir / "tiny-mistral-small-3", pickled)
+    torch.save(load_file(pickled / "model.safetensors"), pickled / "pytorch_model.bin")
+    (pickled / "model.safetensors").unlink()
+    with pytest.raises(OSError, match="safetensors"):
+        load("cpu-tiny", stand_in="tiny-mistral-small-3", stand_in_dir=tmp_path, hardware=cpu_hardware)
+
+
 def test_gpu_profile_refuses_on_cpu_before_downloading(cpu_hardware):
     with pytest.raises(PreflightError, match="before any download"):
         load("gpu-24gb", hardware=cpu_hardware)
