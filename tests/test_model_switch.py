@@ -114,6 +114,16 @@ def test_every_notebook_has_the_model_parameter_and_uses_it():
     assert (namespace["PROFILE"], namespace["MODEL"]) == ("auto", "mistral-small-3.2")
     assert namespace["MODEL"] in COURSE_MODELS
     assert "model=MODEL" in VERSIONS
+    import nbformat
+
+    notebooks = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+    assert len(notebooks) >= 9
+    for path in notebooks:
+        sources = [c.source for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code"]
+        assert PARAMETERS in sources, f"{path.name}: no parameters cell"
+        assert any("model=MODEL" in s for s in sources[sources.index(PARAMETERS) :]), (
+            f"{path.name}: MODEL is never used after the parameters cell"
+        )
 
 
 def test_run_sets_course_model_for_the_notebooks(tmp_path, monkeypatch):
