@@ -523,15 +523,29 @@ def run_tool_call(name: str, arguments: str | dict, tools: list[dict], functions
 def run_agent(client, model, question, tools, functions, max_turns=4, max_tokens=256):
     schemas = {tool["function"]["name"]: tool["function"]["parameters"] for tool in tools}
     messages = [{"role": "user", "content": question}]
+    tool_choice = "auto"
     for _ in range(max_turns):
         choice = client.chat.completions.create(
-            model=model, messages=messages, tools=tools, temperature=0.0, max_tokens=max_tokens
+            model=model,
+            messages=messages,
+            tools=tools,
+            tool_choice=tool_choice,
+            temperature=0.0,
+            max_tokens=max_tokens,
         ).choices[0]
         reply = choice.message
         if choice.finish_reason == "length":  # cut off mid-answer or mid-call: not an answer
             cut = f"(cut off at max_tokens={max_tokens}, no answer) {reply.content or ''}"
             messages.append({"role": "assistant", "content": cut})
             return messages
+        if not reply.tool_calls and (reply.content or "").startswith("[TOOL_CALLS]"):
+            if tool_choice == "required":  # still no parseable call: stop, and say so
+                failed = f"(no tool call parsed, no answer) {reply.content}"
+                messages.append({"role": "assistant", "content": failed})
+                return messages
+            tool_choice = "required"  # it began a call the server could not parse: ask again, constrained
+            continue
+        tool_choice = "auto"
         if not reply.tool_calls:
             messages.append({"role": "assistant", "content": reply.content or ""})
             return messages

@@ -227,7 +227,8 @@ tool_adapter, adapter_message = tools.ensure_tool_adapter(
     profile.name, outputs_dir(profile.name, "adapters") / "tools-lora", train_tool_rows
 )
 print(adapter_message)
-tool_model = load_tuned(load(PROFILE, model=MODEL, hardware=hardware).model, tool_adapter)
+# merged into a fresh copy of the base: the same replies, ≈ 4× faster here than through peft's wrapper
+tool_model = load_tuned(load(PROFILE, model=MODEL, hardware=hardware).model, tool_adapter).merge_and_unload()
 after = [
     tools.generate_raw(tool_model, tokenizer, tools.prompt_messages(r), r["tools"], max_new_tokens=72)
     for r in held_out
@@ -334,7 +335,9 @@ print(shlex.join(serve.vllm_command("mistral-small-3.2", "mistral")))
 # `tool_calls`, run each **after** checking it — a known tool, arguments that parse and match the tool's
 # schema — and send the result back as a `tool` message; stop at a plain answer or after `max_turns`.
 # A refusal goes back to the model as the tool result, so it can recover; bad arguments never reach
-# your function.
+# your function. Two replies are not answers: one that begins a call the server could not parse (it comes
+# back as content starting with `[TOOL_CALLS]`) — the loop asks again with `tool_choice="required"`, the
+# grammar of 8.6 — and one cut off at `max_tokens`, which ends the loop and says so.
 
 # %% tags=["copyable", "copy:agent-loop"]
 # NBVAL_IGNORE_OUTPUT
@@ -351,15 +354,29 @@ from openai import OpenAI
 def run_agent(client, model, question, tools, functions, max_turns=4, max_tokens=256):
     schemas = {tool["function"]["name"]: tool["function"]["parameters"] for tool in tools}
     messages = [{"role": "user", "content": question}]
+    tool_choice = "auto"
     for _ in range(max_turns):
         choice = client.chat.completions.create(
-            model=model, messages=messages, tools=tools, temperature=0.0, max_tokens=max_tokens
+            model=model,
+            messages=messages,
+            tools=tools,
+            tool_choice=tool_choice,
+            temperature=0.0,
+            max_tokens=max_tokens,
         ).choices[0]
         reply = choice.message
         if choice.finish_reason == "length":  # cut off mid-answer or mid-call: not an answer
             cut = f"(cut off at max_tokens={max_tokens}, no answer) {reply.content or ''}"
             messages.append({"role": "assistant", "content": cut})
             return messages
+        if not reply.tool_calls and (reply.content or "").startswith("[TOOL_CALLS]"):
+            if tool_choice == "required":  # still no parseable call: stop, and say so
+                failed = f"(no tool call parsed, no answer) {reply.content}"
+                messages.append({"role": "assistant", "content": failed})
+                return messages
+            tool_choice = "required"  # it began a call the server could not parse: ask again, constrained
+            continue
+        tool_choice = "auto"
         if not reply.tool_calls:
             messages.append({"role": "assistant", "content": reply.content or ""})
             return messages

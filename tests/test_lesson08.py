@@ -48,7 +48,7 @@ class ScriptedClient:
     """Answers chat.completions.create with the next scripted message; records what it was sent."""
 
     def __init__(self, replies):
-        self.replies, self.sent = list(replies), []
+        self.replies, self.sent, self.tool_choices = list(replies), [], []
         self.chat = SimpleNamespace(completions=SimpleNamespace(create=self.create))
 
     def create(self, **kwargs):
@@ -57,6 +57,7 @@ class ScriptedClient:
         # what the course's llama.cpp server would accept (its request model rejects content=None)
         CreateChatCompletionRequest(messages=kwargs["messages"], tools=kwargs.get("tools"))
         self.sent.append(json.loads(json.dumps(kwargs["messages"])))
+        self.tool_choices.append(kwargs.get("tool_choice"))
         content, calls, *finish = self.replies.pop(0)
         finish_reason = finish[0] if finish else ("tool_calls" if calls else "stop")
         message = SimpleNamespace(content=content, tool_calls=calls)
@@ -111,6 +112,27 @@ def test_agent_does_not_take_a_cut_off_reply_for_an_answer():
     assert transcript[-1]["role"] == "assistant"
     assert transcript[-1]["content"].startswith("(cut off at max_tokens")
     assert '"argum' in transcript[-1]["content"]  # what the model had written is kept, marked
+
+
+def test_agent_asks_again_constrained_when_a_call_does_not_parse():
+    """A reply that starts a call the server could not parse comes back as content: it is not an answer.
+    The loop asks again with tool_choice="required" (every call then parses, lesson 8.6)."""
+    broken = '[TOOL_CALLS][{"name": "sum_amounts", "arguments": {"amounts": [1.5, 2}}]'
+    client = ScriptedClient(
+        [
+            (broken, None, "stop"),
+            (None, [_call("sum_amounts", '{"amounts": [1.5, 2]}')]),
+            ("They add up to 3.5.", None),
+        ]
+    )
+    transcript = tools.run_agent(client, "m", "Add 1.5 and 2", tools.TOOLS, tools.FUNCTIONS, max_turns=4)
+    assert client.tool_choices == ["auto", "required", "auto"]
+    assert all(broken not in json.dumps(m) for m in transcript)
+    assert transcript[-1] == {"role": "assistant", "content": "They add up to 3.5."}
+    stubborn = ScriptedClient([(broken, None, "stop")] * 3)  # a server without the grammar
+    transcript = tools.run_agent(stubborn, "m", "Add 1.5 and 2", tools.TOOLS, tools.FUNCTIONS, max_turns=4)
+    assert stubborn.tool_choices == ["auto", "required"]
+    assert transcript[-1]["content"].startswith("(no tool call parsed, no answer)")
 
 
 # --- the tool handler, with a scripted model -------------------------------------------------------
