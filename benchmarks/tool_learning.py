@@ -196,10 +196,8 @@ def run(name: str, overrides: dict, held_out: int) -> dict:
     train_wall, train_cpu = time.perf_counter() - wall0, cpu_seconds() - cpu0
     model = trainer.model.eval()
     rows = tools.load_tool_split("test")[:held_out]
-    replies = [
-        tools.generate_raw(model, tokenizer, tools.prompt_messages(r), r["tools"], max_new_tokens=72)
-        for r in rows
-    ]
+    prompts = [(tools.prompt_messages(r), r["tools"]) for r in rows]
+    replies = tools.generate_raw_batch(model, tokenizer, prompts, max_new_tokens=72)  # = generate_raw's
     wanted = [tools.wanted_tool(r) for r in rows]
     called = [[c["name"] for c in tools.parse_tool_calls(x).calls] for x in replies]
     return {

@@ -505,6 +505,38 @@ def generate_raw(model, tokenizer, messages: list[dict], tools: list[dict], max_
     return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=False)
 
 
+def generate_raw_batch(
+    model,
+    tokenizer,
+    prompts: list[tuple[list[dict], list[dict]]],
+    max_new_tokens: int = 96,
+    batch_size: int = 16,
+) -> list[str]:
+    """:func:`generate_raw` for many ``(messages, tools)`` prompts at once: left-padded batches, greedy,
+    each reply cut after its first ``</s>`` — the replies :func:`generate_raw` gives, row by row."""
+    import torch
+
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    replies: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        rendered = [render_ids(tokenizer, m, t) for m, t in prompts[start : start + batch_size]]
+        width = max(map(len, rendered))
+        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rendered])
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rendered])
+        with torch.no_grad():
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=pad,
+            )
+        for row in out[:, width:].tolist():
+            row = row[: row.index(eos) + 1] if eos in row else row
+            replies.append(tokenizer.decode(row, skip_special_tokens=False))
+    return replies
+
+
 # --- Agent-loop plumbing ---------------------------------------------------------------------------
 
 

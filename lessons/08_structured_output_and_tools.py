@@ -206,16 +206,13 @@ print(tokenizer.decode(tools.render_ids(tokenizer, test_tool_rows[0]["messages"]
 # has no such head and forms one in some runs and not in others — pretrained models have them
 # ("previous-token heads": Olsson et al. 2022, *In-context Learning and Induction Heads*,
 # arXiv:2209.11895). 8.6 shows the serving-side guarantee that does not depend on luck. The rest of the
-# lesson — serving, the agent loop and its guard rails — works either way. Here,
-# on the first 10 held-out rows:
+# lesson — serving, the agent loop and its guard rails — works either way. Here, on all 30 held-out rows:
 
 # %% tags=["show-output"]
 # NBVAL_IGNORE_OUTPUT
-held_out = test_tool_rows[:10] if profile.is_stand_in else test_tool_rows  # a short CPU run
-before = [
-    tools.generate_raw(loaded.model, tokenizer, tools.prompt_messages(r), r["tools"], max_new_tokens=72)
-    for r in held_out
-]
+# all 30 test rows, greedy, in left-padded batches (generate_raw_batch: the replies one at a time gives)
+prompts = [(tools.prompt_messages(r), r["tools"]) for r in test_tool_rows]
+before = tools.generate_raw_batch(loaded.model, tokenizer, prompts, max_new_tokens=72)
 print(f"well-formed calls before training: {tools.well_formed_rate(before, tools.TOOLS):.0%}")
 print("a base reply:", repr(before[0][:120]))
 
@@ -229,12 +226,9 @@ tool_adapter, adapter_message = tools.ensure_tool_adapter(
 print(adapter_message)
 # merged into a fresh copy of the base: the same replies, ≈ 4× faster here than through peft's wrapper
 tool_model = load_tuned(load(PROFILE, model=MODEL, hardware=hardware).model, tool_adapter).merge_and_unload()
-after = [
-    tools.generate_raw(tool_model, tokenizer, tools.prompt_messages(r), r["tools"], max_new_tokens=72)
-    for r in held_out
-]
+after = tools.generate_raw_batch(tool_model, tokenizer, prompts, max_new_tokens=72)
 after_rate = tools.well_formed_rate(after, tools.TOOLS)
-print(f"well-formed calls after training: {after_rate:.0%} of {len(held_out)} held-out rows")
+print(f"well-formed calls after training: {after_rate:.0%} of {len(prompts)} held-out rows")
 print("a tuned reply:", repr(after[0][:160]))
 
 # %% [markdown]
@@ -248,6 +242,7 @@ print("a tuned reply:", repr(after[0][:160]))
 
 # %% tags=["show-output"]
 # NBVAL_IGNORE_OUTPUT
+held_out = test_tool_rows[:10] if profile.is_stand_in else test_tool_rows  # served: a short CPU run
 tool_gguf = tools.ensure_tool_gguf(profile.name, tool_adapter, work_dir)
 tool_server = serve.llama_tool_server(tool_gguf, alias="tools", n_ctx=4096).start()
 BASE_URL = tool_server.url + "/v1"
@@ -272,7 +267,7 @@ print(
 # request's tool schemas (`tools.tool_calls_grammar`: the call list, each call's name, arguments and
 # 9-character id). vLLM does the same for the same request — "You are guaranteed a validly-parsable
 # function call - not a high-quality one" ([vLLM, tool calling](https://docs.vllm.ai/en/latest/features/tool_calling/)).
-# `tool_choice="none"` forbids the `[TOOL_CALLS]` token. The same held-out rows, served, both ways:
+# `tool_choice="none"` forbids the `[TOOL_CALLS]` token. The first 10 held-out rows, served, both ways:
 
 # %% tags=["show-output"]
 # NBVAL_IGNORE_OUTPUT

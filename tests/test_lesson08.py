@@ -557,3 +557,18 @@ def test_the_tool_adapter_is_reused_only_for_the_same_rows_base_and_recipe(tmp_p
     assert json.loads((adapter / "training_card.json").read_text())["max_steps"] == 3
     assert (adapter / "adapter_model.safetensors").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tools-lora"]  # no half-written or run folders
+
+
+def test_batched_raw_replies_are_the_one_at_a_time_replies(stand_in_dir, cpu_hardware):
+    """Lesson 08 generates its before/after replies in one left-padded batch: the same greedy replies as
+    generate_raw row by row (special tokens and the closing </s> kept), faster."""
+    from course_utils.models import load
+
+    loaded = load("cpu-tiny", stand_in_dir=stand_in_dir, hardware=cpu_hardware)
+    tokenizer = loaded.processor.tokenizer
+    rows = tools.load_tool_split("test")[:5]
+    prompts = [(tools.prompt_messages(r), r["tools"]) for r in rows]
+    single = [tools.generate_raw(loaded.model, tokenizer, m, t, max_new_tokens=24) for m, t in prompts]
+    batched = tools.generate_raw_batch(loaded.model, tokenizer, prompts, max_new_tokens=24)
+    assert batched == single
+    assert len({len(tools.render_ids(tokenizer, m, t)) for m, t in prompts}) > 1  # padding really happened
