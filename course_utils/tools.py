@@ -23,11 +23,15 @@ import shutil
 import string
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import jsonschema
 
 from course_utils.paths import atomic_write, course_root
 from course_utils.tiny import TOOLS_CHAT_TEMPLATE  # re-exported: lesson 08 reads tools.TOOLS_CHAT_TEMPLATE
+
+if TYPE_CHECKING:
+    from course_utils.profiles import Profile
 
 # The family lesson 08 runs: its tool format is v7's ([TOOL_CALLS][{…, "id": …}]); Small 4's tokenizer (v15)
 # writes calls as [TOOL_CALLS]name[ARGS]{…}, which this lesson's template, data and parser do not speak.
@@ -36,7 +40,7 @@ LESSON_MODEL = "mistral-small-3.2"
 
 @dataclass(frozen=True)
 class LessonProfile:
-    profile: object  # course_utils.profiles.Profile
+    profile: Profile
     model: str
     message: str  # what changed and why; "" when MODEL already was Small 3.2
 
