@@ -189,7 +189,7 @@ def run(name: str, overrides: dict, held_out: int) -> dict:
                 torch.optim.AdamW,
                 lr=preset.learning_rate,
                 loraplus_lr_ratio=float(part[2:]),
-                weight_decay=preset.weight_decay,
+                loraplus_weight_decay=preset.weight_decay,  # peft sets every group's decay from this
             )
     wall0, cpu0 = time.perf_counter(), cpu_seconds()
     result = trainer.train()

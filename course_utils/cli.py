@@ -295,9 +295,12 @@ def run(args) -> int:
                 "smaller profile); the cells before it are in the executed notebook",
                 file=sys.stderr,
             )
-        except CellTimeoutError:
+        except CellTimeoutError as exc:
             status, failed = "FAILED", True
-            print(f"\n{nb_path.name}: a cell ran past --timeout {args.timeout} s", file=sys.stderr)
+            print(
+                f"\n{nb_path.name}: a cell ran past --timeout {args.timeout} s\n{str(exc)[-500:]}",
+                file=sys.stderr,
+            )
         seconds = time.perf_counter() - t0
         nbformat.write(nb, out / nb_path.name)
         rows.append({"notebook": nb_path.name, "status": status, "seconds": round(seconds, 1)})

@@ -75,9 +75,12 @@ def normalize_number(value) -> float | None:
     """``"1,234.50"``, ``"1.234,50"``, ``"12,3 €"``, ``"Rp 45.500"``, ``12.30`` → the number, rounded to
     cents; ``None`` when not a number.
 
-    The last separator is the decimal mark when both kinds appear; a single kind is the decimal mark
-    only when it appears once and is not followed by exactly three digits (``45.500`` groups thousands).
+    With both marks, the last one is the decimal mark and the other must group thousands. With one kind,
+    it groups thousands only in the shape ``1.234`` / ``45.500`` / ``1.234.000`` (a leading 1–9, groups of
+    three); otherwise a single mark is the decimal mark and several are not a number (``12.5.2023``).
     """
+    import re
+
     if isinstance(value, bool):
         return None
     if isinstance(value, (int, float)):
@@ -85,20 +88,22 @@ def normalize_number(value) -> float | None:
     if not isinstance(value, str):
         return None
     cleaned = "".join(ch for ch in value if ch.isdigit() or ch in ".-,")
-    marks = [ch for ch in cleaned if ch in ".,"]
-    if marks:
-        last = marks[-1]
-        other = "," if last == "." else "."
-        if other in marks:  # 1.234,56 / 1,234.56: the last kind is the decimal mark
-            decimal = last if marks.count(last) == 1 else None
-        else:
-            decimal = last if marks.count(last) == 1 and len(cleaned.rsplit(last, 1)[1]) != 3 else ""
-        if decimal is None:  # the last kind appears twice after the other: 1.2.3,4,5
+    kinds = {ch for ch in cleaned if ch in ".,"}
+    if len(kinds) == 2:  # 1.234,56 / 1,234.56
+        decimal = cleaned[max(cleaned.rfind("."), cleaned.rfind(","))]
+        grouping = "," if decimal == "." else "."
+        whole, _, cents = cleaned.rpartition(decimal)
+        if decimal in whole or not re.fullmatch(rf"-?\d{{1,3}}(\{grouping}\d{{3}})+", whole):
             return None
-        grouping = other if decimal else last
-        cleaned = cleaned.replace(grouping, "")
-        if decimal:
-            cleaned = cleaned.replace(decimal, ".")
+        cleaned = whole.replace(grouping, "") + "." + cents
+    elif kinds:
+        (mark,) = kinds
+        if re.fullmatch(rf"-?[1-9]\d{{0,2}}(\{mark}\d{{3}})+", cleaned):
+            cleaned = cleaned.replace(mark, "")  # 45.500, 1,234, 1.234.000
+        elif cleaned.count(mark) == 1:
+            cleaned = cleaned.replace(mark, ".")  # 12,5 / 0.125 / .5
+        else:
+            return None
     try:
         return round(float(cleaned), 2)
     except ValueError:

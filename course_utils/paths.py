@@ -67,9 +67,18 @@ def staged(path: str | os.PathLike, overwrite: bool = False, folder: bool = Fals
         umask = os.umask(0)
         os.umask(umask)
         tmp.chmod((0o777 if folder else 0o666) & ~umask)  # mkstemp/mkdtemp make them private to you
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+        if path.is_dir() and not path.is_symlink():  # old folder aside, new in, then old gone
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
+            os.replace(path, old)
+            try:
+                os.replace(tmp, path)
+            except BaseException:
+                os.replace(old, path)
+                raise
+            finally:
+                shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
     finally:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)

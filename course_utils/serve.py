@@ -290,11 +290,7 @@ def vllm_command(
     if weights not in VLLM_FORMATS:
         raise ValueError(f"weights={weights!r}: choose one of {', '.join(VLLM_FORMATS)}")
     spec = MODELS[model_key]
-    if spec.num_attention_heads % tensor_parallel:
-        raise ValueError(
-            f"tensor_parallel={tensor_parallel} must divide {spec.display_name}'s "
-            f"{spec.num_attention_heads} attention heads"
-        )
+    _check_tensor_parallel(spec, tensor_parallel)
     if max_model_len > spec.context_length:
         raise ValueError(
             f"max_model_len={max_model_len} exceeds {spec.display_name}'s context of {spec.context_length}"
@@ -345,6 +341,15 @@ def vllm_command(
     return cmd
 
 
+def _check_tensor_parallel(spec, tensor_parallel: int) -> None:
+    """vLLM splits the attention heads across the GPUs: their count must divide evenly."""
+    if tensor_parallel < 1 or spec.num_attention_heads % tensor_parallel:
+        raise ValueError(
+            f"tensor_parallel={tensor_parallel} must divide {spec.display_name}'s "
+            f"{spec.num_attention_heads} attention heads"
+        )
+
+
 VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # what vLLM's --max-lora-rank accepts
 
 
@@ -378,6 +383,7 @@ def vllm_memory(
     from course_utils.profiles import MODELS
 
     spec = MODELS[model_key]
+    _check_tensor_parallel(spec, tensor_parallel)
     bytes_per_weight = spec.served_bytes_per_weight if bytes_per_weight is None else bytes_per_weight
     weights = spec.total_params_b * 1e9 * bytes_per_weight / 2**30 / tensor_parallel
     if spec.attention == "MLA":

@@ -574,7 +574,7 @@ def run_agent(client, model, question, tools, functions, max_turns=4, max_tokens
             cut = f"(cut off at max_tokens={max_tokens}, no answer) {reply.content or ''}"
             messages.append({"role": "assistant", "content": cut})
             return messages
-        if not reply.tool_calls and (reply.content or "").startswith("[TOOL_CALLS]"):
+        if not reply.tool_calls and "[TOOL_CALLS]" in (reply.content or ""):
             if tool_choice == "required":  # still no parseable call: stop, and say so
                 failed = f"(no tool call parsed, no answer) {reply.content}"
                 messages.append({"role": "assistant", "content": failed})
@@ -713,7 +713,11 @@ def ensure_tool_adapter(
     ):
         return adapter_dir, f"reused {adapter_dir.name}: {old['max_steps']} steps in {old['train_seconds']} s"
     why = (
-        ""
+        (
+            " (replacing a folder without a training card)"
+            if adapter_dir.is_dir() and any(adapter_dir.iterdir())
+            else ""
+        )
         if old is None
         else " (the saved one was for other rows)"
         if old["dataset_sha256_16"] != digest

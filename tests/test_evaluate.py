@@ -40,6 +40,14 @@ GOLD = {
         ("1,234", 1234.0),
         ("-3.50", -3.5),
         ("1.2.3,4,5", None),  # not a number: two decimal marks
+        ("0.125", 0.12),  # a leading zero never groups thousands
+        (".125", 0.12),
+        ("-0.500", -0.5),
+        ("12.5.2023", None),  # a date, not a number
+        ("1.23.456", None),  # groups of three or nothing
+        ("1,5,3", None),
+        ("1 234,56", 1234.56),
+        ("12.", 12.0),
         (3, 3.0),
         ("n/a", None),
         (True, None),

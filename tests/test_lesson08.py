@@ -129,6 +129,9 @@ def test_agent_asks_again_constrained_when_a_call_does_not_parse():
     assert client.tool_choices == ["auto", "required", "auto"]
     assert all(broken not in json.dumps(m) for m in transcript)
     assert transcript[-1] == {"role": "assistant", "content": "They add up to 3.5."}
+    after_text = ScriptedClient([("Let me add them." + broken, None, "stop"), ("3.5", None)])
+    tools.run_agent(after_text, "m", "Add 1.5 and 2", tools.TOOLS, tools.FUNCTIONS, max_turns=4)
+    assert after_text.tool_choices == ["auto", "required"]  # a broken call after some text is one too
     stubborn = ScriptedClient([(broken, None, "stop")] * 3)  # a server without the grammar
     transcript = tools.run_agent(stubborn, "m", "Add 1.5 and 2", tools.TOOLS, tools.FUNCTIONS, max_turns=4)
     assert stubborn.tool_choices == ["auto", "required"]
@@ -571,4 +574,26 @@ def test_batched_raw_replies_are_the_one_at_a_time_replies(stand_in_dir, cpu_har
     single = [tools.generate_raw(loaded.model, tokenizer, m, t, max_new_tokens=24) for m, t in prompts]
     batched = tools.generate_raw_batch(loaded.model, tokenizer, prompts, max_new_tokens=24)
     assert batched == single
+    assert (
+        tools.generate_raw_batch(loaded.model, tokenizer, prompts, max_new_tokens=24, batch_size=2) == single
+    )
     assert len({len(tools.render_ids(tokenizer, m, t)) for m, t in prompts}) > 1  # padding really happened
+
+
+def test_batched_raw_replies_end_at_their_own_eos(processor):
+    """A row that finished early keeps its </s> and drops what the batch generated after it (padding)."""
+    import torch
+
+    tokenizer = processor.tokenizer
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    words = tokenizer.encode("[TOOL_CALLS]", add_special_tokens=False)
+
+    class Scripted:  # generate() appends a fixed continuation per row: one ends early, one runs on
+        def generate(self, input_ids, attention_mask, **kwargs):
+            tails = [words + [eos, pad], words * 3]  # "[TOOL_CALLS]" is one control token
+            return torch.cat([input_ids, torch.tensor(tails[: len(input_ids)])], dim=1)
+
+    rows = tools.load_tool_split("test")[:2]
+    prompts = [(tools.prompt_messages(r), r["tools"]) for r in rows]
+    replies = tools.generate_raw_batch(Scripted(), tokenizer, prompts, max_new_tokens=5)
+    assert replies == ["[TOOL_CALLS]</s>", "[TOOL_CALLS]" * 3]

@@ -2,6 +2,7 @@
 
 import os
 import stat
+from pathlib import Path
 
 import pytest
 
@@ -54,6 +55,28 @@ def test_a_staged_folder_replaces_a_filled_one_only_with_overwrite(tmp_path):
     with staged(empty, folder=True) as tmp:  # an empty folder is not an output to protect
         (tmp / "x").write_text("x")
     assert (empty / "x").exists()
+
+
+def test_a_failed_swap_keeps_the_old_folder(tmp_path, monkeypatch):
+    """The old folder is moved aside, not deleted, until the new one is in place: a failure between the
+    two steps leaves the old one where it was, and nothing hidden behind."""
+    target = tmp_path / "adapter"
+    target.mkdir()
+    (target / "weights").write_text("old")
+    real_replace, failed = os.replace, []
+
+    def failing_second_move(src, dst):  # the new folder's move into place fails, once
+        if Path(dst) == target and not failed:
+            failed.append(src)
+            raise OSError("disk full")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing_second_move)
+    with pytest.raises(OSError, match="disk full"):
+        with staged(target, overwrite=True, folder=True) as tmp:
+            (tmp / "weights").write_text("new")
+    assert (target / "weights").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
 
 
 def test_the_course_is_found_from_the_package_outside_any_checkout(tmp_path):

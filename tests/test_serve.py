@@ -97,6 +97,8 @@ def test_vllm_memory_splits_gqa_heads_across_gpus_but_not_mlas_latent():
     assert serve.vllm_memory("mistral-small-3.2", 32768, tensor_parallel=16)["kv_cache_gib"] == round(
         small3 / 8, 1
     )
+    with pytest.raises(ValueError, match="tensor_parallel=3 must divide"):
+        serve.vllm_memory("mistral-small-3.2", 32768, tensor_parallel=3)
     small4 = MODELS["mistral-small-4"].kv_cache_bytes_per_token() * 32768 / 2**30
     for tp in (1, 4):
         assert serve.vllm_memory("mistral-small-4", 32768, tensor_parallel=tp)["kv_cache_gib"] == round(
