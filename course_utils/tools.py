@@ -712,19 +712,14 @@ def ensure_tool_adapter(
         preset.as_dict(),
     ):
         return adapter_dir, f"reused {adapter_dir.name}: {old['max_steps']} steps in {old['train_seconds']} s"
-    why = (
-        (
-            " (replacing a folder without a training card)"
-            if adapter_dir.is_dir() and any(adapter_dir.iterdir())
-            else ""
-        )
-        if old is None
-        else " (the saved one was for other rows)"
-        if old["dataset_sha256_16"] != digest
-        else " (the saved one was for another base)"
-        if old.get("base_fingerprint") != base
-        else " (the saved one had another recipe)"
-    )
+    if old is None:
+        why = " (replacing a folder without a training card)" if any(adapter_dir.glob("*")) else ""
+    elif old["dataset_sha256_16"] != digest:
+        why = " (the saved one was for other rows)"
+    elif old.get("base_fingerprint") != base:
+        why = " (the saved one was for another base)"
+    else:
+        why = " (the saved one had another recipe)"
     loaded = load(profile_name)
     run_dir = adapter_dir.with_name(adapter_dir.name + "-run")
     trainer = build_tool_trainer(loaded.model, loaded.processor.tokenizer, train_rows, preset, run_dir)
