@@ -31,7 +31,9 @@ embmean                    157      0.89        1.00             0.015    rows s
 
 The loss floor (≈ 0.7-0.85 nats per reply token) is the values: the stand-in writes the JSON skeleton and
 a plausible value of the right kind, not the one in the receipt — copying needs induction heads, which a
-random 2-layer model does not form in a few hundred steps here. ``tool_learning.py`` has lesson 08's side.
+random 2-layer model does not form in a few hundred steps here. Teaching the stand-in to copy before the
+course uses it (synthetic copying tasks at build time) formed no induction within minutes either:
+``copy_pretraining.py``. ``tool_learning.py`` has lesson 08's side.
 """
 
 from __future__ import annotations
