@@ -511,9 +511,13 @@ exercise(
 # --- 08 · Structured output and tools ---------------------------------------------------------------
 
 
-def _base_constrained_valid(table, **_) -> bool:
-    row = next(r for r in table if r["configuration"] == "base + schema" and r["rows"] == "text")
-    return row["json_valid"] == 1.0
+def _grammar_gain(table, **_) -> float:
+    def valid(configuration: str) -> float:
+        return next(r for r in table if r["configuration"] == configuration and r["rows"] == "text")[
+            "json_valid"
+        ]
+
+    return round(valid("base + schema") - valid("base"), 2)
 
 
 def _judge_bad_arguments(answer, tools, **_) -> str | None:
@@ -555,10 +559,11 @@ def _judge_tax_tool(answer, function, tools, **_) -> str | None:
 exercise(
     id="08-base-constrained",
     tier="🐢",
-    question="Are the base model's schema-constrained text rows 100 % JSON-valid (True or False)?",
-    hint="look at the json_valid column of the 'base + schema' row for text",
+    question="JSON-valid rate the grammar adds to the base model's text rows (two decimals)",
+    hint="the json_valid of 'base + schema' minus that of 'base', both on the text rows, rounded to 2",
     needs=("table",),
-    expected=_base_constrained_valid,
+    expected=_grammar_gain,
+    tolerance=0.011,
 )
 exercise(
     id="08-bad-arguments",

@@ -34,7 +34,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -206,8 +206,9 @@ class LaunchPlan:
 
 def plan_launch(args: argparse.Namespace, run_id: str, *, hardware=None) -> LaunchPlan:
     """What ``--processes N`` starts: FSDP with a config written to ``<out>`` on CUDA, DDP on CPU."""
-    from course_utils.hardware import detect
+    from course_utils.hardware import detect, preflight
     from course_utils.models import model_source
+    from course_utils.profiles import fsdp_profile
     from course_utils.train import accelerate_fsdp_config, preset_for, write_yaml
 
     hardware = hardware or detect(args.out)
@@ -216,6 +217,8 @@ def plan_launch(args: argparse.Namespace, run_id: str, *, hardware=None) -> Laun
     # every rank gets the profile resolved here, so "auto" cannot resolve differently in a rank
     forwarded = worker_args(argparse.Namespace(**{**vars(args), "profile": source.profile.name}), run_id)
     if hardware.accelerator == "cuda":
+        if source.profile.backend == "unsloth":  # the ranks load another checkpoint: check it now
+            preflight(fsdp_profile(source.profile), hardware)  # ValueError for Small 4, disk for the rest
         preset = preset_for(source.profile.name)
         layers = layer_classes_for(source.model_id)
         config = accelerate_fsdp_config(
@@ -442,12 +445,13 @@ def run_worker(args: argparse.Namespace) -> int:
 
     from course_utils.hardware import PreflightError, detect
     from course_utils.models import load
-    from course_utils.profiles import resolve_profile
+    from course_utils.profiles import fsdp_profile, resolve_profile
     from course_utils.train import (
         build_trainer,
         fsdp_layer_classes,
         make_callbacks,
         save_adapter,
+        train_loss_of,
         training_card,
     )
 
@@ -486,9 +490,16 @@ def run_worker(args: argparse.Namespace) -> int:
 
     if world_size > 1 and hardware.accelerator == "cuda" and profile.backend == "unsloth":  # pragma: no cover
         # FSDP shards a transformers + peft model (with bitsandbytes storing 4-bit weights in the
-        # compute dtype, see course_utils.models); Unsloth's patched single-GPU model is not that path
-        profile = replace(profile, backend="transformers")
-        say("note: the ranks load with transformers + peft for FSDP (Unsloth trains on one GPU)")
+        # compute dtype, see course_utils.models) loaded from the 16-bit release; Unsloth's patched
+        # single-GPU model is not that path
+        try:
+            profile = fsdp_profile(profile)
+        except ValueError as exc:
+            raise TrainCommandError(str(exc)) from exc
+        say(
+            f"note: the ranks load {profile.load_id} with transformers + peft for FSDP "
+            "(Unsloth trains on one GPU)"
+        )
     try:
         loaded = load(profile, stand_in_dir=args.stand_in_dir, hardware=hardware)
     except PreflightError as exc:
@@ -559,7 +570,8 @@ def run_worker(args: argparse.Namespace) -> int:
         raise TrainCommandError(f"{len(records)} of {world_size} ranks wrote a record in {ranks}")
     if world_size > 1 and not torch.cuda.is_available() and not args.launched:
         print(f"note: {CPU_FSDP_NOTE}")  # (launched by this command: it said so before starting)
-    metrics = {"train_loss": result.training_loss}
+    resumed_at = int(Path(checkpoint).name.rsplit("-", 1)[-1]) if checkpoint else 0
+    metrics = {"train_loss": train_loss_of(trainer, result.training_loss, resumed_at)}  # --resume too
     card = training_card(run, metrics, seconds)
     card.update(
         processes=world_size,
@@ -574,7 +586,7 @@ def run_worker(args: argparse.Namespace) -> int:
         f"{world_size} process{'es' if world_size > 1 else ''} trained ({distributed_type}"
         f"{', ' + records[0].model_wrapper if world_size > 1 else ''}): {per_rank}"
     )
-    print(f"train loss {result.training_loss:.4f} in {seconds:.0f} s; adapter saved to {target}")
+    print(f"train loss {metrics['train_loss']:.4f} in {seconds:.0f} s; adapter saved to {target}")
     last = Path(out) / f"checkpoint-{record.global_step}"
     if last.is_dir():
         print(f"{last.name} keeps the optimizer state: --resume --max-steps M --overwrite trains further")

@@ -125,7 +125,8 @@ def modelfile(
     ]
     if projector:
         lines += [
-            "# Vision projector: Ollama >= 0.30.4 reads a second FROM as the image projector.",
+            "# Vision projector as a second FROM. If `ollama create` hangs on it (reported for Pixtral-style",
+            "# models, not reproduced: ollama#17491), use FROM ./merged (the merged safetensors) instead.",
             f"FROM ./{projector}",
         ]
     lines += ['TEMPLATE """' + ollama_template(parts, bos_in_template) + '"""']

@@ -187,6 +187,8 @@ MODELS: dict[str, ModelSpec] = {
         key="ministral-3-8b",
         display_name="Ministral 3 8B (vision, free-Colab rung)",
         hf_id="mistralai/Ministral-3-8B-Instruct-2512",
+        # the Instruct release ships FP8 weights (its model card); ...-2512-BF16 is the 16-bit release
+        served_bytes_per_weight=1.0,
         total_params_b=8.8,  # model card: 8.4B language model + 0.4B vision encoder
         active_params_b=8.8,
         architecture="Mistral3ForConditionalGeneration",
@@ -341,6 +343,31 @@ SMALL_4_RUNGS: dict[str, dict] = {
         alternatives=("mistralai/Mistral-Small-4-119B-2603 (FP8, for serving: lesson 07's vLLM command)",),
     ),
 }
+
+
+# The 16-bit release each model's FSDP ranks load (transformers + bitsandbytes quantize it themselves, with
+# the storage dtype FSDP needs). Not the rungs' own load ids: transformers keeps a pre-quantized
+# checkpoint's settings (the Unsloth bnb-4bit uploads) and refuses a BitsAndBytesConfig over FP8
+# (Ministral 3's Instruct release). Small 4 is absent: plain 4-bit loading leaves its 3-D expert weights
+# in bf16 (≈ 216 GiB) — axolotl's recipe quantizes them (lesson 04, 4.11).
+FSDP_SOURCES: dict[str, str] = {
+    "mistral-small-3.2": "mistralai/Mistral-Small-3.2-24B-Instruct-2506",
+    "mistral-small-3.1": "mistralai/Mistral-Small-3.1-24B-Instruct-2503",
+    "ministral-3-8b": "mistralai/Ministral-3-8B-Instruct-2512-BF16",
+}
+
+
+def fsdp_profile(profile: Profile) -> Profile:
+    """``profile`` as several GPUs train it: transformers + peft (FSDP shards that, not Unsloth's patched
+    model), loading the model's 16-bit release (:data:`FSDP_SOURCES`). ``ValueError`` for a model the
+    course does not train with FSDP, with the way it does train it."""
+    if profile.model_key not in FSDP_SOURCES:
+        raise ValueError(
+            f"{profile.model_key} does not train with FSDP here: plain transformers 4-bit loading leaves "
+            "Small 4's expert weights in bf16 (≈ 216 GiB). Train it with axolotl's recipe (lesson 04, "
+            "4.11: quantize_moe_experts) or on one 80 GB GPU with Unsloth."
+        )
+    return replace(profile, backend="transformers", load_id=FSDP_SOURCES[profile.model_key])
 
 
 def resolve_model(requested: str | None = None, environ: Mapping[str, str] | None = None) -> CourseModel:

@@ -292,6 +292,7 @@ def shared_training_kwargs(preset: TrainPreset, output_dir: str | os.PathLike) -
     return dict(
         output_dir=str(output_dir),
         per_device_train_batch_size=preset.per_device_train_batch_size,
+        per_device_eval_batch_size=preset.per_device_train_batch_size,  # transformers' default is 8
         gradient_accumulation_steps=preset.gradient_accumulation_steps,
         learning_rate=preset.learning_rate,
         lr_scheduler_type=preset.lr_scheduler_type,
@@ -315,7 +316,6 @@ def training_arguments(
 
     return TrainingArguments(
         **shared_training_kwargs(preset, output_dir),
-        per_device_eval_batch_size=preset.per_device_train_batch_size,
         eval_strategy="steps" if eval_steps else "no",
         eval_steps=eval_steps,
         bf16=preset.bf16,
@@ -646,6 +646,28 @@ def save_adapter(
     return target
 
 
+def train_loss_of(trainer, training_loss: float, resumed_at: int = 0) -> float:
+    """The run's mean training loss per step, right after a resume too.
+
+    transformers' ``TrainOutput.training_loss`` sums the loss of the steps run since the last (re)start
+    and divides by every step of the run: after ``resume_from_checkpoint`` at step ``resumed_at`` it
+    leaves the first ``resumed_at`` steps out of the sum but not out of the count. Those steps come back
+    from the checkpoint's log history, one mean per logging window, weighted here by the window's length
+    (steps between the last logged window and ``resumed_at`` count at that window's mean). Without a
+    resume, ``training_loss`` is already right and is returned as is.
+    """
+    if not resumed_at:
+        return training_loss
+    steps = trainer.state.global_step
+    before, last_step, last_loss = 0.0, 0, training_loss
+    for entry in trainer.state.log_history:
+        if "loss" in entry and entry["step"] <= resumed_at:
+            before += entry["loss"] * (entry["step"] - last_step)
+            last_step, last_loss = entry["step"], entry["loss"]
+    before += last_loss * (resumed_at - last_step)
+    return (before + training_loss * steps) / steps
+
+
 def latest_checkpoint(output_dir: str | os.PathLike) -> str | None:
     """The newest ``checkpoint-N`` folder in ``output_dir`` (what ``resume_from_checkpoint`` continues)."""
     folders = sorted(Path(output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
@@ -662,7 +684,13 @@ def axolotl_config(
     output_dir: str = "./outputs/axolotl",
     load_in_4bit: bool = True,
 ) -> dict:
-    """The same run as an Axolotl YAML (``axolotl train config.yml``), e.g. for Small 4 on several GPUs."""
+    """The same run as an Axolotl YAML (``axolotl train config.yml``) for a dense model (Small 3.x,
+    Ministral 3), e.g. on several GPUs. Small 4 has its own recipe: :func:`axolotl_small4_qlora`."""
+    if "small-4" in model_id.lower():
+        raise ValueError(
+            f"{model_id}: Small 4 (MLA attention, 3-D experts, FP8 release) needs other targets and the "
+            "BF16 re-upload; use axolotl_small4_qlora(dataset_path)."
+        )
     return {
         "base_model": model_id,
         "processor_type": "AutoProcessor",

@@ -36,7 +36,7 @@ print(format_table(ladder_rows()))
 # | `cpu-tiny` | any CPU | offline stand-in (real architecture + tokenizer) | transformers + peft LoRA |
 # | `t4-16gb` | free Colab T4 | Ministral 3 8B (vision) | Unsloth QLoRA |
 # | `gpu-24gb` | L4, A10G, RTX 4090 | Mistral Small 3.2 24B | Unsloth QLoRA |
-# | `gpu-80gb` | A100, H100, H200 | Small 3.2 LoRA, or Small 4 QLoRA (≈69 GiB) | Unsloth, transformers+peft |
+# | `gpu-80gb` | A100, H100, H200 | Small 3.2 LoRA, or Small 4 QLoRA (≈68 GiB) | Unsloth, transformers+peft |
 #
 # ## 0.2 Your hardware
 #

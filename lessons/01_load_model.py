@@ -86,7 +86,7 @@ else:
     from transformers import AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
 
     quantization = None
-    if LOAD_IN_4BIT:  # NF4 for the language model; vision tower, projector and output head stay 16-bit
+    if LOAD_IN_4BIT:  # NF4 for the language model; vision tower, projector and output head stay unquantized
         quantization = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",

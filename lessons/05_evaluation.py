@@ -213,9 +213,9 @@ print()
 print(format_table(comparison.outcomes()))
 
 # %% [markdown]
-# On the stand-in the picture is honest and typical of an under-powered model: the adapter moved almost
-# every reply from "no JSON" to schema-valid JSON, and the fields it gets right are the ones it can guess
-# (the currency; sometimes the tax or a common item) — it learned the *format*, not to read receipts. A
+# On the stand-in the picture is honest and typical of an under-powered model: the adapter moved every
+# reply from "no JSON" to schema-valid JSON with wrong values, and the fields it gets right are the ones
+# it can guess (the currency, now and then the tax) — it learned the *format*, not to read receipts. A
 # real Small 3.2 adapter moves the mass into "partly right" and "all right"; the per-field table then tells
 # you which fields need more (or better) training data.
 #
@@ -435,7 +435,7 @@ check("05-f1", f1_answer)
 # 🐕 Which field has the highest F1 for the tuned model on this run? (use `comparison.per_field()`)
 
 # %%
-best_field = None  # TODO: a field name such as "currency"
+best_field = None  # TODO: a field name, as the per-field table spells it
 # SOLUTION: best_field = max(comparison.per_field(), key=lambda row: row["tuned"])["field"]
 check("05-best-field", best_field, comparison=comparison)
 

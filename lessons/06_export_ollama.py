@@ -22,9 +22,9 @@
 # | artifact | what it is | used by |
 # |---|---|---|
 # | merged safetensors | base + adapter folded into one 16-bit model | vLLM, transformers, Ollama's importer |
-# | `model-f16.gguf` | the language model in llama.cpp's format | quantizing, reference |
-# | `model-Q4_K_M.gguf` … | 4–8 bit quantized copies | Ollama, LM Studio, llama.cpp on CPUs and small GPUs |
-# | `mmproj-f16.gguf` | Pixtral vision tower + projector | image input in llama.cpp (`--mmproj`) and Ollama |
+# | `receipts-f16.gguf` | the language model in llama.cpp's format | quantizing, reference |
+# | `receipts-Q4_K_M.gguf` … | 4–8 bit quantized copies | Ollama, LM Studio, llama.cpp (CPU, small GPU) |
+# | `receipts-mmproj-f16.gguf` | Pixtral vision tower + projector | images: llama.cpp `--mmproj`, Ollama |
 # | `Modelfile`, `manifest.json` | Ollama recipe; size, sha256 of each file | deployment, integrity checks |
 #
 # The tools: llama.cpp's `convert_hf_to_gguf.py` comes from the `llama-cpp-python` source distribution
@@ -113,12 +113,12 @@ shutil.rmtree(MERGED_DIR, ignore_errors=True)  # this lesson's own folder, repla
 
 # %% tags=["copyable", "copy:merge"]
 # NBVAL_IGNORE_OUTPUT
-# Fold a LoRA adapter into its base model and save 16-bit safetensors (for llama.cpp's converter, vLLM,
-# Ollama). Needs BASE_ID (the base model's Hub id or folder), ADAPTER_DIR, MERGED_DIR and LOAD_IN_4BIT
-# (how the model was trained). On a GPU, Unsloth loads base + adapter as trained and writes the 16-bit
-# merge shard by shard (it fetches the original 16-bit weights one shard at a time) — no second full copy
-# in memory. Without a GPU, peft merges into a 32-bit base (never into 4-bit weights: that would round
-# the update away).
+# Fold a LoRA adapter into its base model and save safetensors (for llama.cpp's converter, vLLM,
+# Ollama): 16-bit on a GPU, 32-bit on the CPU path (the converter makes f16 either way). Needs BASE_ID
+# (the base model's Hub id or folder), ADAPTER_DIR, MERGED_DIR and LOAD_IN_4BIT (how it was trained).
+# On a GPU, Unsloth loads base + adapter as trained and writes the 16-bit merge shard by shard (it
+# fetches the original 16-bit weights one shard at a time) — no second full copy in memory. Without a
+# GPU, peft merges into a 32-bit base (never into 4-bit weights: that would round the update away).
 from pathlib import Path
 
 import torch
@@ -134,7 +134,9 @@ else:
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    base_model = AutoModelForImageTextToText.from_pretrained(BASE_ID, dtype=torch.float32)
+    base_model = AutoModelForImageTextToText.from_pretrained(
+        BASE_ID, dtype=torch.float32, use_safetensors=True
+    )
     merged = PeftModel.from_pretrained(base_model, ADAPTER_DIR).merge_and_unload()
     merged.save_pretrained(MERGED_DIR)  # safetensors
     AutoProcessor.from_pretrained(BASE_ID).save_pretrained(MERGED_DIR)  # tokenizer, template, image settings
@@ -367,7 +369,7 @@ for row in quality:
 print(format_table(quality))
 
 # %% [markdown]
-# (Q5_K_M's task metric is left to you — exercise territory.) Lesson 05 measured the transformers model on
+# Lesson 05 measured the transformers model on
 # the same split; the Q4_K_M file should keep at least 80 % of its JSON-valid rate. The report saved by
 # lesson 05 holds that number.
 
@@ -421,8 +423,8 @@ fig.tight_layout()
 # %% [markdown]
 # How to choose: **Q4_K_M** is the usual default (≈ 30 % of f16, small quality loss on real models);
 # **Q5_K_M** when quality matters and memory allows; **Q8_0** as a near-lossless reference; f16 only to
-# quantize from. For Mistral Small 3.2 (24B): f16 ≈ 47 GB, Q8_0 ≈ 25 GB, Q5_K_M ≈ 17 GB, Q4_K_M ≈ 14 GB
-# (estimates from `plan_export` above) — Q4_K_M fits a 16 GB GPU with a short context.
+# quantize from. For Mistral Small 3.2 (24B): f16 ≈ 44.7 GiB, Q8_0 ≈ 23.8 GiB, Q5_K_M ≈ 15.9 GiB, Q4_K_M
+# ≈ 13.7 GiB (`plan_export` above) — Q4_K_M fits a 16 GB GPU with a short context.
 #
 # ## 6.7 The Ollama Modelfile — from the training template
 #

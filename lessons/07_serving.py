@@ -80,6 +80,7 @@ IMAGE_PATH = str(resolve_image_path(image_row["images"][0], None))
 # NBVAL_IGNORE_OUTPUT
 # Chat with any OpenAI-compatible server: an image (as a data URI) and a streamed reply. Needs BASE_URL
 # and IMAGE_PATH; if the server wants a key, it comes from the environment, never from the code.
+# model="receipts" is the name this lesson's server serves: use yours (vLLM: --served-model-name).
 import base64
 import os
 
@@ -102,7 +103,7 @@ response = client.chat.completions.create(
     ],
     max_tokens=120,
     temperature=0.0,
-    extra_body={"repeat_penalty": 1.0},  # llama.cpp's server and Ollama default to 1.1
+    extra_body={"repeat_penalty": 1.0},  # llama-cpp-python's server defaults to 1.1 (Ollama: the Modelfile)
 )
 print("image →", response.choices[0].message.content, f"({response.usage.prompt_tokens} prompt tokens)")
 stream = client.chat.completions.create(
@@ -266,8 +267,9 @@ figure = result.plot()
 
 # %% tags=["copyable", "copy:gradio"]
 # NBVAL_IGNORE_OUTPUT
-# A minimal chat app in front of an OpenAI-compatible server, replies streamed. Needs BASE_URL. It binds
-# 127.0.0.1 only (share=False: no public link); it opens only when LAUNCH_DEMO=1 is set.
+# A minimal chat app in front of an OpenAI-compatible server, replies streamed. Needs BASE_URL (and your
+# server's model name in place of "receipts"). It binds 127.0.0.1 only (share=False: no public link); it
+# opens only when LAUNCH_DEMO=1 is set.
 import os
 
 import gradio as gr
@@ -276,8 +278,14 @@ from openai import OpenAI
 client = OpenAI(base_url=BASE_URL, api_key=os.environ.get("SERVER_API_KEY", "not-needed"))
 
 
+def text_of(content):  # gradio 6 passes each turn's content as a list of parts: keep the text ones
+    if isinstance(content, str):
+        return content
+    return "\n\n".join(part.get("text", "") for part in content if part.get("type", "text") == "text")
+
+
 def respond(message, history):
-    messages = [{"role": turn["role"], "content": turn["content"]} for turn in history]
+    messages = [{"role": turn["role"], "content": text_of(turn["content"])} for turn in history]
     messages.append({"role": "user", "content": message})
     reply = ""
     for chunk in client.chat.completions.create(

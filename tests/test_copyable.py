@@ -13,6 +13,7 @@ import builtins
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -243,7 +244,17 @@ SPECS: dict[str, Spec] = {
     ),
     "gradio": Spec(
         prelude=lambda env: f"BASE_URL = {env['base_url']!r}\n",
-        check=report("{'app': type(chat_app).__name__, 'turns': len(list(respond('Tea 1.50 EUR', [])))}"),
+        check=report(
+            "{'app': type(chat_app).__name__, 'turns': len(list(respond('Tea 1.50 EUR', []))), "
+            # the history as gradio 6's ChatInterface passes it: every content a list of typed parts
+            "'second_turn': list(respond('And the total?', ["
+            "{'role': 'user', 'metadata': None, 'options': None, "
+            "'content': [{'type': 'text', 'text': 'Tea 1.50 EUR'}]}, "
+            "{'role': 'assistant', 'metadata': None, 'options': None, "
+            "'content': [{'type': 'text', 'text': '{\\\"total\\\": 1.5}'}]}]))[-1:], "
+            "'texts': [text_of('plain'), text_of([{'type': 'text', 'text': 'a'}, "
+            "{'type': 'file', 'file': {'path': 'x.png'}}, {'type': 'text', 'text': 'b'}])]}"
+        ),
     ),
     "vllm": Spec(prelude=lambda env: "", check=report("{'command': vllm_command}")),
     "agent-loop": Spec(
@@ -538,6 +549,9 @@ def test_gradio_cell_builds_a_local_app_that_answers(served):
     got = run_standalone("gradio", own_dir(served, "gradio"))
     assert got["app"] == "ChatInterface"
     assert got["turns"] >= 0  # the stand-in may say nothing at all; the request itself must succeed
+    # a history in gradio's own format reaches the server as text (it answered 422 to the parts list)
+    assert isinstance(got["second_turn"], list)
+    assert got["texts"] == ["plain", "a\n\nb"]  # text parts joined, a file part left out
 
 
 def test_vllm_cell_equals_the_course_command(env):
@@ -648,3 +662,13 @@ def test_agent_loop_cell_is_the_course_agent_against_a_tool_server(env, exported
     transcript = got["transcript"]
     assert transcript[0] == {"role": "user", "content": question} and transcript[-1]["role"] == "assistant"
     assert transcript == json.loads(json.dumps(course, default=str))  # greedy: the same conversation
+
+
+@pytest.mark.parametrize("name", sorted(CELLS))
+def test_a_cell_names_every_preset_field_it_reads(name):
+    # `preset` is a course object: a learner who copies the cell must see which attributes to provide
+    source = CELLS[name].source
+    header = "\n".join(line for line in source.splitlines() if line.startswith("#"))
+    read = set(re.findall(r"\bpreset\.([a-z_0-9]+)", source))
+    missing = sorted(field for field in read if not re.search(rf"\b{field}\b", header))
+    assert not missing, f"copy:{name} reads preset.{missing} without naming them in its comments"

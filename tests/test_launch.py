@@ -285,3 +285,18 @@ def test_options_override_the_profiles_preset():
     assert preset.max_steps == 4  # 1 epoch of 16 rows, 2 per batch, 2 processes
     explicit = resolve_preset(args_for(lora_r=8, lora_alpha=8, max_steps=7, epochs=3.0), "cpu-tiny", 16, 1)
     assert (explicit.lora_alpha, explicit.max_steps) == (8, 7)  # --max-steps wins over --epochs
+
+
+def test_a_multi_gpu_launch_checks_what_its_ranks_will_load_before_starting_them(tmp_path, monkeypatch):
+    from course_utils.hardware import PreflightError
+
+    monkeypatch.delenv("COURSE_MODEL", raising=False)
+    # gpu-24gb trains one GPU from a 4-bit upload (≈ 17 GiB to fetch); FSDP ranks fetch the 16-bit
+    # release (≈ 50 GiB): a 40 GiB disk holds the first, not the second — refused here, not in each rank
+    args = args_for(out=str(tmp_path), profile="gpu-24gb", processes=2, resume=False)
+    with pytest.raises(PreflightError, match="GiB"):
+        plan_launch(args, "run1", hardware=gpu(24, disk=40))
+    monkeypatch.setenv("COURSE_MODEL", "mistral-small-4")
+    args = args_for(out=str(tmp_path), profile="gpu-80gb", processes=2, resume=False)
+    with pytest.raises(ValueError, match="axolotl"):
+        plan_launch(args, "run1", hardware=gpu(80))

@@ -115,7 +115,7 @@ def test_small_4_experts_stay_16_bit_without_expert_quantisation():
     plain = estimate_training_memory("mistral-small-4", "qlora", 2048, 1, 32, quantize_moe_experts=False)
     experts = ARCHITECTURES["mistral-small-4"].moe_expert_params
     assert plain.weights_gib - quantised.weights_gib == pytest.approx(experts * (2 - NF4_BITS / 8) / 1024**3)
-    assert plain.total_gib > 200 > 80 > quantised.total_gib  # the FACTS' ≈216 GiB of bf16 experts
+    assert plain.total_gib > 200 > 80 > quantised.total_gib  # ≈216 GiB of bf16 experts (lesson 04)
     dense = estimate_training_memory("mistral-small-3.2", "qlora", quantize_moe_experts=False)
     assert dense == estimate_training_memory("mistral-small-3.2", "qlora")  # no experts, no change
 

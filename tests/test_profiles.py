@@ -81,3 +81,27 @@ def test_auto_needs_the_detected_hardware_and_profiles_import_no_hardware_code(m
         if isinstance(node, ast.ImportFrom) and node.module
     }
     assert "course_utils.hardware" not in imported  # one direction only: hardware imports profiles
+
+
+def test_fsdp_ranks_load_a_16_bit_checkpoint_bitsandbytes_can_quantize():
+    # the Unsloth rungs load pre-quantized (gpu-24gb) or FP8 (t4-16gb) checkpoints: transformers keeps a
+    # checkpoint's own quantization (bnb_4bit_quant_storage=bf16, which FSDP needs, would be dropped) and
+    # refuses a BitsAndBytesConfig over FP8 — so the FSDP ranks load the 16-bit release instead
+    from course_utils.profiles import PROFILES, fsdp_profile, profile_for_model
+
+    for name in ("t4-16gb", "gpu-24gb", "gpu-80gb"):
+        switched = fsdp_profile(PROFILES[name])
+        assert switched.backend == "transformers" and switched.model_key == PROFILES[name].model_key
+        assert "bnb-4bit" not in switched.load_id and "unsloth/" not in switched.load_id
+    assert fsdp_profile(PROFILES["t4-16gb"]).load_id == "mistralai/Ministral-3-8B-Instruct-2512-BF16"
+    assert fsdp_profile(PROFILES["gpu-24gb"]).load_id == "mistralai/Mistral-Small-3.2-24B-Instruct-2506"
+    # Small 4 under plain transformers 4-bit keeps its experts in bf16 (≈ 216 GiB): refused with the way out
+    with pytest.raises(ValueError, match="axolotl"):
+        fsdp_profile(profile_for_model(PROFILES["gpu-80gb"], "mistral-small-4"))
+
+
+def test_ministral_3_is_served_from_its_fp8_release():
+    from course_utils.serve import vllm_memory
+
+    plan = vllm_memory("ministral-3-8b", max_model_len=8192)
+    assert plan["weights_gib"] < 9  # 8.8B weights at one byte each (it planned 16.4 GiB at bf16)

@@ -20,6 +20,7 @@ from course_utils.train import (
     nf4_roundtrip_error,
     preset_for,
     save_adapter,
+    train_loss_of,
     training_card,
     write_yaml,
 )
@@ -89,7 +90,7 @@ def test_cpu_trainer_learns_and_only_adapters_and_used_embeddings_train(stand_in
 
 def test_resume_continues_exactly_where_it_stopped(stand_in_dir, records, tmp_path):
     full, full_history = fresh_run(stand_in_dir, records, tmp_path / "full")
-    full.trainer.train()
+    full_result = full.trainer.train()
     interrupted, _ = fresh_run(stand_in_dir, records, tmp_path / "resumed")
     interrupted.trainer.add_callback(StopAfter(4))
     interrupted.trainer.train()
@@ -97,11 +98,33 @@ def test_resume_continues_exactly_where_it_stopped(stand_in_dir, records, tmp_pa
     checkpoint = latest_checkpoint(tmp_path / "resumed")
     assert checkpoint.endswith("checkpoint-4")
     resumed, resumed_history = fresh_run(stand_in_dir, records, tmp_path / "resumed")
-    resumed.trainer.train(resume_from_checkpoint=checkpoint)
+    resumed_result = resumed.trainer.train(resume_from_checkpoint=checkpoint)
     assert resumed.trainer.state.global_step == full.trainer.state.global_step == 8
     full_last = [h["loss"] for h in full_history.history if "loss" in h][-1]
     resumed_last = [h["loss"] for h in resumed_history.history if "loss" in h][-1]
     assert resumed_last == pytest.approx(full_last, rel=0.02, abs=0.02)
+    # the run's loss for the card: transformers' training_loss after a resume divides the resumed steps'
+    # loss by all of them (4 of 8 here: about half the real figure); the logged losses hold every step
+    full_loss = full_result.training_loss
+    assert train_loss_of(full.trainer, full_loss) == full_loss  # no resume: transformers' figure is right
+    resumed_loss = train_loss_of(resumed.trainer, resumed_result.training_loss, resumed_at=4)
+    assert resumed_loss == pytest.approx(full_loss, rel=0.02)
+    assert resumed_result.training_loss < 0.75 * full_loss  # what a card recorded before
+
+
+def test_the_resumed_runs_loss_counts_whole_logging_windows(stand_in_dir, records, tmp_path):
+    # windows of 3 steps (the last one of 2, never logged): the steps before the resume come back from the
+    # checkpoint's log history, each window weighted by its length
+    full, _ = fresh_run(stand_in_dir, records, tmp_path / "full", save_steps=3, logging_steps=3)
+    full_loss = full.trainer.train().training_loss
+    interrupted, _ = fresh_run(stand_in_dir, records, tmp_path / "r", save_steps=3, logging_steps=3)
+    interrupted.trainer.add_callback(StopAfter(6))
+    interrupted.trainer.train()
+    resumed, _ = fresh_run(stand_in_dir, records, tmp_path / "r", save_steps=3, logging_steps=3)
+    result = resumed.trainer.train(resume_from_checkpoint=latest_checkpoint(tmp_path / "r"))
+    assert train_loss_of(resumed.trainer, result.training_loss, resumed_at=6) == pytest.approx(
+        full_loss, rel=0.02
+    )
 
 
 def test_adapter_saving_writes_a_card_and_refuses_to_overwrite(stand_in_dir, records, tmp_path):
@@ -120,7 +143,8 @@ def test_adapter_saving_writes_a_card_and_refuses_to_overwrite(stand_in_dir, rec
 def test_axolotl_and_fsdp_configs_parse_back(tmp_path):
     preset = preset_for("gpu-80gb")
     path = write_yaml(
-        axolotl_config("mistralai/Mistral-Small-4-119B-2603", "data/train.jsonl", preset), tmp_path / "ax.yml"
+        axolotl_config("mistralai/Mistral-Small-3.2-24B-Instruct-2506", "data/train.jsonl", preset),
+        tmp_path / "ax.yml",
     )
     data = yaml.safe_load(path.read_text())
     assert data["adapter"] == "qlora" and data["lora_r"] == preset.lora_r and data["sample_packing"] is False
@@ -239,3 +263,36 @@ def test_fsdp_config_takes_the_presets_precision():
     assert accelerate_fsdp_config(2, layer_classes=layers)["mixed_precision"] == "bf16"
     with pytest.raises(ValueError, match="mixed_precision"):
         accelerate_fsdp_config(2, layer_classes=layers, mixed_precision="fp8")
+
+
+def test_evaluation_never_batches_more_rows_than_training():
+    # transformers' default eval batch is 8: on gpu-24gb that is 4x the training micro-batch, with images,
+    # at 2048 tokens — a peak the memory plan never counted
+    from pathlib import Path
+
+    from course_utils.train import shared_training_kwargs
+
+    for name in PRESETS:
+        kwargs = shared_training_kwargs(preset_for(name), "out")
+        assert kwargs["per_device_eval_batch_size"] == kwargs["per_device_train_batch_size"], name
+    lesson = (Path(__file__).resolve().parents[1] / "lessons" / "04_qlora_training.py").read_text()
+    for config in ("SFTConfig(", "TrainingArguments("):
+        call = lesson[lesson.index(config) :].split("\n    )", 1)[0]
+        assert "per_device_eval_batch_size=preset.per_device_train_batch_size" in call, config
+
+
+def test_lesson_04_compares_the_measured_peak_with_the_plan_for_its_own_preset():
+    # the plan defaulted to adamw_8bit while gpu-80gb trains with adamw_torch (6 bytes more per weight)
+    from pathlib import Path
+
+    lesson = (Path(__file__).resolve().parents[1] / "lessons" / "04_qlora_training.py").read_text()
+    after_training = lesson[lesson.index("## 4.9 After training") :]
+    call = after_training[after_training.index("estimate_training_memory(") :].split("\n    )", 1)[0]
+    assert "optimizer=preset.optim" in call and "backend=profile.backend" in call
+
+
+def test_axolotl_config_sends_small_4_to_its_own_recipe():
+    # its target list names Small 3's projections: on Small 4's MLA attention only o_proj and the shared
+    # expert matched, and the FP8 checkpoint cannot load in 4-bit (the BF16 re-upload can)
+    with pytest.raises(ValueError, match="axolotl_small4_qlora"):
+        axolotl_config("mistralai/Mistral-Small-4-119B-2603", "data/train.jsonl", preset_for("gpu-80gb"))
