@@ -277,10 +277,10 @@ exercise(
 # --- 04 · QLoRA training ----------------------------------------------------------------------------
 
 
-def _lora_32(**_) -> float:
+def _lora_128(**_) -> float:
     from course_utils.memory import ARCHITECTURES, lora_parameters
 
-    return round(lora_parameters(ARCHITECTURES["mistral-small-3.2"], 32) / 1e6, 1)
+    return round(lora_parameters(ARCHITECTURES["mistral-small-3.2"], 128) / 1e6, 1)
 
 
 def _longest_fitting(**_) -> int:
@@ -302,11 +302,11 @@ def _best_eval_steps(trainer, **_) -> set[int]:
 
 
 exercise(
-    id="04-lora-32",
+    id="04-lora-128",
     tier="🐢",
-    question="LoRA parameters r = 32 adds to Mistral Small 3.2 (millions, one decimal)",
-    hint="lora_parameters(small32, 32) / 1e6, rounded to one decimal",
-    expected=_lora_32,
+    question="LoRA parameters r = 128 adds to Mistral Small 3.2 (millions, one decimal)",
+    hint="lora_parameters(small32, 128) / 1e6, rounded to one decimal",
+    expected=_lora_128,
     tolerance=0.01,
 )
 exercise(

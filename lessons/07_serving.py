@@ -340,9 +340,12 @@ else:
 # transformers (HF format), or the official base with your **adapter** hot-loaded (`--enable-lora
 # --lora-modules`, with `--max-lora-rank` read from the adapter). Small 4 also gets
 # `--reasoning-parser mistral`, so its `[THINK]` part comes back as `reasoning_content`, not inside the
-# answer. `vllm_memory` sizes the GPUs from the config and the served precision: Small 4's official
-# checkpoint is FP8 (one byte per weight); in bf16 its 119B parameters need tensor parallelism
-# (`--tensor-parallel-size`) across several cards.
+# answer. Send one request before you rely on a vLLM release: 0.18.0 answered every Small 4 chat request
+# with `Kwargs ['reasoning_effort'] are not supported` (vllm-project/vllm#38560; fixes proposed in #38448
+# and #41251). `vllm_memory` sizes the
+# GPUs from the config and the served precision: Small 4's official checkpoint is FP8 (one byte per
+# weight); in bf16 its 119B parameters need tensor parallelism (`--tensor-parallel-size`) across several
+# cards.
 
 # %% tags=["copyable", "copy:vllm"]
 # NBVAL_CHECK_OUTPUT
@@ -413,7 +416,8 @@ else:
 #
 # - **Serving**: tensor parallelism splits every layer across GPUs of one node (fast interconnect needed);
 #   pipeline parallelism (`--pipeline-parallel-size`) splits layers across nodes; replicas behind the
-#   gateway add throughput. Small 4 in bf16: 4 × 80 GB with TP 4, or FP8 weights on 2.
+#   gateway add throughput. Small 4 in bf16 needs several 80 GB cards with tensor parallelism (the 🐕
+#   exercise below sizes it); its FP8 weights take half the memory.
 # - **Training**: lesson 04's Axolotl and `accelerate` FSDP configs shard the model across GPUs for Small 4
 #   QLoRA; Small 3.2 QLoRA fits one 24 GB card.
 # - **Monitoring**: `python -m llama_cpp.server` and vLLM expose request counts; vLLM also serves Prometheus
