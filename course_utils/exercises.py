@@ -267,10 +267,10 @@ exercise(
 exercise(
     id="03-keep-all",
     tier="🦁",
-    question="max_seq_length that keeps every row of your mixed dataset, a multiple of 64",
-    hint="the longest of your lengths, rounded up to a multiple of 64: ceil(max / 64) * 64",
+    question="max_seq_length that keeps every row of your mixed dataset, a multiple of 16",
+    hint="the longest of your lengths, rounded up to a multiple of 16: ceil(max / 16) * 16",
     needs=("lengths",),
-    expected=lambda lengths, **_: math.ceil(max(lengths) / 64) * 64,
+    expected=lambda lengths, **_: math.ceil(max(lengths) / 16) * 16,
 )
 
 

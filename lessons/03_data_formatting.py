@@ -550,9 +550,10 @@ check("03-fixed-row", my_row)
 
 # %% [markdown]
 # 🦁 Which `max_seq_length` keeps **every** row of your mixed dataset intact, rounded up to a multiple of
-# 64? Compare with the p99 recommendation: how many rows does the p99 choice truncate?
+# 16? Compare it with the recommendation above (the p99 length rounded up to 64): how many tokens of
+# room does each leave above your longest row?
 
 # %%
-keep_all = None  # TODO: use length_stats(lengths) and round its max up to a multiple of 64
-# SOLUTION: keep_all = -(-length_stats(lengths)["max"] // 64) * 64
+keep_all = None  # TODO: use length_stats(lengths) and round its max up to a multiple of 16
+# SOLUTION: keep_all = -(-length_stats(lengths)["max"] // 16) * 16
 check("03-keep-all", keep_all, lengths=lengths)
