@@ -26,6 +26,13 @@ memory extrapolated to the full depth next to the course's VRAM planner
 comes from ``outputs/tools`` (or ``$LLAMA_CPP_DIR``) — fetch it once on a machine with internet
 (``python -c "from course_utils.gguf_export import llama_cpp_tools; llama_cpp_tools()"``).
 
+Not yet proven on a GPU: the H200 run of 2026-11-29 (``benchmarks/results/``) passed seven of the ten
+stages; ``train-unsloth:mistral-small-4`` ran past its 120 s stage limit, ``train-unsloth:ministral-3-8b``
+was skipped when the budget ran out, and ``train-peft:ministral-3-8b`` failed (a RoPE default, fixed
+since, not re-run). With a short device lease run those first, e.g. ``--stages
+build,train-unsloth:mistral-small-4,train-peft:ministral-3-8b,train-unsloth:ministral-3-8b
+--stage-timeout 300 --budget 540``.
+
 Backs lessons 04, 05 and 06 (it runs their GPU path).
 """
 
