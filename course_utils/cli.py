@@ -176,6 +176,18 @@ def data_validate(args) -> int:
     be read at all (missing, another encoding, not JSON/Parquet: one line says where and the fix)."""
     from course_utils.data import validate_file, write_jsonl
 
+    if args.write_valid:  # refused before any work: the output is JSON Lines, and never the input itself
+        target = Path(args.write_valid)
+        if target.suffix != ".jsonl":
+            print(
+                f"error: --write-valid writes JSON Lines: name it *.jsonl, not {target.name}", file=sys.stderr
+            )
+            return 2
+        if target.exists() and Path(args.file).exists() and target.resolve() == Path(args.file).resolve():
+            print(
+                f"error: --write-valid {target} is the file being validated: write elsewhere", file=sys.stderr
+            )
+            return 2
     try:
         processor = None
         if args.max_seq_length is not None:

@@ -53,8 +53,9 @@ INST_ID, TOOL_RESULTS_ID, TOOL_RESULTS_END_ID = 3, 7, 8  # [INST], [TOOL_RESULTS
 THINK_ID, THINK_END_ID = 34, 35  # [THINK], [/THINK]: v13+ tokenizers (Small 4); unused ranks before
 
 # Mistral's tool rules, as mistral-common 1.13.1 enforces them for v7 (protocol/instruct/validator.py)
-TOOL_CALL_ID = re.compile(r"^[a-zA-Z0-9]{9}$")
-FUNCTION_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+# (fullmatch: `$` would also match before a final newline, and "abcdefghi\n" passed as a 9-character id)
+TOOL_CALL_ID = re.compile(r"[a-zA-Z0-9]{9}")
+FUNCTION_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
 # mistral-common 1.13.1's v7 validator, finetuning mode, measured 2026-11-29: a system message after a
 # user turn is accepted, after an assistant turn rejected ("Unexpected role 'system' after role 'assistant'").
 SYSTEM_NOT_FIRST = (
@@ -319,7 +320,9 @@ def from_prompt_completion(row: dict) -> dict:
     prompt, completion = row.get("prompt"), row.get("completion")
     if isinstance(prompt, str) and isinstance(completion, str):
         messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
-        return {"messages": messages, "images": list(row.get("images") or [])}
+        record = {"messages": messages, "images": list(row.get("images") or [])}
+        tools = _tools_of(row)
+        return {**record, "tools": tools} if tools else record
     if isinstance(prompt, list) and isinstance(completion, list):
         joined = dict(row, messages=prompt + completion)
         for drop in ("prompt", "completion"):
@@ -405,6 +408,13 @@ def to_canonical(row: dict, fmt: str = "auto") -> dict:
     fmt = detect_format(row) if fmt == "auto" else fmt
     if fmt not in CONVERTERS:
         raise DataFormatError("(format)", f"unknown format {fmt!r}; use one of auto, {', '.join(CONVERTERS)}")
+    images = row.get("images")
+    if images is not None and not isinstance(images, (list, tuple)):
+        raise DataFormatError(
+            "images", f"must be a list of image paths or URLs, got {type(images).__name__} (wrap one in [ ])"
+        )
+    if row.get("image") and images:
+        raise DataFormatError("image", "the row has both image and images: list every image in images")
     record = CONVERTERS[fmt](row)
     if "system_prompt" in row:  # mistral-finetune (and others): a top-level system prompt
         if "messages" not in record:
@@ -631,6 +641,11 @@ def read_rows(path: str | os.PathLike, encoding: str | None = None) -> LoadedRow
         except json.JSONDecodeError as exc:
             if start == "[" and not is_lines:
                 raise _json_error(name, text, exc) from None
+        except RecursionError:  # JSON Lines fall back to their lines (the deep one is a row problem)
+            if not is_lines:
+                raise DataReadError(
+                    f"{name}: JSON nested deeper than Python's reader can follow; no row of it can be read"
+                ) from None
         else:
             rows, container = _rows_of_json(document, name)
             notes = [f"{name}: named {suffixes[-1]} but holds a {container}"] if is_lines else []
@@ -925,7 +940,7 @@ def _check_tools(tools, problems: list[tuple[str, str]]) -> set[str] | None:
         if tool.get("type", "function") != "function":
             problems.append((f"{where}.type", f"must be 'function', got {tool.get('type')!r}"))
         name = function.get("name")
-        if not isinstance(name, str) or not FUNCTION_NAME.match(name):
+        if not isinstance(name, str) or not FUNCTION_NAME.fullmatch(name):
             problems.append((f"{where}.function.name", f"{name!r} must be 1-64 characters [a-zA-Z0-9_-]"))
         elif name in names:
             problems.append((f"{where}.function.name", f"{name!r} is defined twice"))
@@ -949,7 +964,7 @@ def _check_call(call, where: str, names, all_ids: set[str], pending: dict, probl
     call_id = call.get("id")
     if not isinstance(call_id, str) or not call_id:
         problems.append((f"{where}.id", "missing (Mistral needs a 9-character id per call)"))
-    elif not TOOL_CALL_ID.match(call_id):
+    elif not TOOL_CALL_ID.fullmatch(call_id):
         hint = (
             " — an OpenAI-style id: the opt-in fix --fix-tool-call-ids (fix_tool_call_ids) rewrites the "
             "row's ids consistently"
@@ -968,7 +983,7 @@ def _check_call(call, where: str, names, all_ids: set[str], pending: dict, probl
         problems.append((f"{where}.function", "missing: {name, arguments}"))
         return
     name = function.get("name")
-    if not isinstance(name, str) or not FUNCTION_NAME.match(name):
+    if not isinstance(name, str) or not FUNCTION_NAME.fullmatch(name):
         problems.append((f"{where}.function.name", f"{name!r} must be 1-64 characters [a-zA-Z0-9_-]"))
     elif names is not None and name not in names:
         problems.append((f"{where}.function.name", f"{name!r} is not one of the row's tools {sorted(names)}"))
@@ -976,7 +991,7 @@ def _check_call(call, where: str, names, all_ids: set[str], pending: dict, probl
     if isinstance(arguments, str):
         try:
             decoded = json.loads(arguments)
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, RecursionError) as exc:
             decoded = exc
         if not isinstance(decoded, dict):
             problems.append((f"{where}.function.arguments", "must be a JSON object encoded as a string"))
@@ -1005,12 +1020,12 @@ def fix_tool_call_ids(record: dict) -> list[str]:
         for j, call in enumerate(m["tool_calls"])
         if isinstance(call, dict) and isinstance(call.get("id"), str) and call["id"]
     ]
-    taken = {c["id"] for _, _, c in calls if TOOL_CALL_ID.match(c["id"])}
+    taken = {c["id"] for _, _, c in calls if TOOL_CALL_ID.fullmatch(c["id"])}
     mapping: dict[str, str] = {}
     changes = []
     for i, j, call in calls:
         old = call["id"]
-        if TOOL_CALL_ID.match(old):
+        if TOOL_CALL_ID.fullmatch(old):
             continue
         if old not in mapping:
             mapping[old] = short_tool_call_id(old, taken)
@@ -1184,6 +1199,11 @@ def validate_rows(
         except json.JSONDecodeError as exc:
             report.issues.append(
                 Issue(file, row_number, "(json)", f"bad JSON: {exc.msg} at column {exc.colno}")
+            )
+            continue
+        except RecursionError:
+            report.issues.append(
+                Issue(file, row_number, "(json)", "nested deeper than the JSON reader follows")
             )
             continue
         except DataFormatError as exc:

@@ -228,8 +228,11 @@ def generate_dataset(
 
     splits = splits or SPLITS
     out = Path(out_dir)
-    if (out / "train.jsonl").exists() and not force:
-        raise FileExistsError(f"{out}/train.jsonl exists; pass force=True (or --force) to regenerate it.")
+    existing = [f"{split}.jsonl" for split in splits if (out / f"{split}.jsonl").exists()]
+    if existing and not force:
+        raise FileExistsError(
+            f"{out}: {', '.join(existing)} exist(s); pass force=True (or --force) to regenerate."
+        )
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     counts = {}
@@ -257,8 +260,24 @@ def generate_dataset(
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The rows of a course split file; a broken line is a ``ValueError`` naming the file and line (the
+    lessons read lesson 03's saved splits through this: a hand-edited file must not give a traceback)."""
+    rows = []
+    with open(path, encoding="utf-8-sig") as f:  # -sig: a UTF-8 byte-order mark is read, not an error
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(
+                    f"{path}: line {number}: not valid JSON ({exc.msg} at column {exc.colno}); "
+                    "fix the line, or check the file with `python -m course_utils data validate`"
+                ) from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}: line {number}: expected a JSON object, got {type(row).__name__}")
+            rows.append(row)
+    return rows
 
 
 def local_dir() -> Path:

@@ -397,3 +397,66 @@ def test_fixture_files_of_every_container_validate():
         assert report.total > 0, path.name
         for issue in report.issues:
             assert str(issue).startswith(f"{path}:"), issue
+
+
+# --- review findings (2026-11-30): each reproduced first ------------------------------------------
+
+
+def test_json_nested_past_the_parsers_depth_is_a_clear_error_and_json_lines_keep_their_rows(tmp_path):
+    deep = "[" * 100_000 + "]" * 100_000
+    whole = tmp_path / "deep.json"
+    whole.write_text(deep)
+    with pytest.raises(DataReadError, match="deep.json.*nested"):
+        read_rows(whole)
+    lines = tmp_path / "deep.jsonl"
+    lines.write_text(deep + "\n" + json.dumps(OK) + "\n")
+    report = validate_file(lines)
+    assert len(report.valid) == 1 and any("deep.jsonl:1" in str(issue) for issue in report.issues)
+
+
+def test_a_trailing_newline_does_not_make_a_tool_call_id_or_name_valid():
+    from course_utils.data import check_tool_calls
+
+    def row(call_id: str, name: str) -> dict:
+        call = {"id": call_id, "type": "function", "function": {"name": name, "arguments": "{}"}}
+        return {
+            "messages": [
+                {"role": "user", "content": "q"},
+                {"role": "assistant", "content": "", "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": call_id, "content": "1"},
+                {"role": "assistant", "content": "a"},
+            ],
+            "tools": [{"type": "function", "function": {"name": name, "parameters": {"type": "object"}}}],
+        }
+
+    assert check_tool_calls(row("abcdefghi", "f")) == []
+    assert any(
+        "abcdefghi\n" in message or "id" in field
+        for field, message in check_tool_calls(row("abcdefghi\n", "f"))
+    )
+    assert check_tool_calls(row("abcdefghi", "f\n")) != []
+
+
+def test_write_valid_writes_json_lines_only_and_never_over_its_own_input(tmp_path):
+    source = tmp_path / "in.jsonl"
+    source.write_text(json.dumps(OK) + "\n" + json.dumps(BAD_ROLE) + "\n")
+    assert main(["data", "validate", str(source), "--write-valid", str(tmp_path / "out.jsonl.gz")]) == 2
+    assert not (tmp_path / "out.jsonl.gz").exists()
+    assert main(["data", "validate", str(source), "--write-valid", str(source), "--overwrite"]) == 2
+    assert len(source.read_text().splitlines()) == 2  # the invalid row is still there
+
+
+def test_images_given_as_one_string_say_it_must_be_a_list(tmp_path):
+    source = tmp_path / "in.jsonl"
+    source.write_text(json.dumps({**OK, "images": "a.png"}) + "\n")
+    report = validate_file(source)
+    assert not report.valid and any("list" in str(issue) for issue in report.issues)
+    assert not any("file not found: a" in str(issue) for issue in report.issues)
+
+
+def test_plain_prompt_completion_rows_keep_their_tools():
+    from course_utils.data import to_canonical
+
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    record = to_canonical({"prompt": "q", "completion": "a", "tools": tools})
+    assert record["tools"] == tools  # were dropped without a note ("tools" counted as a known key)

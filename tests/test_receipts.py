@@ -106,3 +106,21 @@ def test_offline_load_falls_back_to_local_and_says_so(monkeypatch):
     assert len(rows) == 3 and "local course dataset" in message and "HF_HUB_OFFLINE" in message
     with pytest.raises(RuntimeError, match="CORD-v2"):
         load_receipts("test", source="cord")
+
+
+def test_generating_refuses_to_overwrite_any_existing_split(tmp_path):
+    from course_utils.receipts import generate_dataset
+
+    (tmp_path / "val.jsonl").write_text("keep me\n")
+    with pytest.raises(FileExistsError, match="val.jsonl"):
+        generate_dataset(tmp_path, splits={"val": 1})
+    assert (tmp_path / "val.jsonl").read_text() == "keep me\n"
+
+
+def test_reading_a_split_names_the_file_and_line_of_a_broken_row(tmp_path):
+    from course_utils.receipts import read_jsonl
+
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"id": 1}\n{"id": 2\n')  # a BOM (read) and a cut-off second line
+    with pytest.raises(ValueError, match=r"train.jsonl.*line 2"):
+        read_jsonl(path)
