@@ -603,6 +603,10 @@ def read_rows(path: str | os.PathLike, encoding: str | None = None) -> LoadedRow
     .json), ``.parquet`` or gzipped file. UTF-8 with or without BOM is read; anything else is a
     ``DataReadError`` naming the byte offset, the guessed encoding and the fix (or pass ``encoding``)."""
     path = Path(path)
+    if path.is_dir():
+        raise FileNotFoundError(
+            f"{path}: a folder, not a file: name one .jsonl, .json or .parquet file in it"
+        )
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     data = path.read_bytes()
@@ -764,7 +768,7 @@ def check_record(record: dict, base_dir: Path | None = None) -> list[tuple[str, 
         where = f"messages[{i}]"
         role = message.get("role") if isinstance(message, dict) else None
         if role not in ROLES:
-            problems.append((f"{where}.role", f"unknown role {role!r}; use system, user or assistant"))
+            problems.append((f"{where}.role", f"unknown role {role!r}; use system, user, assistant or tool"))
             expected = {"assistant"} if "user" in expected else {"user"}  # one problem, not a cascade
             continue
         problems += _check_weight(message, where, role)
@@ -990,8 +994,10 @@ def _check_call(call, where: str, names, all_ids: set[str], pending: dict, probl
     arguments = function.get("arguments")
     if isinstance(arguments, str):
         try:
-            decoded = json.loads(arguments)
-        except (json.JSONDecodeError, RecursionError) as exc:
+            decoded = json.loads(
+                arguments, parse_constant=_not_json
+            )  # NaN/Infinity: Python reads them, JSON not
+        except (json.JSONDecodeError, RecursionError, ValueError) as exc:
             decoded = exc
         if not isinstance(decoded, dict):
             problems.append((f"{where}.function.arguments", "must be a JSON object encoded as a string"))
@@ -1006,6 +1012,10 @@ def _check_call(call, where: str, names, all_ids: set[str], pending: dict, probl
         )
     if isinstance(call_id, str) and call_id:
         pending[call_id] = name
+
+
+def _not_json(constant: str):
+    raise ValueError(f"{constant} is not JSON")
 
 
 def fix_tool_call_ids(record: dict) -> list[str]:

@@ -460,3 +460,23 @@ def test_plain_prompt_completion_rows_keep_their_tools():
     tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
     record = to_canonical({"prompt": "q", "completion": "a", "tools": tools})
     assert record["tools"] == tools  # were dropped without a note ("tools" counted as a known key)
+
+
+def test_small_report_fixes(tmp_path):
+    from course_utils.data import check_record, check_tool_calls
+
+    with pytest.raises(FileNotFoundError, match="a folder"):
+        read_rows(tmp_path)  # it said "no such file"
+    bad_role = {"messages": [{"role": "bot", "content": "x"}, {"role": "assistant", "content": "y"}]}
+    assert any("tool" in message for _, message in check_record(bad_role))  # the roles a row may use
+    call = {"id": "abcdefghi", "type": "function", "function": {"name": "f", "arguments": '{"a": NaN}'}}
+    row = {
+        "messages": [
+            {"role": "user", "content": "q"},
+            {"role": "assistant", "content": "", "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": "abcdefghi", "content": "1"},
+            {"role": "assistant", "content": "a"},
+        ],
+        "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+    }
+    assert any("arguments" in field for field, _ in check_tool_calls(row))  # NaN is not JSON
