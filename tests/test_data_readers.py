@@ -71,7 +71,7 @@ def test_a_bad_element_of_a_json_array_is_named_by_its_index(tmp_path):
     path.write_text(json.dumps([OK, rows(1)[0], BAD_ROLE]))
     report = validate_file(path)
     assert [str(i) for i in report.issues] == [
-        f"{path}:2:messages[0].role: unknown role 'bot'; use system, user or assistant"
+        f"{path}:2:messages[0].role: unknown role 'bot'; use system, user, assistant or tool"
     ]
     assert "rows are 0-based indexes" in report.summary()
 
