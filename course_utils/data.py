@@ -401,6 +401,25 @@ def unknown_fields(row: dict, fmt: str) -> list[str]:
                 extra = {k for k, v in turn.items() if v is not None} - allowed
                 extra -= {"name"} if turn.get("role") == "tool" else set()
                 found += [f"{key}[].{k}" for k in sorted(map(str, extra)) if f"{key}[].{k}" not in found]
+                found += [f for f in _unknown_part_keys(turn.get("content"), key) if f not in found]
+    return found
+
+
+_PART_KEYS = {"text": {"type", "text"}, "image": {"type", "image"}, "image_url": {"type", "image_url"}}
+
+
+def _unknown_part_keys(content, key: str) -> list[str]:
+    """Keys inside content parts that the conversion drops (``cache_control``, ``image_url.detail``)."""
+    found = []
+    for part in content if isinstance(content, list) else []:
+        if not isinstance(part, dict) or part.get("type") not in _PART_KEYS:
+            continue  # an unknown part type is a row error already
+        extra = {k for k, v in part.items() if v is not None} - _PART_KEYS[part["type"]]
+        found += [f"{key}[].content[].{k}" for k in sorted(map(str, extra))]
+        if isinstance(part.get("image_url"), dict):
+            found += [
+                f"{key}[].content[].image_url.{k}" for k in sorted(map(str, part["image_url"])) if k != "url"
+            ]
     return found
 
 

@@ -480,3 +480,26 @@ def test_small_report_fixes(tmp_path):
         "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
     }
     assert any("arguments" in field for field, _ in check_tool_calls(row))  # NaN is not JSON
+
+
+def test_keys_inside_content_parts_that_are_not_carried_over_are_reported():
+    from course_utils.data import unknown_fields
+
+    row = {
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "q", "cache_control": {"type": "ephemeral"}},
+                    {"type": "image_url", "image_url": {"url": "a.png", "detail": "high"}},
+                ],
+            },
+            {"role": "assistant", "content": "a"},
+        ]
+    }
+    found = unknown_fields(row, "openai")
+    assert "messages[].content[].cache_control" in found and "messages[].content[].image_url.detail" in found
+    assert (
+        unknown_fields({"messages": [{"role": "user", "content": [{"type": "text", "text": "q"}]}]}, "openai")
+        == []
+    )
