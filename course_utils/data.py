@@ -1033,6 +1033,18 @@ def _check_call(call, where: str, names, all_ids: set[str], pending: dict, probl
         pending[call_id] = name
 
 
+def _one_value_per_key(pairs: list[tuple[str, object]]) -> dict:
+    """A JSON object whose keys are unique: Python keeps the last of a repeated key without a word."""
+    seen: dict[str, object] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise DataFormatError(
+                key, "given twice in one object: keep one (the reader would drop the first)"
+            )
+        seen[key] = value
+    return seen
+
+
 def _not_json(constant: str):
     raise ValueError(f"{constant} is not JSON")
 
@@ -1216,7 +1228,9 @@ def validate_rows(
             report.issues.append(Issue(file, row_number, "(encoding)", raw.reason))
             continue
         try:
-            row = json.loads(raw.strip()) if isinstance(raw, str) else raw
+            row = (
+                json.loads(raw.strip(), object_pairs_hook=_one_value_per_key) if isinstance(raw, str) else raw
+            )
             if not isinstance(row, dict):
                 raise DataFormatError("(row)", f"expected a JSON object, got {type(row).__name__}")
             row_format = detect_format(row) if fmt == "auto" else fmt

@@ -503,3 +503,12 @@ def test_keys_inside_content_parts_that_are_not_carried_over_are_reported():
         unknown_fields({"messages": [{"role": "user", "content": [{"type": "text", "text": "q"}]}]}, "openai")
         == []
     )
+
+
+def test_a_key_given_twice_in_a_row_is_a_row_problem_not_a_silent_choice(tmp_path):
+    path = tmp_path / "dup.jsonl"
+    first = json.dumps(OK["messages"])
+    path.write_text('{"messages": ' + first + ', "messages": ' + first + "}\n" + json.dumps(OK) + "\n")
+    report = validate_file(path)
+    assert len(report.valid) == 1
+    assert any(":1:" in str(issue) and "twice" in str(issue) for issue in report.issues)
