@@ -1775,22 +1775,30 @@ def save_splits(
     """Write ``{split}.jsonl`` files for the next lesson; identical files are left alone, different
     existing ones are never replaced unless ``overwrite`` — each file's fate is returned."""
     out = Path(out_dir)
-    status = {}
-    for name, records in splits.items():
-        target = out / f"{name}.jsonl"
+    candidates = {}
+    for name, records in splits.items():  # every split written aside first: all replaced, or none
         tmp = out / f".{name}.candidate.jsonl"
         if tmp.exists():
             tmp.unlink()
         write_jsonl(records, tmp, base_dir=base_dir)
+        candidates[name] = (out / f"{name}.jsonl", tmp)
+    status = {}
+    for name, (target, tmp) in candidates.items():
         if target.exists() and target.read_bytes() == tmp.read_bytes():
-            tmp.unlink()
             status[name] = "unchanged"
-        elif target.exists() and not overwrite:
-            tmp.unlink()
-            raise FileExistsError(
-                f"{target} exists with different content; pass overwrite=True to replace it"
-            )
         else:
             status[name] = "replaced" if target.exists() else "written"
+    conflicts = [str(target) for name, (target, _) in candidates.items() if status[name] == "replaced"]
+    if conflicts and not overwrite:
+        for _, tmp in candidates.values():
+            tmp.unlink()
+        raise FileExistsError(
+            f"{', '.join(conflicts)} exist(s) with different content; pass overwrite=True to replace "
+            "(nothing was written)"
+        )
+    for name, (target, tmp) in candidates.items():
+        if status[name] == "unchanged":
+            tmp.unlink()
+        else:
             os.replace(tmp, target)
     return status

@@ -512,3 +512,17 @@ def test_a_key_given_twice_in_a_row_is_a_row_problem_not_a_silent_choice(tmp_pat
     report = validate_file(path)
     assert len(report.valid) == 1
     assert any(":1:" in str(issue) and "twice" in str(issue) for issue in report.issues)
+
+
+def test_save_splits_writes_all_splits_or_none(tmp_path):
+    from course_utils.data import save_splits
+
+    (tmp_path / "val.jsonl").write_text(json.dumps(OK) + "\n")  # differs from the val about to be saved
+    with pytest.raises(FileExistsError, match="val.jsonl"):
+        save_splits({"train": rows(2), "val": rows(1)}, tmp_path)
+    assert not (tmp_path / "train.jsonl").exists()  # no new train beside the old val
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["val.jsonl"]  # no candidates left behind
+    assert save_splits({"train": rows(2), "val": rows(1)}, tmp_path, overwrite=True) == {
+        "train": "written",
+        "val": "replaced",
+    }
