@@ -378,7 +378,7 @@ CONVERTERS = {
 # What each converter reads; anything else in a row is reported (counted per file), never ignored silently.
 _KNOWN_KEYS = {
     "alpaca": {"instruction", "input", "output", "system", "history", "image", "images"},
-    "sharegpt": {"conversations", "system", "tools", "images", "image"},
+    "sharegpt": {"conversations", "system", "tools", "available_tools", "images", "image"},
     "openai": {"messages", "interactions", "images", "tools", "available_tools"},
     "prompt_completion": {"prompt", "completion", "images", "tools"},
     "text": {"text", "content"},

@@ -526,3 +526,15 @@ def test_save_splits_writes_all_splits_or_none(tmp_path):
         "train": "written",
         "val": "replaced",
     }
+
+
+def test_sharegpt_available_tools_are_carried_and_not_called_ignored():
+    from course_utils.data import to_canonical, unknown_fields
+
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    row = {
+        "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}],
+        "available_tools": tools,
+    }
+    assert to_canonical(row, "sharegpt")["tools"] == tools
+    assert unknown_fields(row, "sharegpt") == []
