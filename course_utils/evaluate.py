@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -130,7 +132,10 @@ def normalize_date(value) -> str | None:
 
 
 def normalize_text(value) -> str | None:
-    return " ".join(str(value).casefold().split()) if isinstance(value, (str, int, float)) else None
+    """Case, spacing and Unicode form folded (NFKC: "Café" typed as e + combining accent matches)."""
+    if not isinstance(value, (str, int, float)):
+        return None
+    return " ".join(unicodedata.normalize("NFKC", str(value)).casefold().split())
 
 
 def normalize_currency(value) -> str | None:
@@ -431,7 +436,9 @@ class Comparison:
                 "",
             ]
             for name in self.names:
-                parts += [f"{name} (F1 {e['f1'][name]:.2f}):", "", "```", e["replies"][name][:600], "```", ""]
+                reply = e["replies"][name][:600]  # a fence one backtick longer than any run inside the reply
+                fence = "`" * max(4, 1 + max((len(run) for run in re.findall(r"`+", reply)), default=0))
+                parts += [f"{name} (F1 {e['f1'][name]:.2f}):", "", fence, reply, fence, ""]
         return "\n".join(parts)
 
 

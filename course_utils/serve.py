@@ -58,7 +58,13 @@ class Server:
         return self.process.pid if self.process else None
 
     def start(self, timeout: float = 120.0) -> Server:
-        """Start the process and poll ``health_path`` until it answers 200 (or fail with its log)."""
+        """Start the process and poll ``health_path`` until it answers 200 (or fail with its log).
+
+        Refused while this server's process runs (a second one could not bind the port, while the first
+        answered the health check for it and was then never stopped). Anything that interrupts the wait
+        (an error, Ctrl-C) stops the new process before it propagates."""
+        if self.process is not None and self.process.poll() is None:
+            raise ServeError(f"{self.name} is already running (pid {self.process.pid}): stop() it first")
         log = tempfile.NamedTemporaryFile(prefix=f"{self.name}-", suffix=".log", delete=False)
         self.log_path = Path(log.name)
         self.process = subprocess.Popen(
@@ -73,6 +79,20 @@ class Server:
         import atexit
 
         atexit.register(self.stop)  # a crashed notebook or test run leaves no server behind
+        try:
+            if self._wait_healthy(timeout):
+                return self
+        except BaseException:  # an error or Ctrl-C while waiting: the new process goes too
+            self.stop(keep_log=True)
+            raise
+        tail = self.log_tail()
+        self.stop(keep_log=True)
+        raise ServeError(
+            f"{self.name} did not answer {self.health_path} within {timeout:.0f} s (log: {self.log_path}):\n"
+            f"{tail}"
+        )
+
+    def _wait_healthy(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -83,17 +103,12 @@ class Server:
             try:
                 request = urllib.request.Request(self.url + self.health_path, headers=self.health_headers)
                 with urllib.request.urlopen(request, timeout=2) as response:
-                    if response.status == 200:
-                        return self
+                    if response.status == 200 and self.process.poll() is None:  # ours answered, not another
+                        return True
             except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
                 pass
             time.sleep(0.3)
-        tail = self.log_tail()
-        self.stop(keep_log=True)
-        raise ServeError(
-            f"{self.name} did not answer {self.health_path} within {timeout:.0f} s (log: {self.log_path}):\n"
-            f"{tail}"
-        )
+        return False
 
     def log_tail(self, lines: int = 20) -> str:
         if not self.log_path or not self.log_path.exists():
@@ -356,7 +371,14 @@ VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # what vLLM's --max-lora-
 def _vllm_lora_rank(adapter_path: str, lora_rank: int | None) -> int:
     if lora_rank is None:
         config = Path(adapter_path) / "adapter_config.json"
-        lora_rank = json.loads(config.read_text())["r"] if config.is_file() else 16
+        if not config.is_file():
+            raise ValueError(
+                f"{config} not found: is {adapter_path} a peft adapter folder? (or pass lora_rank)"
+            )
+        rank = json.loads(config.read_text()).get("r")
+        if not isinstance(rank, int):
+            raise ValueError(f"{config} has no integer 'r' (the LoRA rank): pass lora_rank")
+        lora_rank = rank
     fitting = [r for r in VLLM_LORA_RANKS if r >= lora_rank]
     if not fitting:
         raise ValueError(
@@ -545,6 +567,10 @@ def load_test(
 
     from tqdm.auto import tqdm
 
+    if not prompts:
+        raise ValueError("load_test needs at least one prompt (a list of chat messages)")
+    if requests < 1 or concurrency < 1:
+        raise ValueError(f"requests and concurrency must be at least 1, got {requests} and {concurrency}")
     api = client(base_url, api_key, timeout)
     latencies, ttfts, tokens, errors = [], [], [], []
     lock = threading.Lock()

@@ -317,3 +317,20 @@ def test_a_fresh_adapter_beside_the_tuned_one_is_a_no_op_and_leaves_no_trace(sta
     assert adapter_effect(tuned, loaded.processor, rows) > 0.01
     tuned.delete_adapter("fresh")
     assert tuned.active_adapter == "default" and sum(p.numel() for p in tuned.parameters()) == parameters
+
+
+def test_a_reply_holding_a_code_fence_stays_inside_its_block_in_the_report():
+    from course_utils.evaluate import compare
+
+    fenced = 'Sure:\n```json\n{"total": 1}\n```\nDone.'
+    report = compare({"base": [fenced]}, [{"total": 2}]).markdown(worst=1)
+    block = report[report.index("base (F1") :]
+    opener = block.splitlines()[2]
+    assert opener.startswith("````") and block.count(opener) == 2  # one opening, one closing fence
+    assert "Done." in block[: block.rindex(opener)]  # the whole reply is inside the block
+
+
+def test_names_match_across_unicode_forms():
+    from course_utils.evaluate import normalize_text
+
+    assert normalize_text("Cafe\u0301 Nord") == normalize_text("Café Nord")  # NFD vs NFC

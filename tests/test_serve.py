@@ -475,3 +475,34 @@ def test_demo_sends_its_key_only_to_its_own_endpoint(monkeypatch):
     assert list(respond("hi", [], "http://127.0.0.1:4000/v1/", 0.1)) == ["{}"]
     assert list(respond("hi", [], "https://attacker.example/v1", 0.1)) == ["{}"]
     assert seen == [("http://127.0.0.1:4000/v1/", "sk-master-secret"), ("https://attacker.example/v1", None)]
+
+
+def test_a_load_test_without_prompts_or_requests_is_refused_up_front():
+    with pytest.raises(ValueError, match="prompt"):
+        serve.load_test("http://127.0.0.1:9/v1", "m", [], requests=4)
+    with pytest.raises(ValueError, match="requests"):
+        serve.load_test("http://127.0.0.1:9/v1", "m", [[{"role": "user", "content": "q"}]], requests=0)
+
+
+def test_a_server_started_twice_is_refused_and_a_failed_start_leaves_nothing_running(tmp_path):
+    import socket
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "-d", str(tmp_path)]
+    server = serve.Server("http", command, "127.0.0.1", port, "/").start(timeout=30)
+    try:
+        first = server.process
+        with pytest.raises(serve.ServeError, match="already running"):
+            server.start(timeout=5)
+        assert server.process is first and first.poll() is None  # the running one is still ours to stop
+    finally:
+        server.stop()
+    assert first.poll() is not None
+
+
+def test_a_vllm_adapter_without_its_config_is_an_error_not_a_guessed_rank(tmp_path):
+    with pytest.raises(ValueError, match="adapter_config.json"):
+        serve.vllm_command("mistral-small-3.2", "adapter", adapter_path=str(tmp_path))
