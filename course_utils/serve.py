@@ -511,6 +511,10 @@ class LoadResult:
     wall_seconds: float
 
     def summary(self) -> dict:
+        """Counts, error rate, latency and time-to-first-token percentiles, tokens/s. The percentiles are
+        over the requests that succeeded: read them with ``error_rate`` (an overloaded server that times
+        out its slowest requests shows a *lower* p95). Tokens and the first token are answer content:
+        a reasoning model's trace (``reasoning_content``) is not counted."""
         import numpy as np
 
         n = len(self.latencies) + len(self.errors)
