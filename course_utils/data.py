@@ -1013,9 +1013,8 @@ def _check_call(call, where: str, names, all_ids: set[str], pending: dict, probl
     arguments = function.get("arguments")
     if isinstance(arguments, str):
         try:
-            decoded = json.loads(
-                arguments, parse_constant=_not_json
-            )  # NaN/Infinity: Python reads them, JSON not
+            # parse_constant: Python reads NaN and Infinity, JSON has neither
+            decoded = json.loads(arguments, parse_constant=_not_json)
         except (json.JSONDecodeError, RecursionError, ValueError) as exc:
             decoded = exc
         if not isinstance(decoded, dict):

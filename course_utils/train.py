@@ -653,13 +653,15 @@ def train_loss_of(trainer, training_loss: float, resumed_at: int = 0) -> float:
     and divides by every step of the run: after ``resume_from_checkpoint`` at step ``resumed_at`` it
     leaves the first ``resumed_at`` steps out of the sum but not out of the count. Those steps come back
     from the checkpoint's log history, one mean per logging window, weighted here by the window's length
-    (steps between the last logged window and ``resumed_at`` count at that window's mean). Without a
-    resume, ``training_loss`` is already right and is returned as is.
+    (steps between the last logged window and ``resumed_at`` count at that window's mean, or at the
+    resumed steps' mean when nothing was logged). Without a resume, ``training_loss`` is already right
+    and is returned as is.
     """
     if not resumed_at:
         return training_loss
     steps = trainer.state.global_step
-    before, last_step, last_loss = 0.0, 0, training_loss
+    after_mean = training_loss * steps / max(1, steps - resumed_at)
+    before, last_step, last_loss = 0.0, 0, after_mean
     for entry in trainer.state.log_history:
         if "loss" in entry and entry["step"] <= resumed_at:
             before += entry["loss"] * (entry["step"] - last_step)
