@@ -376,7 +376,13 @@ import shlex
 for key, weights, tp, extra in (
     ("mistral-small-3.2", "mistral", 1, {}),
     ("mistral-small-3.2", "hf", 1, {"model_path": "outputs/gpu-24gb/export/merged"}),
-    ("mistral-small-3.2", "adapter", 1, {"adapter_path": "outputs/gpu-24gb/adapters/receipts-lora"}),
+    # the adapter a gpu-24gb run trains (rank 16: its preset; the folder exists after that run)
+    (
+        "mistral-small-3.2",
+        "adapter",
+        1,
+        {"adapter_path": "outputs/gpu-24gb/adapters/receipts-lora", "lora_rank": 16},
+    ),
     ("mistral-small-4", "mistral", 4, {}),
 ):
     print(f"# {key}, {weights} weights, {tp} GPU(s):", serve.vllm_memory(key, 32768, tp))
