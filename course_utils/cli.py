@@ -183,7 +183,7 @@ def data_validate(args) -> int:
                 f"error: --write-valid writes JSON Lines: name it *.jsonl, not {target.name}", file=sys.stderr
             )
             return 2
-        if target.exists() and Path(args.file).exists() and target.resolve() == Path(args.file).resolve():
+        if target.resolve() == Path(args.file).resolve():
             print(
                 f"error: --write-valid {target} is the file being validated: write elsewhere", file=sys.stderr
             )

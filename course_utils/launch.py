@@ -570,8 +570,7 @@ def run_worker(args: argparse.Namespace) -> int:
         raise TrainCommandError(f"{len(records)} of {world_size} ranks wrote a record in {ranks}")
     if world_size > 1 and not torch.cuda.is_available() and not args.launched:
         print(f"note: {CPU_FSDP_NOTE}")  # (launched by this command: it said so before starting)
-    resumed_at = int(Path(checkpoint).name.rsplit("-", 1)[-1]) if checkpoint else 0
-    metrics = {"train_loss": train_loss_of(trainer, result.training_loss, resumed_at)}  # --resume too
+    metrics = {"train_loss": train_loss_of(trainer, result.training_loss, checkpoint)}  # --resume too
     card = training_card(run, metrics, seconds)
     card.update(
         processes=world_size,

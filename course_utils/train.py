@@ -646,19 +646,21 @@ def save_adapter(
     return target
 
 
-def train_loss_of(trainer, training_loss: float, resumed_at: int = 0) -> float:
+def train_loss_of(trainer, training_loss: float, resumed_from: str | os.PathLike | None = None) -> float:
     """The run's mean training loss per step, right after a resume too.
 
     transformers' ``TrainOutput.training_loss`` sums the loss of the steps run since the last (re)start
-    and divides by every step of the run: after ``resume_from_checkpoint`` at step ``resumed_at`` it
-    leaves the first ``resumed_at`` steps out of the sum but not out of the count. Those steps come back
+    and divides by every step of the run: after ``resume_from_checkpoint=resumed_from`` (a
+    ``checkpoint-N`` folder: the run resumed at step ``N``) it
+    leaves the first ``N`` steps out of the sum but not out of the count. Those steps come back
     from the checkpoint's log history, one mean per logging window, weighted here by the window's length
-    (steps between the last logged window and ``resumed_at`` count at that window's mean, or at the
+    (steps between the last logged window and ``N`` count at that window's mean, or at the
     resumed steps' mean when nothing was logged). Without a resume, ``training_loss`` is already right
     and is returned as is.
     """
-    if not resumed_at:
+    if not resumed_from:
         return training_loss
+    resumed_at = checkpoint_step(resumed_from)
     steps = trainer.state.global_step
     after_mean = training_loss * steps / max(1, steps - resumed_at)
     before, last_step, last_loss = 0.0, 0, after_mean
@@ -670,9 +672,14 @@ def train_loss_of(trainer, training_loss: float, resumed_at: int = 0) -> float:
     return (before + training_loss * steps) / steps
 
 
+def checkpoint_step(checkpoint: str | os.PathLike) -> int:
+    """The step ``N`` of a ``checkpoint-N`` folder."""
+    return int(Path(checkpoint).name.rsplit("-", 1)[-1])
+
+
 def latest_checkpoint(output_dir: str | os.PathLike) -> str | None:
     """The newest ``checkpoint-N`` folder in ``output_dir`` (what ``resume_from_checkpoint`` continues)."""
-    folders = sorted(Path(output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    folders = sorted(Path(output_dir).glob("checkpoint-*"), key=checkpoint_step)
     return str(folders[-1]) if folders else None
 
 

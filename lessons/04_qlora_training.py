@@ -579,7 +579,7 @@ run = TrainingRun(
 card = training_card(
     run,
     {
-        "train_loss": train_loss_of(trainer, result.training_loss, resumed_at=int(checkpoint.split("-")[-1])),
+        "train_loss": train_loss_of(trainer, result.training_loss, resumed_from=checkpoint),
         "json_valid_before": before["json_valid"],
         "json_valid_after": after["json_valid"],
         "schema_valid_after": after["schema_valid"],

@@ -107,7 +107,7 @@ def test_resume_continues_exactly_where_it_stopped(stand_in_dir, records, tmp_pa
     # loss by all of them (4 of 8 here: about half the real figure); the logged losses hold every step
     full_loss = full_result.training_loss
     assert train_loss_of(full.trainer, full_loss) == full_loss  # no resume: transformers' figure is right
-    resumed_loss = train_loss_of(resumed.trainer, resumed_result.training_loss, resumed_at=4)
+    resumed_loss = train_loss_of(resumed.trainer, resumed_result.training_loss, resumed_from=checkpoint)
     assert resumed_loss == pytest.approx(full_loss, rel=0.02)
     assert resumed_result.training_loss < 0.75 * full_loss  # what a card recorded before
 
@@ -121,8 +121,10 @@ def test_the_resumed_runs_loss_counts_whole_logging_windows(stand_in_dir, record
     interrupted.trainer.add_callback(StopAfter(6))
     interrupted.trainer.train()
     resumed, _ = fresh_run(stand_in_dir, records, tmp_path / "r", save_steps=3, logging_steps=3)
-    result = resumed.trainer.train(resume_from_checkpoint=latest_checkpoint(tmp_path / "r"))
-    assert train_loss_of(resumed.trainer, result.training_loss, resumed_at=6) == pytest.approx(
+    checkpoint = latest_checkpoint(tmp_path / "r")
+    assert checkpoint.endswith("checkpoint-6")
+    result = resumed.trainer.train(resume_from_checkpoint=checkpoint)
+    assert train_loss_of(resumed.trainer, result.training_loss, resumed_from=checkpoint) == pytest.approx(
         full_loss, rel=0.02
     )
 
