@@ -30,10 +30,12 @@ import copy
 import gzip
 import hashlib
 import io
+import itertools
 import json
 import math
 import os
 import re
+import reprlib
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -78,6 +80,29 @@ class DataReadError(ValueError):
     where and what to do."""
 
 
+SHOWN_CHARS = 80  # how much of a value a message echoes: a 1 MB field is named, never printed whole
+SHOWN_TEXT_CHARS = 240  # paths and exception texts: room for a real one, not for a pasted base64 image
+_REPR = reprlib.Repr()  # bounded work on huge or deeply nested values (repr() would walk all of them)
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 3, SHOWN_CHARS, SHOWN_CHARS
+
+
+def _cut(text: str, limit: int = SHOWN_CHARS) -> str:
+    """``text``, or its first ``limit - 1`` characters and an ellipsis."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _shown(value, limit: int = SHOWN_CHARS) -> str:
+    """``repr(value)`` for a message, cut to ``limit`` characters (strings keep their beginning)."""
+    if isinstance(value, str):
+        return _cut(repr(value[: limit + 1]), limit)
+    return _cut(_REPR.repr(value), limit)
+
+
+def _shown_all(values: Iterable) -> str:
+    """A list of values as ``repr`` shows it (``['a', 'b']``), each one cut short."""
+    return "[" + ", ".join(_shown(v) for v in values) + "]"
+
+
 # --- Converters ----------------------------------------------------------------------------------
 
 
@@ -106,7 +131,7 @@ def short_tool_call_id(seed: str, taken: set[str] = frozenset()) -> str:
         candidate = "".join(chars)
         if candidate not in taken:
             return candidate
-    raise ValueError(f"no free tool-call id for {seed!r}")  # pragma: no cover - 62**9 ids
+    raise ValueError(f"no free tool-call id for {_shown(seed)}")  # pragma: no cover - 62**9 ids
 
 
 def _with_system(messages: list[dict], text, field_name: str) -> list[dict]:
@@ -158,7 +183,9 @@ def from_alpaca(row: dict, system: str | None = None) -> dict:
     messages: list[dict] = []
     history = row.get("history") or []
     if not isinstance(history, list):
-        raise DataFormatError("history", f"must be a list of [instruction, response] pairs, got {history!r}")
+        raise DataFormatError(
+            "history", f"must be a list of [instruction, response] pairs, got {_shown(history)}"
+        )
     for i, pair in enumerate(history):
         if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
             raise DataFormatError(f"history[{i}]", "must be an [instruction, response] pair")
@@ -219,7 +246,7 @@ def from_sharegpt(row: dict) -> dict:
     for i, turn in enumerate(turns):
         who = turn.get("from") if isinstance(turn, dict) else None
         if who not in _SHAREGPT_ROLES:
-            raise DataFormatError(f"conversations[{i}].from", f"unknown speaker {who!r}")
+            raise DataFormatError(f"conversations[{i}].from", f"unknown speaker {_shown(who)}")
         value = turn.get("value")
         if not isinstance(value, str):
             reason = "missing" if value is None else f"must be a string, got {type(value).__name__}"
@@ -277,7 +304,7 @@ def _convert_message(message: dict, i: int, images: list, key: str) -> dict:
             elif kind == "text":
                 parts.append({"type": "text", "text": part.get("text")})
             else:
-                raise DataFormatError(f"{where}.content[{j}].type", f"unsupported part type {kind!r}")
+                raise DataFormatError(f"{where}.content[{j}].type", f"unsupported part type {_shown(kind)}")
         content = parts
     out = {"role": message.get("role"), "content": content}
     for name in ("weight", "tool_calls", "tool_call_id"):  # None = absent (Arrow fills missing keys)
@@ -361,8 +388,8 @@ def detect_format(row: dict) -> str:
         return "text"
     raise DataFormatError(
         "(row)",
-        f"unknown format: keys {sorted(row)[:6]} — expected messages, interactions, conversations, "
-        "instruction/output, prompt/completion or text",
+        f"unknown format: keys {_shown_all(sorted(row)[:6])} — expected messages, interactions, "
+        "conversations, instruction/output, prompt/completion or text",
     )
 
 
@@ -426,7 +453,9 @@ def _unknown_part_keys(content, key: str) -> list[str]:
 def to_canonical(row: dict, fmt: str = "auto") -> dict:
     fmt = detect_format(row) if fmt == "auto" else fmt
     if fmt not in CONVERTERS:
-        raise DataFormatError("(format)", f"unknown format {fmt!r}; use one of auto, {', '.join(CONVERTERS)}")
+        raise DataFormatError(
+            "(format)", f"unknown format {_shown(fmt)}; use one of auto, {', '.join(CONVERTERS)}"
+        )
     images = row.get("images")
     if images is not None and not isinstance(images, (list, tuple)):
         raise DataFormatError(
@@ -613,7 +642,8 @@ def _rows_of_json(document, path: str) -> tuple[list[tuple[int | str, object]], 
         columns = list(document)
         return [(i, {c: document[c][i] for c in columns}) for i in range(len(values[0]))], "JSON columns"
     raise DataReadError(
-        f"{path}: a JSON object that is neither a row nor arrays of rows (keys {sorted(document)[:6]})"
+        f"{path}: a JSON object that is neither a row nor arrays of rows "
+        f"(keys {_shown_all(sorted(document)[:6])})"
     )
 
 
@@ -769,7 +799,7 @@ def _check_weight(message: dict, where: str, role) -> list[tuple[str, str]]:
     if role != "assistant":
         return [(f"{where}.weight", f"only assistant turns may carry a weight, not {role}")]
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight not in (0, 1):
-        return [(f"{where}.weight", f"must be 0 or 1 (0 = not trained on), got {weight!r}")]
+        return [(f"{where}.weight", f"must be 0 or 1 (0 = not trained on), got {_shown(weight)}")]
     return []
 
 
@@ -787,7 +817,9 @@ def check_record(record: dict, base_dir: Path | None = None) -> list[tuple[str, 
         where = f"messages[{i}]"
         role = message.get("role") if isinstance(message, dict) else None
         if role not in ROLES:
-            problems.append((f"{where}.role", f"unknown role {role!r}; use system, user, assistant or tool"))
+            problems.append(
+                (f"{where}.role", f"unknown role {_shown(role)}; use system, user, assistant or tool")
+            )
             expected = {"assistant"} if "user" in expected else {"user"}  # one problem, not a cascade
             continue
         problems += _check_weight(message, where, role)
@@ -806,12 +838,12 @@ def check_record(record: dict, base_dir: Path | None = None) -> list[tuple[str, 
         elif role == "user":
             expected = {"assistant"}
         elif role == "assistant":
-            expected = {"tool"} if calls else {"user"}
+            expected = _after_assistant(calls)
         else:
             expected = {"tool", "assistant", "user"}
         content = message.get("content")
-        if role == "assistant" and calls and content in (None, "", []):
-            continue  # a tool-call turn needs no text
+        if role == "assistant" and calls is not None and content in (None, "", []):
+            continue  # a tool-call turn needs no text (a malformed tool_calls is reported once, below)
         if role == "tool":
             if not isinstance(content, str):
                 problems.append(
@@ -833,7 +865,7 @@ def check_record(record: dict, base_dir: Path | None = None) -> list[tuple[str, 
                     if not isinstance(part.get("text"), str) or not part["text"].strip():
                         problems.append((f"{where}.content[{j}].text", "empty or not a string"))
                 else:
-                    problems.append((f"{where}.content[{j}].type", f"unsupported part type {kind!r}"))
+                    problems.append((f"{where}.content[{j}].type", f"unsupported part type {_shown(kind)}"))
         elif not isinstance(content, str):
             problems.append(
                 (f"{where}.content", f"must be a string or a list of parts, got {type(content).__name__}")
@@ -861,6 +893,14 @@ def check_record(record: dict, base_dir: Path | None = None) -> list[tuple[str, 
         if problem:
             problems.append((f"images[{k}]", problem))
     return problems
+
+
+def _after_assistant(calls) -> set[str]:
+    """The roles that may follow an assistant turn with these ``tool_calls``: its tool results, or
+    after unreadable calls (not a non-empty list: check_tool_calls' one problem) either, no cascade."""
+    if calls is None:
+        return {"user"}
+    return {"tool"} if isinstance(calls, list) and calls else {"tool", "user"}
 
 
 def _control_token_problems(content, where: str) -> list[tuple[str, str]]:
@@ -904,40 +944,62 @@ def check_tool_calls(record: dict) -> list[tuple[str, str]]:
     pending: dict[str, str] = {}  # call id -> function name, waiting for a result
     all_ids: set[str] = set()
     answered: set[str] = set()
+    unreadable_calls = False  # the last tool_calls was reported: its results match nothing, silently
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
             continue
         where, role = f"messages[{i}]", message.get("role")
         if role in ("user", "assistant", "system") and pending:
-            problems.append((where, f"tool call(s) {sorted(pending)} got no tool result before this message"))
+            problems.append(
+                (where, f"tool call(s) {_shown_all(sorted(pending))} got no tool result before this message")
+            )
             pending.clear()
+        if role in ("user", "assistant", "system"):
+            unreadable_calls = False
         if "tool_calls" in message and role != "assistant":
             problems.append((f"{where}.tool_calls", f"only assistant messages make tool calls, not {role}"))
         elif role == "assistant" and message.get("tool_calls") is not None:
             calls = message["tool_calls"]
             if not isinstance(calls, list) or not calls:
-                problems.append((f"{where}.tool_calls", "must be a non-empty list of calls"))
+                reason = (
+                    "must be a non-empty list of calls"
+                    if isinstance(calls, list)
+                    else f"must be a list of calls, got {type(calls).__name__} (wrap a single call in [ ])"
+                )
+                problems.append((f"{where}.tool_calls", reason))
+                unreadable_calls = True
                 continue
             for j, call in enumerate(calls):
                 _check_call(call, f"{where}.tool_calls[{j}]", names, all_ids, pending, problems)
         elif role == "tool":
             call_id = message.get("tool_call_id")
             if not isinstance(call_id, str) or not call_id:
-                problems.append(
-                    (f"{where}.tool_call_id", "missing: a tool result must name the call it answers")
+                reason = (
+                    "missing: a tool result must name the call it answers"
+                    if call_id in (None, "")
+                    else f"must be a string (the id of the call it answers), got {type(call_id).__name__}"
                 )
+                problems.append((f"{where}.tool_call_id", reason))
+                if pending:  # it answers the next call in order: that call is not unanswered as well
+                    first = next(iter(pending))
+                    del pending[first]
+                    answered.add(first)
             elif call_id in pending:
                 expected_name = pending.pop(call_id)
                 answered.add(call_id)
                 if "name" in message and message["name"] != expected_name:
                     problems.append(
-                        (f"{where}.name", f"{message['name']!r} but call {call_id} called {expected_name!r}")
+                        (
+                            f"{where}.name",
+                            f"{_shown(message['name'])} but call {_cut(call_id)} called "
+                            f"{_shown(expected_name)}",
+                        )
                     )
             elif call_id in answered:
-                problems.append((f"{where}.tool_call_id", f"call {call_id!r} already has a result"))
-            else:
+                problems.append((f"{where}.tool_call_id", f"call {_shown(call_id)} already has a result"))
+            elif not unreadable_calls:
                 problems.append(
-                    (f"{where}.tool_call_id", f"{call_id!r} matches no earlier tool call in this row")
+                    (f"{where}.tool_call_id", f"{_shown(call_id)} matches no earlier tool call in this row")
                 )
     return problems
 
@@ -961,12 +1023,14 @@ def _check_tools(tools, problems: list[tuple[str, str]]) -> set[str] | None:
             )
             continue
         if tool.get("type", "function") != "function":
-            problems.append((f"{where}.type", f"must be 'function', got {tool.get('type')!r}"))
+            problems.append((f"{where}.type", f"must be 'function', got {_shown(tool.get('type'))}"))
         name = function.get("name")
         if not isinstance(name, str) or not FUNCTION_NAME.fullmatch(name):
-            problems.append((f"{where}.function.name", f"{name!r} must be 1-64 characters [a-zA-Z0-9_-]"))
+            problems.append(
+                (f"{where}.function.name", f"{_shown(name)} must be 1-64 characters [a-zA-Z0-9_-]")
+            )
         elif name in names:
-            problems.append((f"{where}.function.name", f"{name!r} is defined twice"))
+            problems.append((f"{where}.function.name", f"{_shown(name)} is defined twice"))
         else:
             names.add(name)
         parameters = function.get("parameters", {})
@@ -993,23 +1057,28 @@ def _check_call(call, where: str, names, all_ids: set[str], pending: dict, probl
             "row's ids consistently"
         )
         problems.append(
-            (f"{where}.id", f"{call_id!r} must be exactly 9 characters [A-Za-z0-9] (Mistral's rule){hint}")
+            (
+                f"{where}.id",
+                f"{_shown(call_id)} must be exactly 9 characters [A-Za-z0-9] (Mistral's rule){hint}",
+            )
         )
     if isinstance(call_id, str) and call_id:
         if call_id in all_ids:
-            problems.append((f"{where}.id", f"{call_id!r} is used twice in this row"))
+            problems.append((f"{where}.id", f"{_shown(call_id)} is used twice in this row"))
         all_ids.add(call_id)
     if call.get("type", "function") != "function":
-        problems.append((f"{where}.type", f"must be 'function', got {call.get('type')!r}"))
+        problems.append((f"{where}.type", f"must be 'function', got {_shown(call.get('type'))}"))
     function = call.get("function")
     if not isinstance(function, dict):
         problems.append((f"{where}.function", "missing: {name, arguments}"))
         return
     name = function.get("name")
     if not isinstance(name, str) or not FUNCTION_NAME.fullmatch(name):
-        problems.append((f"{where}.function.name", f"{name!r} must be 1-64 characters [a-zA-Z0-9_-]"))
+        problems.append((f"{where}.function.name", f"{_shown(name)} must be 1-64 characters [a-zA-Z0-9_-]"))
     elif names is not None and name not in names:
-        problems.append((f"{where}.function.name", f"{name!r} is not one of the row's tools {sorted(names)}"))
+        problems.append(
+            (f"{where}.function.name", f"{_shown(name)} is not one of the row's tools {sorted(names)}")
+        )
     arguments = function.get("arguments")
     if isinstance(arguments, str):
         try:
@@ -1038,7 +1107,7 @@ def _one_value_per_key(pairs: list[tuple[str, object]]) -> dict:
     for key, value in pairs:
         if key in seen:
             raise DataFormatError(
-                key, "given twice in one object: keep one (the reader would drop the first)"
+                _cut(key), "given twice in one object: keep one (the reader would drop the first)"
             )
         seen[key] = value
     return seen
@@ -1071,7 +1140,7 @@ def fix_tool_call_ids(record: dict) -> list[str]:
             mapping[old] = short_tool_call_id(old, taken)
             taken.add(mapping[old])
         call["id"] = mapping[old]
-        changes.append(f"messages[{i}].tool_calls[{j}].id: {old!r} → {mapping[old]!r}")
+        changes.append(f"messages[{i}].tool_calls[{j}].id: {_shown(old)} → {mapping[old]!r}")
     for i, message in enumerate(messages):
         if (
             isinstance(message, dict)
@@ -1080,7 +1149,7 @@ def fix_tool_call_ids(record: dict) -> list[str]:
         ):
             old = message["tool_call_id"]
             message["tool_call_id"] = mapping[old]
-            changes.append(f"messages[{i}].tool_call_id: {old!r} → {mapping[old]!r}")
+            changes.append(f"messages[{i}].tool_call_id: {_shown(old)} → {mapping[old]!r}")
     return changes
 
 
@@ -1113,18 +1182,26 @@ def _check_image(image, base_dir: Path | None) -> str | None:
             load_image(image).verify()
             return None
         except Exception as exc:
-            return f"data URI does not decode to an image ({exc})"
+            return f"data URI does not decode to an image ({_cut(str(exc), SHOWN_TEXT_CHARS)})"
     path = resolve_image_path(image, base_dir)
-    if not path.is_file():
-        return f"file not found: {image}"
+    if not _is_file(path):
+        return f"file not found: {_cut(image, SHOWN_TEXT_CHARS)}"
     try:
         from PIL import Image
 
         with Image.open(path) as img:
             img.verify()
     except Exception as exc:
-        return f"cannot be read as an image ({type(exc).__name__}): {image}"
+        return f"cannot be read as an image ({type(exc).__name__}): {_cut(image, SHOWN_TEXT_CHARS)}"
     return None
+
+
+def _is_file(path: Path) -> bool:
+    """``path.is_file()``, False for a string no file can be named by (``File name too long``)."""
+    try:
+        return path.is_file()
+    except OSError:
+        return False
 
 
 def resolve_image_path(image: str, base_dir: Path | None) -> Path:
@@ -1150,7 +1227,7 @@ def _image_identity(image) -> str:
     if (
         isinstance(image, str)
         and not image.startswith(("http://", "https://", "data:"))
-        and Path(image).is_file()
+        and _is_file(Path(image))
     ):
         return "sha256:" + _file_digest(str(Path(image).resolve()))
     return str(image)
@@ -1253,7 +1330,12 @@ def validate_rows(
             continue
         except Exception as exc:  # a shape no converter foresaw: a row problem, never a traceback
             report.issues.append(
-                Issue(file, row_number, "(row)", f"cannot be converted ({type(exc).__name__}: {exc})")
+                Issue(
+                    file,
+                    row_number,
+                    "(row)",
+                    f"cannot be converted ({type(exc).__name__}: {_cut(str(exc), SHOWN_TEXT_CHARS)})",
+                )
             )
             continue
         if strip_whitespace:
@@ -1268,7 +1350,12 @@ def validate_rows(
             key = record_key(record)
         except Exception as exc:  # pragma: no cover - last line of defence, reported like any problem
             report.issues.append(
-                Issue(file, row_number, "(row)", f"cannot be checked ({type(exc).__name__}: {exc})")
+                Issue(
+                    file,
+                    row_number,
+                    "(row)",
+                    f"cannot be checked ({type(exc).__name__}: {_cut(str(exc), SHOWN_TEXT_CHARS)})",
+                )
             )
             continue
         if not issues and key in seen:
@@ -1285,7 +1372,14 @@ def validate_rows(
                 length = count_tokens(record, processor, base_dir)
             except Exception as exc:  # e.g. a template that cannot render tool calls
                 length = None
-                issues.append(Issue(file, row_number, "(tokens)", f"cannot be templated: {exc}"))
+                issues.append(
+                    Issue(
+                        file,
+                        row_number,
+                        "(tokens)",
+                        f"cannot be templated: {_cut(str(exc), SHOWN_TEXT_CHARS)}",
+                    )
+                )
             if length is not None and length > max_seq_length:
                 issues.append(
                     Issue(
@@ -1305,7 +1399,7 @@ def validate_rows(
         report.issues.append(Issue(file, None, "(file)", "no rows: the file is empty (nothing to train on)"))
     for key, (count, first, row_format) in unknown.items():
         report.notes.append(
-            f"{file}: field {key!r} is not part of the {row_format} format: ignored in {count} row(s), "
+            f"{file}: field {_shown(key)} is not part of the {row_format} format: ignored in {count} row(s), "
             f"first at row {first} (it is not in --write-valid's output)"
         )
     if plain_prompt_completion:
@@ -1337,19 +1431,28 @@ def validate_dataset(dataset, name: str = "dataset", **kwargs) -> ValidationRepo
 
 
 def write_jsonl(
-    records: Iterable[dict], path: str | os.PathLike, overwrite: bool = False, base_dir: Path | None = None
+    records: Iterable[dict],
+    path: str | os.PathLike,
+    overwrite: bool = False,
+    base_dir: Path | None = None,
+    allow_empty: bool = False,
 ) -> Path:
-    """Write records atomically; refuse to replace an existing file unless ``overwrite``.
+    """Write records atomically; refuse to replace an existing file unless ``overwrite``, and refuse
+    to write no record at all (``ValueError``, nothing created or replaced) unless ``allow_empty``.
 
     With ``base_dir`` (where the records' relative image paths point), image paths are rewritten
     relative to the new file, so the written dataset still finds its images. Images held in memory
     (PIL, or ``{"bytes": …}``) are written as data URIs.
     """
     path = Path(path)
+    records, nothing = iter(records), object()
+    first = next(records, nothing)
+    if first is nothing and not allow_empty:  # an empty file trains on nothing, and replaces a good one
+        raise ValueError(f"no rows to write: nothing written to {path} (an empty file trains on nothing)")
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; choose another name or pass overwrite=True (--overwrite)")
     with staged(path, overwrite) as tmp, tmp.open("w", encoding="utf-8") as f:
-        for record in records:
+        for record in itertools.chain([] if first is nothing else [first], records):
             record = _jsonable(record)
             if base_dir is not None and record.get("images"):
                 record["images"] = [_relocate(i, base_dir, path.parent) for i in record["images"]]
@@ -1432,13 +1535,13 @@ def check_plateforme(row: dict) -> list[str]:
     problems = []
     messages = row.get("messages")
     if set(row) - {"messages", "tools"}:
-        problems.append(f"unexpected top-level keys {sorted(set(row) - {'messages', 'tools'})}")
+        problems.append(f"unexpected top-level keys {_shown_all(sorted(set(row) - {'messages', 'tools'}))}")
     if not isinstance(messages, list) or not messages:
         return problems + ["messages: missing or empty"]
     for i, message in enumerate(messages):
         role = message.get("role")
         if role not in ("system", "user", "assistant", "tool"):
-            problems.append(f"messages[{i}].role: {role!r} is not system/user/assistant/tool")
+            problems.append(f"messages[{i}].role: {_shown(role)} is not system/user/assistant/tool")
         if "weight" in message and (role != "assistant" or message["weight"] not in (0, 1)):
             problems.append(f"messages[{i}].weight: only assistant messages may have weight 0 or 1")
         if role == "tool" and not message.get("tool_call_id"):
@@ -1451,7 +1554,9 @@ def check_plateforme(row: dict) -> list[str]:
                 if part.get("type") == "image_url" and not isinstance(part.get("image_url"), str):
                     problems.append(f"messages[{i}].content[{j}].image_url: must be a URL or data URI string")
                 elif part.get("type") not in ("text", "image_url"):
-                    problems.append(f"messages[{i}].content[{j}].type: {part.get('type')!r} not allowed")
+                    problems.append(
+                        f"messages[{i}].content[{j}].type: {_shown(part.get('type'))} not allowed"
+                    )
         elif not isinstance(content, str) or not content:
             problems.append(f"messages[{i}].content: must be a non-empty string or a list of parts")
     if messages[-1].get("role") != "assistant":
@@ -1779,7 +1884,7 @@ def save_splits(
         tmp = out / f".{name}.candidate.jsonl"
         if tmp.exists():
             tmp.unlink()
-        write_jsonl(records, tmp, base_dir=base_dir)
+        write_jsonl(records, tmp, base_dir=base_dir, allow_empty=True)  # a small set's empty split
         candidates[name] = (out / f"{name}.jsonl", tmp)
     status = {}
     for name, (target, tmp) in candidates.items():

@@ -446,6 +446,45 @@ def test_write_valid_writes_json_lines_only_and_never_over_its_own_input(tmp_pat
     assert len(source.read_text().splitlines()) == 2  # the invalid row is still there
 
 
+def test_write_valid_with_no_valid_row_writes_no_file_and_says_so(tmp_path, capsys):
+    from course_utils.data import save_splits
+
+    source = tmp_path / "in.jsonl"
+    source.write_text(json.dumps(BAD_ROLE) + "\n")
+    out = tmp_path / "out.jsonl"
+    assert main(["data", "validate", str(source), "--write-valid", str(out)]) != 0
+    assert not out.exists()  # no 0-byte file that the next lesson would train on
+    captured = capsys.readouterr()
+    assert f"{source}:1:messages[0].role" in captured.out  # the report still names the bad row
+    assert f"no rows to write: nothing written to {out}" in captured.err and "wrote 0" not in captured.out
+    out.write_text("kept\n")  # an existing output is not emptied either, even with --overwrite
+    assert main(["data", "validate", str(source), "--write-valid", str(out), "--overwrite"]) != 0
+    assert out.read_text() == "kept\n"
+    with pytest.raises(ValueError, match="no rows to write"):
+        write_jsonl([], tmp_path / "direct.jsonl")
+    assert not (tmp_path / "direct.jsonl").exists()
+    write_jsonl(iter(rows(2)), tmp_path / "gen.jsonl")  # an iterator is written whole after the check
+    assert len((tmp_path / "gen.jsonl").read_text().splitlines()) == 2
+    # a split left empty by a small dataset is still written (lesson 04 reads every split)
+    assert save_splits({"train": rows(2), "val": []}, tmp_path / "splits")["val"] == "written"
+    assert (tmp_path / "splits" / "val.jsonl").read_text() == ""
+
+
+def test_write_valid_onto_an_existing_file_refuses_after_the_report(tmp_path, capsys):
+    source = tmp_path / "in.jsonl"
+    source.write_text(json.dumps(OK) + "\n" + json.dumps(BAD_ROLE) + "\n")
+    out = tmp_path / "out.jsonl"
+    out.write_text("earlier\n")
+    assert main(["data", "validate", str(source), "--write-valid", str(out)]) == 2
+    captured = capsys.readouterr()
+    assert f"{source}:2:messages[0].role" in captured.out  # which rows are bad is still shown …
+    assert "2 rows, 1 valid, 1 invalid" in captured.out
+    assert f"{out} exists" in captured.err and "--overwrite" in captured.err  # … and why nothing was written
+    assert out.read_text() == "earlier\n"
+    assert main(["data", "validate", str(source), "--write-valid", str(out), "--overwrite"]) == 1
+    assert len(out.read_text().splitlines()) == 1  # replaced on request: the one valid row
+
+
 def test_images_given_as_one_string_say_it_must_be_a_list(tmp_path):
     source = tmp_path / "in.jsonl"
     source.write_text(json.dumps({**OK, "images": "a.png"}) + "\n")

@@ -368,6 +368,68 @@ def test_each_tool_rule_names_the_field(row, field, reason):
     ]
 
 
+@pytest.mark.parametrize("call_id, kind", [(["Wq2bN7kZp"], "list"), (123456789, "int"), ({"id": 1}, "dict")])
+def test_a_tool_call_id_that_is_not_a_string_says_so_not_missing(call_id, kind):
+    report = report_of(tool_row(m3={"role": "tool", "content": "14", "tool_call_id": call_id}))
+    assert [(i.field, i.reason) for i in report.issues] == [
+        ("messages[3].tool_call_id", f"must be a string (the id of the call it answers), got {kind}")
+    ]  # one problem: the call it stood for is not reported unanswered as well
+
+
+def test_tool_calls_given_as_one_object_say_it_must_be_a_list_without_follow_on_errors():
+    one_call = {"role": "assistant", "tool_calls": CALL}
+    report = report_of(tool_row(m2=one_call))
+    assert [(i.field, i.reason) for i in report.issues] == [
+        ("messages[2].tool_calls", "must be a list of calls, got dict (wrap a single call in [ ])")
+    ]
+    then_user = tool_row(m2=one_call, m3={"role": "user", "content": "Well?"})
+    assert [i.field for i in report_of(then_user).issues] == ["messages[2].tool_calls"]
+    as_text = report_of(tool_row(m2={"role": "assistant", "tool_calls": "get_weather(Lyon)"}))
+    assert [(i.field, i.reason) for i in as_text.issues] == [
+        ("messages[2].tool_calls", "must be a list of calls, got str (wrap a single call in [ ])")
+    ]
+
+
+def test_huge_values_are_cut_short_in_every_message():
+    huge = "x" * 1_000_000
+    rows = [
+        {"messages": [{"role": huge, "content": "a"}, {"role": "assistant", "content": "b"}]},
+        {
+            "messages": [
+                {"role": "user", "content": "a"},
+                {"role": "assistant", "content": "b", "weight": huge},
+            ]
+        },
+        {"messages": [{"role": "user", "content": [{"type": huge}]}, {"role": "assistant", "content": "b"}]},
+        {
+            "messages": [
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "a"}]},
+                {"role": "assistant", "content": "b"},
+            ],
+            "images": [huge],  # a pasted base64 image without its data: prefix
+        },
+        {"conversations": [{"from": huge, "value": "a"}]},
+        {"instruction": "i", "output": "o", "history": huge},
+        tool_row(m3={"role": "tool", "content": "14", "tool_call_id": huge}),
+        tool_row(m2={"role": "assistant", "tool_calls": [dict(CALL, id=huge)]}),
+        tool_row(m2=call(name=huge)),
+        tool_row(m3={"role": "tool", "content": "14", "tool_call_id": "Wq2bN7kZp", "name": huge}),
+        {huge: 1},
+    ]
+    report = report_of(*rows)
+    assert report.invalid_rows == list(range(1, len(rows) + 1))
+    for issue in report.issues:
+        assert len(str(issue)) < 400, str(issue)[:300]
+    assert "…" in str(report.issues[0]) and "'xxxxxxxx" in str(report.issues[0])
+    assert [i.field for i in report.issues if i.row == 4] == ["images[0]"]  # not "(row): cannot be checked"
+    fixed = report_of(
+        tool_row(m2={"role": "assistant", "tool_calls": [dict(CALL, id="c" + huge)]}), fix_tool_call_ids=True
+    )
+    assert fixed.fixes and all(len(f) < 400 for f in fixed.fixes)
+    notes = report_of({**tool_row(), "x" + huge: 1}).notes
+    assert notes and all(len(n) < 400 for n in notes)
+
+
 def test_duplicate_call_ids_in_a_row_are_reported():
     row = copy.deepcopy(MISTRAL_TOOLS)
     row["messages"][6]["tool_calls"][0]["id"] = "Wq2bN7kZp"
