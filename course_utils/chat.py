@@ -589,27 +589,42 @@ class JSONExtractionError(ValueError):
 
 
 def extract_json(reply: str, schema: dict | None = None) -> dict:
-    """The first JSON object in a model reply — bare, in a ```json fence, or followed by chatter.
+    """The JSON object in a model reply — bare, in a ```json fence, after other fences, or before chatter.
 
+    Looked for in order: fences tagged ``json`` or untagged, the text outside fences, any other fence; in
+    each, the object that starts at its first ``{``. The first that parses wins, so an object nested in
+    broken JSON never counts. NaN and Infinity are refused: Python writes them, JSON has no such numbers.
     With ``schema`` (JSON Schema), the object is validated too; the error names the failing field.
     """
     import json
     import re
 
-    fence = re.search(r"```(?:json)?\s*(.*?)```", reply, flags=re.DOTALL)
-    text = fence.group(1) if fence else reply
-    start = text.find("{")
-    if start < 0:
+    def refuse(constant: str):
+        raise ValueError(f"{constant} is not JSON (JSON has no NaN or Infinity)")
+
+    fences = re.findall(r"```([\w+-]*)(.*?)```", reply, flags=re.DOTALL)
+    outside = re.sub(r"```.*?```", " ", reply, flags=re.DOTALL)
+    places = [body for tag, body in fences if tag.lower() in ("", "json")]
+    places += [outside] + [body for tag, body in fences if tag.lower() not in ("", "json")]
+    failures = []
+    for text in places:
+        start = text.find("{")
+        if start < 0:
+            continue
+        try:
+            value, _ = json.JSONDecoder(parse_constant=refuse).raw_decode(text, start)
+        except json.JSONDecodeError as exc:
+            near = text[max(start, exc.pos - 20) : exc.pos + 20]
+            failures.append(f"invalid JSON at character {exc.pos}: {exc.msg} — near {near!r}")
+            continue
+        except ValueError as exc:
+            failures.append(str(exc))
+            continue
+        break
+    else:
+        if failures:
+            raise JSONExtractionError(failures[0])
         raise JSONExtractionError(f"no JSON object in the reply (no '{{' found): {reply[:80]!r}")
-    try:
-        value, end = json.JSONDecoder().raw_decode(text[start:])
-    except json.JSONDecodeError as exc:
-        near = text[start + max(0, exc.pos - 20) : start + exc.pos + 20]
-        raise JSONExtractionError(
-            f"invalid JSON at character {start + exc.pos}: {exc.msg} — near {near!r}"
-        ) from None
-    if not isinstance(value, dict):
-        raise JSONExtractionError(f"expected a JSON object, got {type(value).__name__}")
     if schema is not None:
         import jsonschema
 
@@ -717,19 +732,38 @@ def split_thinking(reply: str) -> SplitReply:
     return SplitReply(rest[:end].strip(), (before + rest[end + len(THINK_CLOSE) :]).strip())
 
 
+_OPENAI_MESSAGE_KEYS = ("role", "content", "name", "tool_calls", "tool_call_id")
+
+
 def openai_messages(messages: list[dict]) -> list[dict]:
     """Course/HF messages (image parts holding a path, PIL image or URL) as OpenAI chat messages:
-    images become ``image_url`` parts with data URIs (``http(s)`` URLs are passed through)."""
+    images become ``image_url`` parts with data URIs (``http(s)`` URLs are passed through); tool calls,
+    call ids and tool names are kept (arguments given as an object become the JSON string the API
+    takes); keys of the course's own (``weight``) are left out, as the API refuses unknown ones."""
+    import json
+
     out = []
     for message in messages:
+        sent = {key: message[key] for key in _OPENAI_MESSAGE_KEYS if key in message}
         content = message["content"]
         if isinstance(content, list):
-            parts = []
-            for part in content:
-                if part.get("type") == "image":
-                    parts.append(_image_url_part(part))
-                else:
-                    parts.append(part)
-            content = parts
-        out.append({"role": message["role"], "content": content})
+            content = [
+                _image_url_part(part) if part.get("type") in ("image", "image_url") else part
+                for part in content
+            ]
+        sent["content"] = content
+        if isinstance(message.get("tool_calls"), list):
+            sent["tool_calls"] = [
+                {
+                    **call,
+                    "function": {
+                        **call["function"],
+                        "arguments": json.dumps(call["function"]["arguments"], ensure_ascii=False),
+                    },
+                }
+                if isinstance(call.get("function", {}).get("arguments"), (dict, list))
+                else call
+                for call in message["tool_calls"]
+            ]
+        out.append(sent)
     return out

@@ -199,27 +199,42 @@ class JSONExtractionError(ValueError):
 
 
 def extract_json(reply: str, schema: dict | None = None) -> dict:
-    """The first JSON object in a model reply — bare, in a ```json fence, or followed by chatter.
+    """The JSON object in a model reply — bare, in a ```json fence, after other fences, or before chatter.
 
+    Looked for in order: fences tagged ``json`` or untagged, the text outside fences, any other fence; in
+    each, the object that starts at its first ``{``. The first that parses wins, so an object nested in
+    broken JSON never counts. NaN and Infinity are refused: Python writes them, JSON has no such numbers.
     With ``schema`` (JSON Schema), the object is validated too; the error names the failing field.
     """
     import json
     import re
 
-    fence = re.search(r"```(?:json)?\s*(.*?)```", reply, flags=re.DOTALL)
-    text = fence.group(1) if fence else reply
-    start = text.find("{")
-    if start < 0:
+    def refuse(constant: str):
+        raise ValueError(f"{constant} is not JSON (JSON has no NaN or Infinity)")
+
+    fences = re.findall(r"```([\w+-]*)(.*?)```", reply, flags=re.DOTALL)
+    outside = re.sub(r"```.*?```", " ", reply, flags=re.DOTALL)
+    places = [body for tag, body in fences if tag.lower() in ("", "json")]
+    places += [outside] + [body for tag, body in fences if tag.lower() not in ("", "json")]
+    failures = []
+    for text in places:
+        start = text.find("{")
+        if start < 0:
+            continue
+        try:
+            value, _ = json.JSONDecoder(parse_constant=refuse).raw_decode(text, start)
+        except json.JSONDecodeError as exc:
+            near = text[max(start, exc.pos - 20) : exc.pos + 20]
+            failures.append(f"invalid JSON at character {exc.pos}: {exc.msg} — near {near!r}")
+            continue
+        except ValueError as exc:
+            failures.append(str(exc))
+            continue
+        break
+    else:
+        if failures:
+            raise JSONExtractionError(failures[0])
         raise JSONExtractionError(f"no JSON object in the reply (no '{{' found): {reply[:80]!r}")
-    try:
-        value, end = json.JSONDecoder().raw_decode(text[start:])
-    except json.JSONDecodeError as exc:
-        near = text[start + max(0, exc.pos - 20) : start + exc.pos + 20]
-        raise JSONExtractionError(
-            f"invalid JSON at character {start + exc.pos}: {exc.msg} — near {near!r}"
-        ) from None
-    if not isinstance(value, dict):
-        raise JSONExtractionError(f"expected a JSON object, got {type(value).__name__}")
     if schema is not None:
         import jsonschema
 

@@ -89,6 +89,33 @@ def test_extract_json_handles_fences_and_trailing_text(reply):
 
 
 @pytest.mark.parametrize(
+    "reply",
+    [
+        # a chatty model shows code first, then the answer
+        'Parse it with:\n```python\nprint(x)\n```\nResult:\n```json\n{"a": 1}\n```',
+        '```python\nrow = {1: 2}\n```\n{"a": 1}',
+        # the first fence is not JSON, the second is
+        '```\nno json here\n```\n```json\n{"a": 1}\n```',
+        '```JSON\n{"a": 1}\n```',
+    ],
+)
+def test_extract_json_looks_past_fences_that_hold_no_object(reply):
+    assert extract_json(reply) == {"a": 1}
+
+
+def test_extract_json_does_not_take_an_object_nested_in_broken_json():
+    # the outer object is cut off: its inner item is not the reply's answer
+    with pytest.raises(JSONExtractionError, match="invalid JSON"):
+        extract_json('{"merchant": "Café", "items": [{"name": "Tea", "qty": 2}], "total": 3.5')
+
+
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
+def test_extract_json_refuses_non_json_numbers(constant):
+    with pytest.raises(JSONExtractionError, match=f"{constant}.*not JSON"):
+        extract_json(f'{{"total": {constant}}}')
+
+
+@pytest.mark.parametrize(
     "reply, message",
     [
         ("I cannot read this receipt.", "no JSON object"),
