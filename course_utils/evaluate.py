@@ -74,46 +74,65 @@ _CURRENCY_SYMBOLS = {"€": "EUR", "$": "USD", "£": "GBP", "¥": "JPY", "CHF": 
 
 
 def normalize_number(value) -> float | None:
-    """``"1,234.50"``, ``"1.234,50"``, ``"12,3 €"``, ``"Rp 45.500"``, ``12.30`` → the number, rounded to
-    cents; ``None`` when not a number.
+    """``"1,234.50"``, ``"1.234,50"``, ``"12,3 €"``, ``"Rp 45.500"``, ``"(1.50)"``, ``12.30`` → the number,
+    rounded to cents; ``None`` when not a number.
 
-    With both marks, the last one is the decimal mark and the other must group thousands. With one kind,
-    it groups thousands only in the shape ``1.234`` / ``45.500`` / ``1.234.000`` (a leading 1–9, groups of
-    three); otherwise a single mark is the decimal mark and several are not a number (``12.5.2023``).
+    The text must hold one run of digits and marks (``1e5`` or ``1/2`` hold two: not an amount). With both
+    marks, the last one is the decimal mark and the other must group thousands. With one kind, it groups
+    thousands only in the shape ``1.234`` / ``45.500`` / ``1.234.000`` (a leading 1–9, groups of three);
+    otherwise a single mark is the decimal mark and several are not a number (``12.5.2023``). A space or an
+    apostrophe groups thousands before exactly three digits (``1 234,56``, ``1'234.50``). A minus sign
+    (``-`` or ``−``) before the digits, or parentheses around them, make it negative.
     """
+    import math
     import re
 
     if isinstance(value, bool):
         return None
     if isinstance(value, (int, float)):
-        return round(float(value), 2)
+        try:
+            number = float(value)
+        except OverflowError:
+            return None
+        return round(number, 2) if math.isfinite(number) else None
     if not isinstance(value, str):
         return None
-    cleaned = "".join(ch for ch in value if ch.isdigit() or ch in ".-,")
+    text = re.sub(r"(?<=\d)[ \u00a0\u202f'’](?=\d{3}(?!\d))", "", value.strip())
+    runs = re.findall(r"[.,]?\d[\d.,]*", text)
+    if len(runs) != 1:
+        return None
+    cleaned = runs[0]
+    head = text[: text.find(cleaned)]
+    symbol = r"\s*(?:[€$£¥]|[A-Z]{2,3})?\s*$"  # -€12.50, € -2,00, (USD 1.50)
+    negative = bool(
+        re.search(r"[-−]" + symbol, head) or (re.search(r"\(" + symbol, head) and text.endswith(")"))
+    )
     kinds = {ch for ch in cleaned if ch in ".,"}
     if len(kinds) == 2:  # 1.234,56 / 1,234.56
         decimal = cleaned[max(cleaned.rfind("."), cleaned.rfind(","))]
         grouping = "," if decimal == "." else "."
         whole, _, cents = cleaned.rpartition(decimal)
-        if decimal in whole or not re.fullmatch(rf"-?\d{{1,3}}(\{grouping}\d{{3}})+", whole):
+        if decimal in whole or not re.fullmatch(rf"\d{{1,3}}(\{grouping}\d{{3}})+", whole):
             return None
         cleaned = whole.replace(grouping, "") + "." + cents
     elif kinds:
         (mark,) = kinds
-        if re.fullmatch(rf"-?[1-9]\d{{0,2}}(\{mark}\d{{3}})+", cleaned):
+        if re.fullmatch(rf"[1-9]\d{{0,2}}(\{mark}\d{{3}})+", cleaned):
             cleaned = cleaned.replace(mark, "")  # 45.500, 1,234, 1.234.000
         elif cleaned.count(mark) == 1:
             cleaned = cleaned.replace(mark, ".")  # 12,5 / 0.125 / .5
         else:
             return None
-    try:
-        return round(float(cleaned), 2)
-    except ValueError:
+    number = float(cleaned)
+    if not math.isfinite(number):
         return None
+    return round(-number if negative else number, 2)
 
 
 def normalize_date(value) -> str | None:
-    """ISO ``YYYY-MM-DD`` from ISO, ``DD.MM.YYYY`` or ``MM/DD/YYYY`` text."""
+    """ISO ``YYYY-MM-DD`` from ISO, ``DD.MM.YYYY`` or ``MM/DD/YYYY`` text; ``None`` for a day the calendar
+    lacks (``2024-13-01``, ``31.04.2024``)."""
+    import datetime
     import re
 
     if not isinstance(value, str):
@@ -126,8 +145,11 @@ def normalize_date(value) -> str | None:
     ):
         match = re.match(pattern, text)
         if match:
-            parts = dict(zip(order, match.groups()))
-            return f"{int(parts['y']):04d}-{int(parts['m']):02d}-{int(parts['d']):02d}"
+            parts = {key: int(part) for key, part in zip(order, match.groups())}
+            try:
+                return datetime.date(parts["y"], parts["m"], parts["d"]).isoformat()
+            except ValueError:
+                return None
     return None
 
 
@@ -545,13 +567,15 @@ def parse_judge(text: str) -> dict:
         obj = extract_json(text)
         score, reason = obj.get("score"), str(obj.get("reason", "")).strip()
     except JSONExtractionError:
-        match = re.search(r"score\W{0,4}([1-5])\b", text, re.IGNORECASE)
+        match = re.search(r"score\W{0,4}([1-5])(?![\d.,]\d|\d)", text, re.IGNORECASE)
         if not match:
             raise JudgeParseError(
                 f"no JSON object and no 'score: N' in the judge's reply: {text[:120]!r}"
             ) from None
         score, reason = match.group(1), text.strip()[:200]
     try:
+        if isinstance(score, bool):  # True == 1 in Python, not a score
+            raise TypeError
         value = float(score)
     except (TypeError, ValueError):
         raise JudgeParseError(f"judge score {score!r} is not a number") from None

@@ -98,10 +98,13 @@ def _friend_profile(**_) -> str:
 
 
 def _judge_override(answer, **_) -> str | None:
-    from course_utils.profiles import PROFILE_ENV_VAR
+    from course_utils.profiles import PROFILE_ENV_VAR, resolve_profile
 
-    if answer != "t4-16gb":
-        return f"'auto' resolved to {answer!r}: set {PROFILE_ENV_VAR} before resolving, and keep .name"
+    if answer != resolve_profile("t4-16gb").load_id:
+        return (
+            f"{answer!r} is not what 'auto' loads with {PROFILE_ENV_VAR}=t4-16gb: set the variable before "
+            "resolving, and keep the profile's .load_id"
+        )
     if os.environ.get(PROFILE_ENV_VAR) == "t4-16gb":
         return f"{PROFILE_ENV_VAR} is still 't4-16gb': remove it, or later cells use the wrong profile"
     return None
@@ -124,7 +127,7 @@ exercise(
 exercise(
     id="00-override",
     tier="🦁",
-    question="Resolve 'auto' with COURSE_PROFILE=t4-16gb set, then unset it",
+    question="The checkpoint 'auto' loads with COURSE_PROFILE=t4-16gb set (then unset it)",
     hint="with mock.patch.dict(os.environ, {'COURSE_PROFILE': 't4-16gb'}): resolve inside the block",
     judge=_judge_override,
 )

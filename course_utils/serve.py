@@ -218,16 +218,24 @@ def chat(api, model: str, messages: list[dict], **kwargs) -> str:
     return response.choices[0].message.content or ""
 
 
-def stream_chat(api, model: str, messages: list[dict], **kwargs):
-    """Yield the reply's text pieces as the server sends them."""
+def stream_chat(api, model: str, messages: list[dict], reasoning: bool = False, **kwargs):
+    """Yield the reply's text pieces as the server sends them. With ``reasoning``, a reasoning model's
+    trace pieces (``reasoning_content``; ``reasoning`` on newer vLLM) are yielded too, as they come."""
     from course_utils.chat import openai_messages
 
     stream = api.chat.completions.create(
         model=model, messages=openai_messages(messages), stream=True, **kwargs
     )
     for chunk in stream:
-        if chunk.choices and chunk.choices[0].delta.content:
-            yield chunk.choices[0].delta.content
+        if not chunk.choices:
+            continue
+        delta = chunk.choices[0].delta
+        if reasoning:
+            trace = getattr(delta, "reasoning_content", None) or getattr(delta, "reasoning", None)
+            if trace:
+                yield trace
+        if delta.content:
+            yield delta.content
 
 
 def ollama_running(base_url: str = "http://127.0.0.1:11434") -> bool:
@@ -239,22 +247,35 @@ def ollama_running(base_url: str = "http://127.0.0.1:11434") -> bool:
 
 
 def ollama_chat_payload(model: str, messages: list[dict], temperature: float = 0.15) -> dict:
-    """Ollama's native ``/api/chat`` body: images as base64 strings on the message, not data URIs."""
+    """Ollama's native ``/api/chat`` body: images as base64 strings on the message, not data URIs.
+
+    Image parts may be the course's (``image``/``path``: a path, URL or PIL image) or OpenAI's
+    (``image_url``); a part of another kind is an error that names it, never dropped."""
     import base64
     import io
 
     from course_utils.chat import load_image
 
     out = []
-    for m in messages:
+    for i, m in enumerate(messages):
         content, images = m["content"], []
         if isinstance(content, list):
-            texts = [p["text"] for p in content if p.get("type") == "text"]
-            for p in content:
-                if p.get("type") == "image":
+            texts = []
+            for j, p in enumerate(content):
+                kind = p.get("type")
+                if kind == "text":
+                    texts.append(p["text"])
+                elif kind in ("image", "image_url"):
+                    source = p.get("image") or p.get("path") or p.get("url") or p.get("image_url")
+                    source = source.get("url") if isinstance(source, dict) else source
                     buffer = io.BytesIO()
-                    load_image(p.get("image")).save(buffer, format="PNG")
+                    load_image(source).save(buffer, format="PNG")
                     images.append(base64.b64encode(buffer.getvalue()).decode("ascii"))
+                else:
+                    raise ValueError(
+                        f"messages[{i}].content[{j}]: a {kind!r} part cannot be sent to Ollama's /api/chat "
+                        "(text and images only)"
+                    )
             content = "\n\n".join(texts)
         out.append({"role": m["role"], "content": content, **({"images": images} if images else {})})
     return {"model": model, "messages": out, "stream": False, "options": {"temperature": temperature}}
@@ -263,13 +284,22 @@ def ollama_chat_payload(model: str, messages: list[dict], temperature: float = 0
 def ollama_chat(
     model: str, messages: list[dict], base_url: str = "http://127.0.0.1:11434", timeout: float = 300
 ) -> str:
-    """Chat through Ollama's native API (only where an Ollama server runs)."""
+    """Chat through Ollama's native API (only where an Ollama server runs). An error reply (a model not
+    pulled: 404) raises :class:`ServeError` with Ollama's own message."""
     data = json.dumps(ollama_chat_payload(model, messages)).encode()
     request = urllib.request.Request(
         base_url + "/api/chat", data=data, headers={"Content-Type": "application/json"}
     )
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        return json.loads(response.read())["message"]["content"]
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return json.loads(response.read())["message"]["content"]
+    except urllib.error.HTTPError as error:
+        body = error.read().decode("utf-8", "replace")
+        try:
+            said = json.loads(body).get("error", body)
+        except (json.JSONDecodeError, AttributeError):
+            said = body
+        raise ServeError(f"Ollama answered {error.code} for model {model!r}: {str(said)[:300]}") from None
 
 
 # --- vLLM ----------------------------------------------------------------------------------------
@@ -471,6 +501,8 @@ def litellm_proxy(
     import yaml
 
     config = yaml.safe_load(Path(config_path).read_text(encoding="utf-8")) or {}
+    if not master_key or not master_key.strip():
+        raise ValueError("master_key is empty: the proxy would accept every request (pass a key, e.g. sk-…)")
     reference = str((config.get("general_settings") or {}).get("master_key") or "")
     where = f"{Path(config_path).name}: general_settings.master_key"
     if not reference:
@@ -513,8 +545,8 @@ class LoadResult:
     def summary(self) -> dict:
         """Counts, error rate, latency and time-to-first-token percentiles, tokens/s. The percentiles are
         over the requests that succeeded: read them with ``error_rate`` (an overloaded server that times
-        out its slowest requests shows a *lower* p95). Tokens and the first token are answer content:
-        a reasoning model's trace (``reasoning_content``) is not counted."""
+        out its slowest requests shows a *lower* p95). Tokens and the first token include a reasoning
+        model's trace (``reasoning_content``): the server generated them."""
         import numpy as np
 
         n = len(self.latencies) + len(self.errors)
@@ -565,7 +597,8 @@ def load_test(
     """``requests`` streamed chat completions from ``concurrency`` threads, cycling through ``prompts``.
 
     Bounded: it stops after ``requests`` requests whatever happens; each failure is recorded, not raised.
-    Tokens are counted as streamed content chunks (one token per chunk on llama.cpp and vLLM).
+    Tokens are counted as streamed chunks of content or reasoning trace (one token per chunk on
+    llama.cpp and vLLM).
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -584,7 +617,7 @@ def load_test(
         first, count = None, 0
         try:
             for _ in stream_chat(
-                api, model, prompts[i % len(prompts)], max_tokens=max_tokens, temperature=0.0
+                api, model, prompts[i % len(prompts)], reasoning=True, max_tokens=max_tokens, temperature=0.0
             ):
                 count += 1
                 if first is None:

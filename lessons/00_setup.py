@@ -178,17 +178,18 @@ check("00-friend-profile", friend_profile)
 
 # %% [markdown]
 # 🦁 **Override.** Set the environment variable `COURSE_PROFILE` to `t4-16gb` *inside Python*
-# (`os.environ[...]`), resolve `"auto"` again and keep the resolved profile's name. Then remove the
-# variable again (or use `unittest.mock.patch.dict(os.environ, …)`, which puts it back for you) so later
-# cells keep your real profile. The check looks at both.
+# (`os.environ[...]`), resolve `"auto"` again and keep the checkpoint that profile would download (its
+# `load_id`, the id `from_pretrained` is given). Then remove the variable again (or use
+# `unittest.mock.patch.dict(os.environ, …)`, which puts it back for you) so later cells keep your real
+# profile. The check looks at both.
 
 # %%
-overridden = None  # TODO: set the variable, then resolve_profile("auto", hardware=hardware).name
+overridden = None  # TODO: set the variable, then resolve_profile("auto", hardware=hardware).load_id
 # SOLUTION: import os
 # SOLUTION: from unittest import mock
 # SOLUTION:
 # SOLUTION: from course_utils.profiles import resolve_profile
 # SOLUTION:
 # SOLUTION: with mock.patch.dict(os.environ, {"COURSE_PROFILE": "t4-16gb"}):
-# SOLUTION:     overridden = resolve_profile("auto", hardware=hardware).name
+# SOLUTION:     overridden = resolve_profile("auto", hardware=hardware).load_id
 check("00-override", overridden)

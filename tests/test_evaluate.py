@@ -51,6 +51,22 @@ GOLD = {
         (3, 3.0),
         ("n/a", None),
         (True, None),
+        # what a model or a receipt may also write
+        ("1e5", None),  # digits split by a letter: not one number (it was read as 15)
+        ("1/2", None),  # a fraction is not an amount (it was read as 12)
+        ("\u22123.50", -3.5),  # U+2212, the typographic minus
+        ("(1.50)", -1.5),  # accounting notation for a negative amount
+        ("€ -2,00", -2.0),
+        ("-€12.50", -12.5),
+        ("Ref-A 12.50", 12.5),  # a hyphen elsewhere is not a sign
+        ("1\u202f234,56", 1234.56),  # narrow no-break space groups thousands (French receipts)
+        ("1'234.50", 1234.5),  # Swiss grouping
+        ("12 500", 12500.0),
+        ("12 5", None),  # a space groups thousands only before three digits
+        pytest.param(10**400, None, id="huge-int"),  # too large for a float: not a traceback
+        pytest.param("9" * 400, None, id="huge-text"),
+        (float("nan"), None),
+        (float("inf"), None),
     ],
 )
 def test_numbers_normalise(raw, expected):
@@ -65,6 +81,11 @@ def test_numbers_normalise(raw, expected):
         ("02/01/2024", "2024-02-01"),
         ("Feb 1", None),
         (None, None),
+        ("2024-13-01", None),  # no 13th month
+        ("31.04.2024", None),  # April has 30 days
+        ("02/30/2024", None),
+        ("29.02.2024", "2024-02-29"),
+        (" 2024-2-1 ", "2024-02-01"),
     ],
 )
 def test_dates_normalise(raw, expected):

@@ -103,7 +103,17 @@ def test_judge_replies_parse(reply, expected):
 
 
 @pytest.mark.parametrize(
-    "reply", ['{"score": 7}', '{"score": 3.5}', '{"score": "high"}', "I think it's fine", ""]
+    "reply",
+    [
+        '{"score": 7}',
+        '{"score": 3.5}',
+        '{"score": "high"}',
+        "I think it's fine",
+        "",
+        '{"score": true, "reason": "ok"}',  # a bool is not a score (True == 1 in Python)
+        "Score: 4.5 - nearly all right",  # read as 4 before
+        "score: 35",
+    ],
 )
 def test_bad_judge_replies_are_refused(reply):
     with pytest.raises(JudgeParseError):

@@ -98,10 +98,12 @@ def test_lesson_00(capsys, monkeypatch):
     _passes("00-friend-profile", "gpu-24gb", capsys)  # 39.4 GiB: above the 24 GB rung, below 80
     _fails("00-friend-profile", "gpu-80gb")
     monkeypatch.delenv("COURSE_PROFILE", raising=False)
-    _passes("00-override", "t4-16gb", capsys)
-    _fails("00-override", "cpu-tiny", match="set COURSE_PROFILE before resolving")
+    t4_checkpoint = "mistralai/Ministral-3-8B-Instruct-2512"
+    _passes("00-override", t4_checkpoint, capsys)
+    _fails("00-override", "t4-16gb", match="keep the profile's .load_id")  # the name is in the question
+    _fails("00-override", "cpu-tiny", match="set the variable before resolving")
     monkeypatch.setenv("COURSE_PROFILE", "t4-16gb")
-    _fails("00-override", "t4-16gb", match="remove it")
+    _fails("00-override", t4_checkpoint, match="remove it")
 
 
 def test_lesson_01(capsys):

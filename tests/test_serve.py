@@ -506,3 +506,97 @@ def test_a_server_started_twice_is_refused_and_a_failed_start_leaves_nothing_run
 def test_a_vllm_adapter_without_its_config_is_an_error_not_a_guessed_rank(tmp_path):
     with pytest.raises(ValueError, match="adapter_config.json"):
         serve.vllm_command("mistral-small-3.2", "adapter", adapter_path=str(tmp_path))
+
+
+def test_a_litellm_proxy_with_an_empty_master_key_is_refused(tmp_path):
+    backends = [{"name": "m", "kind": "openai", "api_base": "http://127.0.0.1:9/v1", "model": "m"}]
+    config = serve.litellm_config(backends)
+    path = tmp_path / "litellm.yaml"
+    path.write_text(yaml.safe_dump(config))
+    for empty in ("", "   "):
+        with pytest.raises(ValueError, match="master_key is empty"):
+            serve.litellm_proxy(path, master_key=empty)
+
+
+def test_openai_messages_keep_tool_fields_and_drop_course_only_keys():
+    from course_utils.chat import openai_messages
+
+    call = {"id": "abcDEF123", "type": "function", "function": {"name": "add", "arguments": '{"a": 1}'}}
+    messages = [
+        {"role": "user", "content": "add"},
+        {"role": "assistant", "content": "", "tool_calls": [call], "weight": 1},
+        {"role": "tool", "content": "2", "tool_call_id": "abcDEF123", "name": "add"},
+    ]
+    out = openai_messages(messages)
+    assert out[1] == {"role": "assistant", "content": "", "tool_calls": [call]}  # weight is the course's
+    assert out[2] == {"role": "tool", "content": "2", "tool_call_id": "abcDEF123", "name": "add"}
+    # arguments given as an object are sent as the string the API wants
+    as_object = dict(call, function={"name": "add", "arguments": {"a": 1}})
+    sent = openai_messages([{"role": "assistant", "content": "", "tool_calls": [as_object]}])
+    assert sent[0]["tool_calls"][0]["function"]["arguments"] == '{"a": 1}'
+    assert as_object["function"]["arguments"] == {"a": 1}  # the learner's message is not changed
+
+
+def test_ollama_payload_takes_every_image_part_shape_and_names_what_it_cannot_send(tmp_path):
+    from course_utils.chat import load_image, to_data_uri
+
+    image = load_image(load_local("test")[0]["images"][0])
+    path = tmp_path / "r.png"
+    image.save(path)
+    parts = [
+        {"type": "image_url", "image_url": {"url": to_data_uri(image)}},
+        {"type": "image", "path": str(path)},
+        {"type": "image", "image": str(path)},
+        {"type": "text", "text": "Extract."},
+    ]
+    message = serve.ollama_chat_payload("m", [{"role": "user", "content": parts}])["messages"][0]
+    assert message["content"] == "Extract." and len(message["images"]) == 3
+    assert all(base64.b64decode(b)[:8] == b"\x89PNG\r\n\x1a\n" for b in message["images"])
+    with pytest.raises(ValueError, match=r"messages\[0\]\.content\[0\].*input_audio"):
+        serve.ollama_chat_payload("m", [{"role": "user", "content": [{"type": "input_audio"}]}])
+
+
+def test_ollama_chat_says_what_ollama_answered_on_an_error(monkeypatch):
+    import io
+    import urllib.error
+
+    def refuse(request, timeout):
+        body = io.BytesIO(b'{"error": "model \\"receipts\\" not found, try pulling it first"}')
+        raise urllib.error.HTTPError(request.full_url, 404, "Not Found", {}, body)
+
+    monkeypatch.setattr(serve.urllib.request, "urlopen", refuse)
+    with pytest.raises(serve.ServeError, match=r'404.*model "receipts" not found, try pulling it first'):
+        serve.ollama_chat("receipts", [{"role": "user", "content": "hi"}])
+
+
+def test_a_load_test_counts_a_reasoning_trace_as_generated_tokens(monkeypatch):
+    """A reasoning model streams its trace as reasoning_content before any content: the first token and
+    the tokens per second count it (the server generated it), as vLLM's own benchmark does."""
+    from openai.types.chat import ChatCompletionChunk
+
+    def chunk(**delta):
+        return ChatCompletionChunk.model_validate(
+            {
+                "id": "c",
+                "object": "chat.completion.chunk",
+                "created": 0,
+                "model": "m",
+                "choices": [{"index": 0, "delta": delta, "finish_reason": None}],
+            }
+        )
+
+    stream = [chunk(reasoning_content="think"), chunk(reasoning_content="more"), chunk(content="{}")]
+
+    class Api:
+        class chat:  # noqa: N801 — the openai client's shape
+            class completions:  # noqa: N801
+                @staticmethod
+                def create(**kwargs):
+                    return iter(stream)
+
+    monkeypatch.setattr(serve, "client", lambda *a, **k: Api)
+    result = serve.load_test(
+        "http://x/v1", "m", [[{"role": "user", "content": "q"}]], requests=2, progress=False
+    )
+    assert result.tokens == [3, 3] and not result.errors
+    assert list(serve.stream_chat(Api, "m", [{"role": "user", "content": "q"}])) == ["{}"]  # answer only
