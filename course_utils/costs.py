@@ -438,13 +438,20 @@ PROFILE_GPUS: dict[str, tuple[str, ...]] = {
 
 def profile_recipe(profile: str, model: str | None = None) -> dict:
     """Method, backend and preset numbers of a course profile (``course_utils.train.PRESETS``)."""
-    from course_utils.profiles import PROFILES
+    from course_utils.profiles import COURSE_MODELS, PROFILES, SMALL_4_RUNGS, profile_for_model
 
     if profile not in PROFILES:
         raise PlanError(f"unknown profile {profile!r}; choose one of: {', '.join(PROFILES)}")
     prof = PROFILES[profile]
+    if model in COURSE_MODELS:  # the rung running that model (Small 4 on gpu-80gb)
+        prof = profile_for_model(prof, model)
+        if not prof.runs_model:
+            holds = ", ".join(name for name in SMALL_4_RUNGS if name != "cpu-tiny")
+            raise PlanError(f"profile {profile} cannot hold {model}; plan it on {holds}")
     if model is not None and model != prof.model_key:
         raise PlanError(f"profile {profile} trains {prof.model_key}, not {model}")
+    if model in RECIPES:  # the rung trains it with the model's own recipe (Small 4: axolotl's)
+        return dict(recipe=f"profile {profile}: {prof.description} {RECIPES[model]['recipe']}")
     from course_utils.train import PRESETS  # imports torch: only when a profile is asked for
 
     preset = PRESETS[profile]
@@ -497,10 +504,22 @@ def fitting_options(estimate, candidates=None) -> list[tuple[str, int, float]]:
     return out
 
 
+def _finite(flag: str, value: float, minimum: float = 0.0, inclusive: bool = False) -> float:
+    """``value`` when it is a finite number above ``minimum`` (or equal, with ``inclusive``): NaN passes
+    every comparison, so ``epochs <= 0`` alone lets it through to print NaN dollars."""
+    import math
+
+    ok = isinstance(value, (int, float)) and math.isfinite(value)
+    ok = ok and (value >= minimum if inclusive else value > minimum)
+    if not ok:
+        bound = f"{'≥' if inclusive else '>'} {minimum:g}"
+        raise PlanError(f"{flag} must be a finite number {bound}, got {value}")
+    return value
+
+
 def _price(gpu: str, price_per_hour: float | None) -> tuple[float, str]:
     if price_per_hour is not None:
-        if price_per_hour < 0:
-            raise PlanError(f"--price-per-hour must be ≥ 0, got {price_per_hour}")
+        _finite("--price-per-hour", price_per_hour, inclusive=True)
         return price_per_hour, "your price"
     quote = PRICES[gpu][0]
     return quote.usd_per_hour, f"{quote.offer}, {quote.source}, {quote.as_of}"
@@ -552,8 +571,9 @@ def plan_training(
     stand_in = model in STAND_INS
     if gpu == CPU and gpus != 1:
         raise PlanError(f"--gpus applies to GPUs, not to {CPU}")
-    if epochs <= 0 or gpus < 1 or (rows is not None and rows < 1):
-        raise PlanError("epochs must be > 0, and rows and gpus at least 1")
+    _finite("--epochs", epochs)
+    if gpus < 1 or (rows is not None and rows < 1):
+        raise PlanError("rows and gpus must be at least 1")
     recipe = {**RECIPES.get(model, DEFAULT_RECIPE)}
     if profile is not None:
         recipe.update(profile_recipe(profile, model))
@@ -580,8 +600,7 @@ def plan_training(
     # 1. dataset tokens
     per_row: float | None
     if tokens is not None:
-        if tokens <= 0:
-            raise PlanError(f"--tokens must be > 0, got {tokens}")
+        _finite("--tokens", tokens)
         per_row = tokens / rows if rows else None
         rows = rows or 0
         source = "given (--tokens)"
@@ -595,8 +614,7 @@ def plan_training(
         if isinstance(tokens_per_row, TokenCount):
             per_row, source = tokens_per_row.per_row, tokens_per_row.source
         else:
-            if tokens_per_row <= 0:
-                raise PlanError(f"--tokens-per-row must be > 0, got {tokens_per_row}")
+            _finite("--tokens-per-row", tokens_per_row)
             per_row, source = float(tokens_per_row), "given (--tokens-per-row)"
         dataset = rows * per_row
         lines.append(
@@ -644,8 +662,7 @@ def plan_training(
         notes.append("tokens per row unknown: micro-batches assumed full (batch × seq_len tokens)")
     microbatch = recipe["batch_size"] * min(per_row or recipe["seq_len"], recipe["seq_len"])
     if tokens_per_second is not None:
-        if tokens_per_second <= 0:
-            raise PlanError(f"--tokens-per-second must be > 0, got {tokens_per_second}")
+        _finite("--tokens-per-second", tokens_per_second)
         rate, how = float(tokens_per_second), "given (--tokens-per-second)"
         lines.append(f"speed      {rate:,.0f} tokens/s per GPU (given)")
     elif stand_in:

@@ -30,6 +30,7 @@ class HardwareInfo:
     # Set when nvidia-smi sees a GPU that torch cannot use (driver older than torch's CUDA build):
     # what is wrong and which driver/torch pair would work. ``auto`` refuses instead of picking cpu-tiny.
     unusable_gpu: str | None = None
+    note: str | None = None  # what else the detection could not do (torch missing or broken)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -39,7 +40,7 @@ class HardwareInfo:
         return (
             f"{self.accelerator.upper()} ({self.device_name}), {vram}, {self.ram_gib:.1f} GiB RAM, "
             f"{self.disk_free_gib:.1f} GiB free disk, {self.cpu_count} CPU cores, "
-            f"environment: {self.environment}"
+            f"environment: {self.environment}" + (f" — {self.note}" if self.note else "")
         )
 
 
@@ -136,6 +137,16 @@ def unusable_gpu_message(smi: NvidiaSmi, torch_version: str, torch_cuda: str | N
         )
     major_minor = ".".join(torch_cuda.split(".")[:2])
     need = MIN_DRIVER.get(major_minor) or MIN_DRIVER.get(f"{major_minor.split('.')[0]}.0")
+    cuda_ok = not smi.cuda_version or _version_tuple(smi.cuda_version) >= _version_tuple(torch_cuda)
+    if need and _version_tuple(smi.driver_version) >= _version_tuple(need) and cuda_ok:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        state = "CUDA_VISIBLE_DEVICES is unset" if visible is None else f"CUDA_VISIBLE_DEVICES={visible!r}"
+        return (
+            f"{seen}, and the driver is new enough for torch {torch_version} (CUDA {torch_cuda} needs "
+            f"≥ {need}), yet torch.cuda.is_available() is False. The usual causes: a CUDA_VISIBLE_DEVICES "
+            f"that hides it (here: {state}), MIG mode on without a GPU instance (`nvidia-smi -L` lists "
+            "MIG devices), or a container started without GPU access (`docker run --gpus all`)."
+        )
     fix = [f"run on a host/pod template whose driver is ≥ {need}" if need else "update the NVIDIA driver"]
     if smi.cuda_version and _version_tuple(smi.cuda_version) < _version_tuple(torch_cuda):
         tag = "cu" + "".join(smi.cuda_version.split(".")[:2])
@@ -152,11 +163,21 @@ def unusable_gpu_message(smi: NvidiaSmi, torch_version: str, torch_cuda: str | N
 
 
 def detect(path: str | os.PathLike = ".") -> HardwareInfo:
-    """Detect CUDA, Apple MPS or CPU, and the memory and disk the course can use."""
-    import torch
+    """Detect CUDA, Apple MPS or CPU, and the memory and disk the course can use.
 
+    GPUs hidden on purpose (``CUDA_VISIBLE_DEVICES`` set to ``""`` or ``-1``) make a CPU run; a GPU torch
+    cannot use otherwise sets ``unusable_gpu``. Without an importable torch it reports a CPU and why.
+    """
+    try:
+        import torch
+    except (ImportError, OSError) as error:  # a broken install: say so, do not fail the doctor
+        torch, note = None, f"torch cannot be imported ({type(error).__name__}: {str(error)[:160]})"
+    else:
+        note = None
     accelerator, name, vram = "cpu", "CPU", None
-    if torch.cuda.is_available():
+    if torch is None:
+        pass
+    elif torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         accelerator, name, vram = "cuda", props.name, props.total_memory / GiB
     elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
@@ -164,10 +185,13 @@ def detect(path: str | os.PathLike = ".") -> HardwareInfo:
     import platform
 
     unusable = None
+    hidden = os.environ.get("CUDA_VISIBLE_DEVICES", "unset").strip() in ("", "-1")
     if accelerator == "cpu":
         name = platform.processor() or platform.machine() or "CPU"
-        smi = nvidia_smi()
-        if smi is not None:  # a GPU is there, torch cannot use it: never fall back to CPU silently
+        smi = None if hidden else nvidia_smi()
+        if smi is not None and torch is None:
+            unusable = f"nvidia-smi sees {smi.gpus[0]}, but {note}: pip install -r requirements.txt"
+        elif smi is not None:  # a GPU is there, torch cannot use it: never fall back to CPU silently
             unusable = unusable_gpu_message(smi, torch.__version__, torch.version.cuda)
     return HardwareInfo(
         accelerator=accelerator,
@@ -178,6 +202,7 @@ def detect(path: str | os.PathLike = ".") -> HardwareInfo:
         cpu_count=os.cpu_count() or 1,
         environment=detect_environment(),
         unusable_gpu=unusable,
+        note=note,
     )
 
 
@@ -206,11 +231,30 @@ def required_resources(profile: Profile) -> dict[str, float]:
     return {"memory_gib": profile.min_vram_gib, "disk_gib": download * 1.1 + 2}
 
 
+def refuse_unfit_model(prof: Profile) -> None:
+    """Refuse, before any download, a rung that cannot hold its model (Small 4 below 80 GB)."""
+    if prof.runs_model:
+        return
+    from course_utils.memory import estimate_training_memory  # imports profiles only: no cycle
+
+    need = estimate_training_memory(
+        prof.model, "qlora", 2048, 1, 32, fused_cross_entropy=True, backend="transformers"
+    ).total_gib
+    raise PreflightError(
+        f"Preflight refused before any download: {MODELS[prof.model].display_name} needs ≈ {need:.0f} GiB "
+        f"of GPU memory even as QLoRA with 4-bit experts (axolotl's recipe, r 32, 2048 tokens), more than "
+        f"profile {prof.name!r} has. Set MODEL = 'mistral-small-3.2' (or COURSE_MODEL) on this GPU, or "
+        "PROFILE = 'gpu-80gb' on an 80 GB one; on any CPU, PROFILE = 'cpu-tiny' runs Small 4's stand-in."
+    )
+
+
 def preflight(profile: Profile, hardware: HardwareInfo | None = None) -> dict[str, float]:
     """Refuse early, with what is needed, what is there and what to pick, if ``profile`` won't fit.
 
-    Returns the requirements when everything fits.
+    A rung that cannot hold its model at all (Small 4 below 80 GB) is refused first, with the model to
+    change rather than a rung to pick. Returns the requirements when everything fits.
     """
+    refuse_unfit_model(profile)
     hw = hardware or detect()
     need = required_resources(profile)
     problems = []

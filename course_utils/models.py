@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from course_utils.hardware import HardwareInfo, PreflightError, detect, preflight
+from course_utils.hardware import HardwareInfo, detect, preflight, refuse_unfit_model
 from course_utils.profiles import (
     DEFAULT_MODEL,
     MODELS,
@@ -104,23 +104,6 @@ class ModelSource:
         from huggingface_hub import hf_hub_download
 
         return Path(hf_hub_download(MODELS[self.profile.model].hf_id, "tekken.json"))
-
-
-def refuse_unfit_model(prof: Profile) -> None:
-    """Refuse, before any download, a rung that cannot hold its model (Small 4 below 80 GB)."""
-    if prof.runs_model:
-        return
-    from course_utils.memory import estimate_training_memory
-
-    need = estimate_training_memory(
-        prof.model, "qlora", 2048, 1, 32, fused_cross_entropy=True, backend="transformers"
-    ).total_gib
-    raise PreflightError(
-        f"Preflight refused before any download: {MODELS[prof.model].display_name} needs ≈ {need:.0f} GiB "
-        f"of GPU memory even as QLoRA with 4-bit experts (axolotl's recipe, r 32, 2048 tokens), more than "
-        f"profile {prof.name!r} has. Set MODEL = 'mistral-small-3.2' (or COURSE_MODEL) on this GPU, or "
-        "PROFILE = 'gpu-80gb' on an 80 GB one; on any CPU, PROFILE = 'cpu-tiny' runs Small 4's stand-in."
-    )
 
 
 def model_source(

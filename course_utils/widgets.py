@@ -38,6 +38,18 @@ class WrongAnswer(AssertionError):
     """An exercise answer that is not right yet: the cell fails, with what is wrong and a hint."""
 
 
+def _plain(value):
+    """A numpy or torch scalar (``np.float32(7.1)``, ``torch.tensor(7.1)``) as the Python number it holds;
+    anything else unchanged."""
+    item = getattr(value, "item", None)
+    if callable(item) and getattr(value, "ndim", None) == 0 and not isinstance(value, (str, bytes)):
+        try:
+            return item()
+        except (TypeError, ValueError, RuntimeError):
+            return value
+    return value
+
+
 def check(answer, expected, hint: str, *, tolerance: float = 0.0, label: str = "") -> bool:
     """Tell the learner whether an exercise answer is right.
 
@@ -50,6 +62,7 @@ def check(answer, expected, hint: str, *, tolerance: float = 0.0, label: str = "
     if answer is None:
         print(f"⏳ {prefix}not answered yet — replace None. Hint: {hint}")
         return False
+    answer = _plain(answer)
     numbers = (int, float)
     if isinstance(answer, bool) != isinstance(expected, bool):
         ok = False  # True == 1 in Python, but True is no answer to "how many"

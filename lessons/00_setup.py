@@ -60,14 +60,14 @@ print(format_table(describe_profiles(hardware)))
 
 # %%
 # NBVAL_IGNORE_OUTPUT
-from course_utils.profiles import PROFILES
+from course_utils.profiles import PROFILES, resolve_profile
 from course_utils.widgets import choice
 
 
 def use_profile(name):
     global PROFILE, profile
-    PROFILE, profile = name, PROFILES[name]
-    print("profile set to", name)
+    PROFILE, profile = name, resolve_profile(name, hardware=hardware, model=MODEL)
+    print("profile set to", name, "—", profile.model_key)
 
 
 picker = choice(list(PROFILES), profile.name, "Profile", on_change=use_profile)

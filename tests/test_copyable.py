@@ -91,7 +91,7 @@ class Spec:
 
 
 def stand_in(env: dict, four_bit: bool = False) -> str:
-    return f"MODEL_ID = {str(env['stand_in'])!r}\nLOAD_IN_4BIT = {four_bit!r}\n"
+    return f"MODEL_ID = {str(env['stand_in'])!r}\nLOAD_IN_4BIT = {four_bit!r}\nUSE_UNSLOTH = False\n"
 
 
 def preset_prelude(env: dict, **overrides) -> str:
@@ -214,7 +214,7 @@ SPECS: dict[str, Spec] = {
     "merge": Spec(
         prelude=lambda env: (
             f"BASE_ID = {str(env['stand_in'])!r}\nADAPTER_DIR = {str(env['adapter'])!r}\n"
-            f"MERGED_DIR = {str(env['tmp'] / 'merged')!r}\nLOAD_IN_4BIT = False\n"
+            f"MERGED_DIR = {str(env['tmp'] / 'merged')!r}\nLOAD_IN_4BIT = False\nUSE_UNSLOTH = False\n"
         ),
         check=report("{'files': sorted(p.name for p in Path(MERGED_DIR).iterdir())}"),
     ),
@@ -617,7 +617,7 @@ def test_gpu_merge_writes_16bit_shard_by_shard_without_a_second_copy():
     import importlib.util
 
     tree = ast.parse(CELLS["merge"].source)
-    gpu_branch = next(n for n in tree.body if isinstance(n, ast.If) and "cuda" in ast.unparse(n.test))
+    gpu_branch = next(n for n in tree.body if isinstance(n, ast.If) and "USE_UNSLOTH" in ast.unparse(n.test))
     code = ast.unparse(gpu_branch.body)
     assert "save_pretrained_merged" in code and "merged_16bit" in code
     assert "AutoModelForImageTextToText" not in code and "PeftModel" not in code

@@ -218,11 +218,32 @@ def test_a_profile_brings_its_method_backend_and_preset():
         preset.max_seq_length,
         preset.lora_r,
     )
-    with pytest.raises(PlanError, match="trains mistral-small-3.2"):
-        plan_training("mistral-small-4", "H200", 3000, tokens_per_row=240, profile="gpu-80gb")
+    with pytest.raises(PlanError, match="trains mistral-small-3.2, not ministral-3-8b"):
+        plan_training("ministral-3-8b", "H200", 3000, tokens_per_row=240, profile="gpu-80gb")
 
 
 def test_every_gpu_and_price_carries_a_source():
     for name, gpu in GPUS.items():
         assert "https://" in gpu.source and gpu.peak_tflops > 0 and gpu.memory_gib > 0, name
         assert PRICES[name] and all(p.source.startswith("https://") and p.as_of for p in PRICES[name]), name
+
+
+@pytest.mark.parametrize(
+    "field", ["epochs", "tokens_per_row", "tokens", "price_per_hour", "tokens_per_second"]
+)
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_nan_and_infinity_are_plan_errors_not_nan_dollars(field, value):
+    kwargs = dict(tokens_per_row=500.0)
+    if field == "tokens":
+        kwargs = dict(tokens=value)
+    else:
+        kwargs[field] = value
+    with pytest.raises(PlanError, match=field.replace("_", "[-_]")):
+        plan_training("mistral-small-3.2", "L4", 1000, **kwargs)
+
+
+def test_small_4_plans_on_the_rung_that_holds_it_with_its_own_recipe():
+    plan = plan_training("mistral-small-4", "H100-80GB", 1000, tokens_per_row=500.0, profile="gpu-80gb")
+    assert (plan.method, plan.backend, plan.lora_r, plan.seq_len) == ("qlora", "transformers", 32, 2048)
+    with pytest.raises(PlanError, match="gpu-24gb cannot hold mistral-small-4.*gpu-80gb"):
+        plan_training("mistral-small-4", "L4", 1000, tokens_per_row=500.0, profile="gpu-24gb")

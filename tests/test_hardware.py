@@ -139,3 +139,56 @@ def test_doctor_fails_loudly_on_a_gpu_torch_cannot_use(monkeypatch, capsys):
     assert main(["doctor"]) == 1
     out = capsys.readouterr().out
     assert "[FAIL] GPU" in out and "Tesla V100" in out and "[FAIL] profile" in out
+
+
+def test_preflight_of_small_4_on_a_rung_too_small_says_to_change_the_model_not_the_rung():
+    """The L4 resolves to gpu-24gb; with MODEL='mistral-small-4' the advice was 'Pick gpu-24gb' — the
+    profile it had just refused."""
+    from course_utils.profiles import profile_for_model
+
+    for rung, vram in (("gpu-24gb", 22.16), ("t4-16gb", 14.7)):
+        small4 = profile_for_model(PROFILES[rung], "mistral-small-4")
+        with pytest.raises(PreflightError) as refused:
+            preflight(small4, gpu(vram, disk=500.0))
+        message = str(refused.value)
+        assert "MODEL = 'mistral-small-3.2'" in message and f"Pick {rung!r}" not in message
+
+
+def test_a_new_enough_driver_is_not_blamed_when_torch_sees_no_gpu(monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    smi = NvidiaSmi(("NVIDIA H100 80GB HBM3",), "580.65.06", "13.0")
+    msg = unusable_gpu_message(smi, "2.9.0+cu128", "12.8")
+    assert "driver is ≥" not in msg and "580.65.06" in msg
+    assert "CUDA_VISIBLE_DEVICES" in msg and "MIG" in msg
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-deadbeef")
+    assert "CUDA_VISIBLE_DEVICES='GPU-deadbeef'" in unusable_gpu_message(smi, "2.9.0+cu128", "12.8")
+
+
+@pytest.mark.parametrize("hidden", ["", "-1"])
+def test_gpus_hidden_on_purpose_are_a_cpu_run_not_a_refusal(monkeypatch, hidden):
+    import course_utils.hardware as hardware
+
+    monkeypatch.setattr(hardware, "nvidia_smi", lambda: NvidiaSmi(("NVIDIA A40",), "535.104.05", "12.2"))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", hidden)
+    hw = hardware.detect()
+    if hw.accelerator == "cuda":
+        pytest.skip("torch can use this GPU")
+    assert hw.unusable_gpu is None and resolve_profile("auto", hardware=hw).name == "cpu-tiny"
+
+
+def test_detect_without_torch_reports_a_cpu_and_why(monkeypatch):
+    import builtins
+
+    import course_utils.hardware as hardware
+
+    real_import = builtins.__import__
+
+    def no_torch(name, *args, **kwargs):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("No module named 'torch'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_torch)
+    monkeypatch.setattr(hardware, "nvidia_smi", lambda: None)
+    hw = hardware.detect()
+    assert hw.accelerator == "cpu" and "torch" in (hw.note or "")
