@@ -247,15 +247,19 @@ def merge_adapter(
     out_dir: str | os.PathLike,
     overwrite: bool = False,
     free_bytes: int | None = None,
+    allow_other_base: bool = False,
 ) -> Path:
     """Fold a LoRA adapter into a 16/32-bit base model and save safetensors + processor + template.
 
     ``model`` must be loaded unquantized (``models.load(..., load_in_4bit=False)``): merging into 4-bit
     weights would round the update away. On a GPU with Unsloth, ``model.save_pretrained_merged(out,
     tokenizer, save_method="merged_16bit")`` does the same.
-    """
-    from peft import PeftModel
 
+    Refuses (:class:`ExportError`, nothing written) an adapter made for another model: one whose
+    ``adapter_config.json`` names another base (:func:`same_base_model`; ``allow_other_base=True`` when
+    you know it is the same weights under another name), and one whose tensors do not all load into
+    ``model`` — peft only warns about those, and the merge would save the base as the tuned model.
+    """
     out_dir = Path(out_dir)
     with staged(out_dir, overwrite, folder=True) as staging:  # refuses a non-empty out_dir first
         if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_quantized", False):
@@ -265,10 +269,111 @@ def merge_adapter(
             )
         element = next(model.parameters()).element_size()
         disk_preflight(out_dir.parent, model.num_parameters() * element, free_bytes)
-        merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+        if not allow_other_base:
+            _refuse_other_base(model, Path(adapter_dir))
+        merged = _load_adapter_checked(model, Path(adapter_dir)).merge_and_unload()
         merged.save_pretrained(staging, safe_serialization=True)
         processor.save_pretrained(staging)
     return out_dir
+
+
+def _model_name(model) -> str:
+    """Where ``model`` was loaded from (a Hub id or a folder); "" when unknown."""
+    config = getattr(model, "config", None)
+    return str(getattr(model, "name_or_path", "") or getattr(config, "_name_or_path", "") or "")
+
+
+# Suffixes that name another precision of the same weights: Unsloth's 4-bit uploads of the 16-bit release
+# (lesson 04 trains on them, lesson 06/07 merge into the 16-bit one), the BF16 re-uploads of FP8 releases.
+_PRECISION_SUFFIXES = ("-unsloth-bnb-4bit", "-bnb-4bit", "-bf16", "-fp16", "-fp8", "-nvfp4")
+
+
+def _canonical_model_name(name: str) -> str:
+    """A Hub id or model folder reduced to the model it holds: the last part of the id or path (the repo
+    name inside a Hub cache's ``models--org--name/snapshots/<hash>``), lower case, precision suffix off."""
+    parts = [p for p in name.replace("\\", "/").split("/") if p and p != "."]
+    cached = [p for p in parts if p.startswith("models--")]
+    last = cached[-1].split("--")[-1] if cached else (parts[-1] if parts else "")
+    last = last.lower()
+    stripped = True
+    while stripped:
+        stripped = False
+        for suffix in _PRECISION_SUFFIXES:
+            if last.endswith(suffix) and len(last) > len(suffix):
+                last, stripped = last[: -len(suffix)], True
+    return last
+
+
+def same_base_model(recorded: str, actual: str) -> bool:
+    """Whether an adapter trained on ``recorded`` (its ``base_model_name_or_path``) belongs on the model
+    loaded from ``actual``. The same string or the same folder once resolved; otherwise the same model
+    name, so that what only differs in spelling passes: a relative against an absolute path, a stand-in
+    rebuilt in another folder (tests) or a checkout moved since lesson 04 recorded its absolute path,
+    a Hub id against its cache folder, and another precision of the same release (Unsloth's
+    ``…-bnb-4bit`` upload that lesson 04 trains on against the 16-bit model lessons 06/07 merge into).
+    Another model — another size, version or stand-in — does not pass."""
+    if recorded == actual:
+        return True
+    here, there = Path(recorded).expanduser(), Path(actual).expanduser()
+    if here.exists() and there.exists() and here.resolve() == there.resolve():
+        return True
+    return _canonical_model_name(recorded) == _canonical_model_name(actual) != ""
+
+
+def _refuse_other_base(model, adapter_dir: Path) -> None:
+    config_file = adapter_dir / "adapter_config.json"
+    if not config_file.is_file():
+        return  # not a local adapter folder: peft says what is wrong when it loads it
+    recorded = str(json.loads(config_file.read_text()).get("base_model_name_or_path") or "")
+    actual = _model_name(model)
+    if recorded and actual and not same_base_model(recorded, actual):
+        raise ExportError(
+            f"the adapter in {adapter_dir} was trained on {recorded!r} (its adapter_config.json's "
+            f"base_model_name_or_path), not on the model being merged into ({actual!r}): merged into "
+            "another model it makes a broken export. Load the model it was trained on, or pass "
+            "allow_other_base=True if that model is the same weights under another name."
+        )
+
+
+def _load_adapter_checked(model, adapter_dir: Path):
+    """``PeftModel.from_pretrained(model, adapter_dir)``, refusing (:class:`ExportError`) unless every
+    tensor in the adapter file went into a LoRA weight of ``model`` and every LoRA weight got one.
+
+    ``from_pretrained`` only warns ("Found missing adapter keys") and keeps the result of loading to
+    itself; the LoRA weights it could not fill stay at their initial values (``lora_B`` zero), so the
+    merge changes nothing. The adapter's (small) state dict is therefore set once more with
+    ``set_peft_model_state_dict`` — the call ``load_adapter`` makes, with the same key mapping — which
+    returns the tensors that found no place (``unexpected_keys``) and the weights that got none
+    (``missing_keys``). On refusal the LoRA layers are taken out again: ``model`` is as it was passed.
+    """
+    from peft import PeftModel
+    from peft.utils import load_peft_weights, set_peft_model_state_dict
+
+    peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
+    key_mapping = getattr(model, "_checkpoint_conversion_mapping", None) or None  # as from_pretrained
+    weights = load_peft_weights(str(adapter_dir), device="cpu", key_mapping=key_mapping)
+    result = set_peft_model_state_dict(peft_model, weights, adapter_name="default")
+    prefix = getattr(peft_model.base_model, "prefix", "lora_")
+    unloaded = list(result.unexpected_keys)
+    unfilled = [k for k in result.missing_keys if prefix in k and ".default" in k]
+    if weights and not unloaded and not unfilled:
+        return peft_model
+    peft_model.unload()  # the LoRA layers out again, nothing merged
+
+    def first(names: list[str]) -> str:
+        return ", ".join(names[:3]) + (", …" if len(names) > 3 else "")
+
+    if not weights:
+        what = "holds no tensors"
+    elif unloaded:
+        what = f"has {len(unloaded)} of {len(weights)} adapter tensors that did not load ({first(unloaded)})"
+    else:
+        what = f"left {len(unfilled)} LoRA weights of the model without a tensor ({first(unfilled)})"
+    raise ExportError(
+        f"the adapter in {adapter_dir} {what}. Its tensor names do not match this model's layers: the "
+        "adapter was probably trained for another model (or another version of it). Nothing was merged "
+        "or written."
+    )
 
 
 # --- Unsloth (GPU) -------------------------------------------------------------------------------

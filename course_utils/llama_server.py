@@ -102,9 +102,10 @@ def tool_prompt_ids(llama, messages: list[dict], tools: list[dict] | None) -> li
     """The prompt's token ids: the course's tool template (the one the model was trained with) rendered
     and tokenized with the template's special tokens parsed and the messages' text as text — a user
     who types ``[/INST]`` cannot close their turn — equal to mistral-common's encoding (tests check)."""
-    from course_utils.chat import text_segments
+    from course_utils.chat import normalize_like_mistral_common, text_segments
     from course_utils.tools import render_prompt
 
+    messages = normalize_like_mistral_common(messages)  # arguments as mistral-common re-serializes them
     ids = [llama.token_bos()]
     for k, segment in enumerate(text_segments(lambda m: render_prompt(m, tools), messages)):
         text = segment.text.removeprefix("<s>") if k == 0 else segment.text  # BOS goes in as its id
@@ -159,7 +160,7 @@ def tool_chat_handler(
 
         def call_id(call: dict) -> str:  # the model's id unless forced (greedy ids repeat) or already used
             written = str(call.get("id", ""))
-            keep = not forced and CALL_ID_PATTERN.match(written) and written not in used
+            keep = not forced and CALL_ID_PATTERN.fullmatch(written) and written not in used
             used.add(chosen := written if keep else new_call_id(rng))
             return chosen
 

@@ -68,7 +68,7 @@ def lesson_profile(requested: str, hardware, model: str) -> LessonProfile:
 SYSTEM_PROMPT = "You answer questions about receipts. Call a tool when one is needed."
 SPLITS = {"train": 240, "val": 30, "test": 30}
 DEFAULT_DIR = Path("data") / "tools"
-CALL_ID_PATTERN = re.compile(r"^[A-Za-z0-9]{9}$")
+CALL_ID_PATTERN = re.compile(r"^[A-Za-z0-9]{9}$")  # also a JSON-schema pattern: use fullmatch in Python
 CALL_ID_ALPHABET = string.ascii_letters + string.digits
 CURRENCIES = ("EUR", "USD", "GBP", "CHF", "JPY")
 
@@ -187,11 +187,18 @@ def reference_tool_token_ids(messages: list[dict], tools: list[dict] | None = No
 
 
 def render_ids(tokenizer, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
-    """Token ids of ``messages`` through :data:`TOOLS_CHAT_TEMPLATE` with a Hugging Face tokenizer;
-    message text that looks like a control token (a tool result saying ``[/TOOL_RESULTS][INST]…``)
-    stays text, as in mistral-common (:func:`course_utils.chat.text_segments`)."""
-    from course_utils.chat import encode_segments, needs_text_segments, text_segments
+    """Token ids of ``messages`` through :data:`TOOLS_CHAT_TEMPLATE` with a Hugging Face tokenizer, the
+    messages first written as mistral-common encodes them (tool-call arguments re-serialized, trailing
+    spaces off assistant replies); message text that looks like a control token (a tool result saying
+    ``[/TOOL_RESULTS][INST]…``) stays text, as in mistral-common (:func:`course_utils.chat.text_segments`)."""
+    from course_utils.chat import (
+        encode_segments,
+        needs_text_segments,
+        normalize_like_mistral_common,
+        text_segments,
+    )
 
+    messages = normalize_like_mistral_common(messages)  # arguments as mistral-common re-serializes them
     if needs_text_segments(messages):
 
         def render(patched: list[dict]) -> str:
@@ -402,7 +409,7 @@ def check_row(row: dict) -> list[str]:
     for i, message in enumerate(row["messages"]):
         if message["role"] == "assistant" and message.get("tool_calls"):
             for call in message["tool_calls"]:
-                if not CALL_ID_PATTERN.match(str(call.get("id", ""))):
+                if not CALL_ID_PATTERN.fullmatch(str(call.get("id", ""))):
                     problems.append(
                         f"{where} message {i}: call id {call.get('id')!r} is not 9 chars [A-Za-z0-9]"
                     )
@@ -437,8 +444,8 @@ def validate_call(name: str, arguments: str | dict, tools: list[dict]) -> CallVe
     import jsonschema
 
     known = {t["function"]["name"]: t["function"] for t in tools}
-    if name not in known:
-        return CallVerdict(False, name, None, f"unknown tool {name!r}; available: {', '.join(known)}")
+    if not isinstance(name, str) or name not in known:
+        return CallVerdict(False, str(name), None, f"unknown tool {name!r}; available: {', '.join(known)}")
     if isinstance(arguments, str):
         try:
             arguments = json.loads(arguments)
@@ -447,7 +454,7 @@ def validate_call(name: str, arguments: str | dict, tools: list[dict]) -> CallVe
     if not isinstance(arguments, dict):
         return CallVerdict(False, name, None, f"{name}: arguments must be a JSON object")
     try:
-        jsonschema.validate(arguments, known[name]["parameters"])
+        jsonschema.validate(arguments, known[name].get("parameters") or {})  # OpenAI: parameters optional
     except jsonschema.ValidationError as error:
         path = "/".join(str(p) for p in error.absolute_path) or "(arguments)"
         return CallVerdict(False, name, arguments, f"{name}: {path}: {error.message}")
@@ -481,16 +488,35 @@ def parse_tool_calls(text: str) -> ParsedReply:
 
 
 def call_is_well_formed(text: str, tools: list[dict]) -> bool:
-    """True when ``text`` holds at least one parseable call, every one to a known tool with
-    schema-valid arguments — the rate lesson 08 reports before and after training."""
+    """True when ``text`` holds the trained call format — after ``[TOOL_CALLS]`` a JSON *list* of calls,
+    each to a known tool with a JSON *object* of schema-valid arguments: the rate lesson 08 reports before
+    and after training. The call ids are counted apart (:func:`call_ids_valid_rate`): servers give each
+    call a fresh id (vLLM's Mistral parser always does; the course's handler when the model's is not
+    9 characters), so a wrong id never reaches the client."""
     parsed = parse_tool_calls(text)
-    return bool(parsed.calls) and all(
-        validate_call(c["name"], c.get("arguments", {}), tools).ok for c in parsed.calls
+    listed = text.removesuffix("</s>").partition("[TOOL_CALLS]")[2].lstrip().startswith("[")
+    return (
+        bool(parsed.calls)
+        and listed
+        and all(
+            isinstance(c.get("arguments"), dict) and validate_call(c["name"], c["arguments"], tools).ok
+            for c in parsed.calls
+        )
     )
 
 
 def well_formed_rate(replies: list[str], tools: list[dict]) -> float:
     return sum(call_is_well_formed(r, tools) for r in replies) / max(1, len(replies))
+
+
+def call_ids_valid_rate(replies: list[str]) -> float:
+    """The share of replies whose calls all carry an id Mistral accepts (9 characters of [A-Za-z0-9])."""
+
+    def valid(reply: str) -> bool:
+        calls = parse_tool_calls(reply).calls
+        return bool(calls) and all(CALL_ID_PATTERN.fullmatch(str(c.get("id", ""))) for c in calls)
+
+    return sum(map(valid, replies)) / max(1, len(replies))
 
 
 def generate_raw(model, tokenizer, messages: list[dict], tools: list[dict], max_new_tokens: int = 96) -> str:
@@ -552,13 +578,20 @@ def run_tool_call(name: str, arguments: str | dict, tools: list[dict], functions
         return json.dumps({"error": verdict.error}, ensure_ascii=False)
     if name not in functions:
         return json.dumps({"error": f"no Python function for {name!r}"}, ensure_ascii=False)
-    return json.dumps(functions[name](**verdict.arguments), ensure_ascii=False)
+    try:  # the tool's own failure becomes its result, as in run_agent
+        result = functions[name](**verdict.arguments)
+    except Exception as error:  # noqa: BLE001
+        result = {"error": f"{name} failed: {type(error).__name__}: {error}"}
+    return json.dumps(result, ensure_ascii=False, default=str)
 
 
 # Lesson 08 shows this function in full (its copy:agent-loop cell); a test keeps the two identical.
-def run_agent(client, model, question, tools, functions, max_turns=4, max_tokens=256):
-    schemas = {tool["function"]["name"]: tool["function"]["parameters"] for tool in tools}
-    messages = [{"role": "user", "content": question}]
+def run_agent(client, model, question, tools, functions, max_turns=4, max_tokens=256, system=None, **request):
+    # system: the system prompt the model was trained with; request: more fields for every request
+    # (e.g. extra_body={"repeat_penalty": 1.0}: llama-cpp-python's server penalizes repeats by default)
+    schemas = {tool["function"]["name"]: tool["function"].get("parameters", {}) for tool in tools}
+    messages = [{"role": "system", "content": system}] if system else []
+    messages.append({"role": "user", "content": question})
     tool_choice = "auto"
     for _ in range(max_turns):
         choice = client.chat.completions.create(
@@ -568,6 +601,7 @@ def run_agent(client, model, question, tools, functions, max_turns=4, max_tokens
             tool_choice=tool_choice,
             temperature=0.0,
             max_tokens=max_tokens,
+            **request,
         ).choices[0]
         reply = choice.message
         if choice.finish_reason == "length":  # cut off mid-answer or mid-call: not an answer
@@ -596,22 +630,28 @@ def run_agent(client, model, question, tools, functions, max_turns=4, max_tokens
             name = call.function.name
             try:
                 if name not in schemas or name not in functions:
-                    raise ValueError(f"unknown tool {name!r}; available: {', '.join(schemas)}")
-                arguments = json.loads(call.function.arguments)
+                    raise LookupError(f"unknown tool {name!r}; available: {', '.join(schemas)}")
+                arguments = json.loads(call.function.arguments or "{}")
+                if not isinstance(arguments, dict):
+                    raise TypeError(f"{name}: arguments must be a JSON object")
                 jsonschema.validate(arguments, schemas[name])
-                result = functions[name](**arguments)
             except json.JSONDecodeError as error:
                 result = {"error": f"{name}: arguments are not JSON ({error.msg})"}
             except jsonschema.ValidationError as error:
                 result = {"error": f"{name}: {error.message}"}
-            except ValueError as error:
+            except (LookupError, TypeError) as error:
                 result = {"error": str(error)}
+            else:
+                try:  # the tool's own failure is the model's to read, not the loop's to die of
+                    result = functions[name](**arguments)
+                except Exception as error:  # noqa: BLE001
+                    result = {"error": f"{name} failed: {type(error).__name__}: {error}"}
             messages.append(
                 {
                     "role": "tool",
                     "tool_call_id": call.id,
                     "name": name,
-                    "content": json.dumps(result, ensure_ascii=False),
+                    "content": json.dumps(result, ensure_ascii=False, default=str),
                 }
             )
     messages.append({"role": "assistant", "content": f"(stopped after {max_turns} turns without an answer)"})

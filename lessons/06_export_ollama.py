@@ -534,7 +534,8 @@ except export.ExportError as error:
 # `ollama create` copies the files into Ollama's store. The Modelfile above is text-only: a separate
 # projector as a second `FROM` has hung `ollama create` for Pixtral-style models (ollama#17491), so for
 # vision in Ollama use `FROM ./merged` (Ollama converts the merged safetensors itself, projector
-# included). `num_ctx` can only be set in the Modelfile. `/api/chat` takes base64 `images`;
+# included). `num_ctx` in the Modelfile is the model's default (a request's `options.num_ctx` or the
+# server's `OLLAMA_CONTEXT_LENGTH` override it). `/api/chat` takes base64 `images`;
 # `/v1/chat/completions` takes data URIs.
 
 # %%
@@ -542,12 +543,17 @@ except export.ExportError as error:
 import shutil
 import subprocess
 
+from course_utils.serve import ollama_running
+
 commands = ollama.ollama_commands("receipts-extractor", modelfile_path)
-if shutil.which("ollama"):
+if shutil.which("ollama") and ollama_running():
     subprocess.run(commands["create"], check=True, cwd=export_dir)
-    print(subprocess.run(commands["run"], capture_output=True, text=True, timeout=300).stdout)
+    answer = subprocess.run(commands["run"], capture_output=True, text=True, timeout=300)
+    if answer.returncode != 0:  # a model that does not load, a server gone: say what Ollama said
+        raise RuntimeError(f"ollama run failed ({answer.returncode}): {answer.stderr.strip()[-500:]}")
+    print(answer.stdout)
 else:
-    print("ollama is not installed here; on a machine with Ollama run, in", export_dir.name + "/:")
+    print("no Ollama server here (install Ollama, start `ollama serve`); then, in", export_dir.name + "/:")
     for command in commands.values():
         print("  ", " ".join(command))
 
@@ -585,6 +591,11 @@ if profile.backend == "unsloth" and hardware.accelerator == "cuda":
         print("unsloth was imported before the course set its folder: restart, run this lesson first")
     else:
         os.environ.update(export.unsloth_llama_cpp_env(tools))  # the other two are read at each call
+        import gc
+
+        merged = None  # 6.2's merged copy (bf16 on the 80 GB rung): freed before a second model loads
+        gc.collect()
+        torch.cuda.empty_cache()
         from unsloth import FastVisionModel
 
         gpu_model, gpu_tokenizer = FastVisionModel.from_pretrained(

@@ -160,6 +160,115 @@ def test_existing_targets_are_never_replaced(tmp_path):
         gguf_export.quantize(tmp_path / "src.gguf", tmp_path / "x.gguf", "Q3_XS")
 
 
+# --- Merge: the adapter must belong to the model it is merged into -----------------------------------
+
+
+def _q_proj_adapter(base_dir, folder, rename=None):
+    """A LoRA on the stand-in's language-model q_proj with non-zero lora_B, saved to ``folder``;
+    ``rename(key)`` then rewrites the saved tensor names (an adapter trained for another model)."""
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(base_dir, dtype=torch.float32)
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=r".*language_model.*\.q_proj"))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    peft_model.save_pretrained(folder)
+    if rename is not None:
+        weights = load_file(folder / "adapter_model.safetensors")
+        save_file({rename(k): v for k, v in weights.items()}, folder / "adapter_model.safetensors")
+    return folder
+
+
+def _fresh_stand_in(base_dir):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model = AutoModelForImageTextToText.from_pretrained(base_dir, dtype=torch.float32).eval()
+    return model, AutoProcessor.from_pretrained(base_dir)
+
+
+def _nothing_written(tmp_path, name="merged"):
+    return not (tmp_path / name).exists() and not list(tmp_path.glob(f".{name}.*"))
+
+
+@pytest.mark.parametrize("which", ["all", "one layer"])
+def test_merge_refuses_an_adapter_whose_tensors_do_not_load(stand_in_dir, tmp_path, which):
+    """peft only warns about adapter tensors it cannot place: the merge then saves the unchanged base as
+    the tuned model. Tensors named for another model's layout must stop the export instead."""
+    base_dir = stand_in_dir / "tiny-mistral-small-3"
+    if which == "all":
+        rename = lambda k: k.replace("language_model.", "text_model.")  # noqa: E731
+    else:
+        rename = lambda k: k.replace("layers.0.", "layers.7.")  # noqa: E731 - a layer the model lacks
+    adapter = _q_proj_adapter(base_dir, tmp_path / "adapter", rename)
+    model, processor = _fresh_stand_in(base_dir)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(export.ExportError) as refused:
+        export.merge_adapter(model, processor, adapter, tmp_path / "merged")
+    message = str(refused.value)
+    n_bad = 4 if which == "all" else 2  # lora_A + lora_B per q_proj (the stand-in has 2 layers)
+    assert str(adapter) in message and f"{n_bad} of 4 adapter tensors" in message
+    assert ("text_model" if which == "all" else "layers.7.") in message  # the first names
+    assert "another model" in message
+    assert _nothing_written(tmp_path)
+    # the caller's model is handed back as it was: no LoRA layers left in it, weights unchanged
+    assert model.state_dict().keys() == before.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+def test_merge_refuses_an_adapter_trained_on_another_base(stand_in_dir, tmp_path):
+    base_dir = stand_in_dir / "tiny-mistral-small-3"
+    adapter = _q_proj_adapter(base_dir, tmp_path / "adapter")
+    config_file = adapter / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    assert config["base_model_name_or_path"] == str(base_dir)
+    config["base_model_name_or_path"] = "mistralai/Ministral-3-8B-Instruct-2512"
+    config_file.write_text(json.dumps(config))
+    model, processor = _fresh_stand_in(base_dir)
+    with pytest.raises(export.ExportError, match=r"Ministral-3-8B.*allow_other_base=True") as refused:
+        export.merge_adapter(model, processor, adapter, tmp_path / "merged")
+    assert str(adapter) in str(refused.value) and str(base_dir) in str(refused.value)
+    assert _nothing_written(tmp_path)
+    # the caller says it is the same weights: merged, and the merge changed the model
+    q_proj = "model.language_model.layers.0.self_attn.q_proj.weight"
+    base_q = model.state_dict()[q_proj].clone()
+    merged = export.merge_adapter(model, processor, adapter, tmp_path / "merged", allow_other_base=True)
+    merged_q = _fresh_stand_in(merged)[0].state_dict()[q_proj]
+    assert not torch.allclose(merged_q, base_q)
+
+
+def test_the_course_s_own_base_names_count_as_the_same_model(stand_in_dir, tmp_path, monkeypatch):
+    """What a course adapter records as its base and what lessons 06/07 merge it into differ in
+    spelling, not in weights: a relative path, a moved or rebuilt stand-in folder, Unsloth's 4-bit
+    upload against the 16-bit release. Those pass; another model does not."""
+    same = export.same_base_model
+    stand_in = stand_in_dir / "tiny-mistral-small-3"
+    monkeypatch.chdir(stand_in_dir)
+    assert same("tiny-mistral-small-3", str(stand_in))  # relative vs absolute
+    assert same("/gone/checkout/outputs/stand-ins/tiny-mistral-small-3/", str(stand_in))  # moved
+    assert same(str(tmp_path / "elsewhere" / "tiny-mistral-small-3"), str(stand_in))  # rebuilt elsewhere
+    assert same(
+        "unsloth/Mistral-Small-3.2-24B-Instruct-2506-unsloth-bnb-4bit",
+        "mistralai/Mistral-Small-3.2-24B-Instruct-2506",
+    )
+    assert same(
+        "unsloth/Mistral-Small-3.2-24B-Instruct-2506-bnb-4bit", "unsloth/Mistral-Small-3.2-24B-Instruct-2506"
+    )
+    assert same("axolotl-ai-co/Mistral-Small-4-119B-2603-BF16", "mistralai/Mistral-Small-4-119B-2603")
+    assert same("mistralai/Ministral-3-8B-Instruct-2512-BF16", "mistralai/Ministral-3-8B-Instruct-2512")
+    snapshot = "/hf/hub/models--mistralai--Mistral-Small-3.2-24B-Instruct-2506/snapshots/0123abcd"
+    assert same("mistralai/Mistral-Small-3.2-24B-Instruct-2506", snapshot)
+    assert not same(str(stand_in), str(stand_in_dir / "tiny-mistral-small-4"))
+    assert not same("mistralai/Ministral-3-3B-Instruct-2512", "mistralai/Ministral-3-8B-Instruct-2512")
+    assert not same(
+        "mistralai/Mistral-Small-3.1-24B-Instruct-2503", "mistralai/Mistral-Small-3.2-24B-Instruct-2506"
+    )
+
+
 def test_manifest_checksums_match_and_catch_changes(tmp_path):
     import hashlib
 

@@ -597,3 +597,64 @@ def test_batched_raw_replies_end_at_their_own_eos(processor):
     prompts = [(tools.prompt_messages(r), r["tools"]) for r in rows]
     replies = tools.generate_raw_batch(Scripted(), tokenizer, prompts, max_new_tokens=5)
     assert replies == ["[TOOL_CALLS]</s>", "[TOOL_CALLS]" * 3]
+
+
+def test_a_tool_that_fails_is_reported_to_the_model_not_raised_out_of_the_loop():
+    """The loop is the guard rail for any FUNCTIONS: a tool raising, returning what JSON cannot hold, or
+    called with arguments its schema allows but its signature does not must become a tool result."""
+    import datetime
+
+    def broken(**_):
+        raise KeyError("rate missing")
+
+    functions = {
+        "convert_currency": broken,
+        "sum_amounts": lambda amounts: {"on": datetime.date(2024, 2, 1), "sum": sum(amounts)},
+        "lookup_merchant": lambda: {"found": True},  # takes no 'name': a TypeError when called
+    }
+    client = ScriptedClient(
+        [
+            (
+                None,
+                [_call("convert_currency", '{"amount": 12, "from_currency": "EUR", "to_currency": "USD"}')],
+            ),
+            (None, [_call("sum_amounts", '{"amounts": [1.5, 2]}')]),
+            (None, [_call("lookup_merchant", '{"name": "Taco Loco"}')]),
+            (None, [_call("sum_amounts", "[1, 2]")]),  # JSON, but not an object
+            ("Done.", None),
+        ]
+    )
+    transcript = tools.run_agent(client, "m", "q", tools.TOOLS, functions, max_turns=6)
+    results = [json.loads(m["content"]) for m in transcript if m["role"] == "tool"]
+    assert "convert_currency failed: KeyError" in results[0]["error"]
+    assert results[1] == {"on": "2024-02-01", "sum": 3.5}
+    assert "lookup_merchant failed: TypeError" in results[2]["error"]
+    assert "must be a JSON object" in results[3]["error"]
+    assert transcript[-1] == {"role": "assistant", "content": "Done."}
+
+
+def test_the_agent_starts_with_the_system_prompt_it_is_given_and_passes_request_options():
+    client = ScriptedClient([("3.5", None)])
+    sent = []
+    create = client.create
+    client.chat.completions.create = lambda **kwargs: sent.append(kwargs) or create(**kwargs)
+    tools.run_agent(
+        client, "m", "q", tools.TOOLS, tools.FUNCTIONS, system="Be brief.", extra_body={"repeat_penalty": 1.0}
+    )
+    assert client.sent[0][0] == {"role": "system", "content": "Be brief."}
+    assert sent[0]["extra_body"] == {"repeat_penalty": 1.0}
+
+
+def test_arguments_written_another_way_render_as_mistral_common_encodes_them(vocab, processor):
+    """A client's call history may hold arguments as JavaScript's JSON.stringify or Python's default
+    json.dumps write them (compact, \\u escapes) or empty: mistral-common re-serializes them, so the
+    served prompt and the training render must too (the template inserted them verbatim)."""
+    row = tools.load_tool_split("test")[1]
+    for arguments in ('{"name":"Caf\\u00e9 Lumi\\u00e8re"}', "", '{"name": "Taco"}'):
+        messages = [dict(m) for m in row["messages"][:4]]
+        call = dict(messages[2]["tool_calls"][0])
+        call["function"] = {"name": "lookup_merchant", "arguments": arguments}
+        messages[2] = {**messages[2], "tool_calls": [call]}
+        reference = tools.reference_tool_token_ids(messages, row["tools"])
+        assert llama_server.tool_prompt_ids(vocab, messages, row["tools"]) == reference, arguments
+        assert tools.render_ids(processor.tokenizer, messages, row["tools"]) == reference, arguments

@@ -132,6 +132,10 @@ def test_labels_cover_the_call_and_the_answer_only(rows, tokenizer):
         ('[TOOL_CALLS][{"name": "sum_amounts", "arguments": {"amounts": [1]', False),  # cut off
         ('{"name": "sum_amounts", "arguments": {"amounts": [1]}}', False),  # no [TOOL_CALLS]
         ("", False),
+        # the trained format is a list of calls with an object of arguments
+        ('[TOOL_CALLS]{"name": "sum_amounts", "arguments": {"amounts": [1]}}', False),
+        ('[TOOL_CALLS][{"name": "sum_amounts", "arguments": "{\\"amounts\\": [1]}"}]', False),
+        ('[TOOL_CALLS][{"name": ["sum_amounts"], "arguments": {}}]', False),  # a list is no name
     ],
 )
 def test_well_formed_calls(reply, ok):
@@ -235,3 +239,34 @@ def test_wanted_tool_is_the_first_calls_name(rows):
     names = {tools.wanted_tool(r) for r in rows["test"]}
     assert names == {t["function"]["name"] for t in tools.TOOLS}
     assert tools.wanted_tool({"messages": [{"role": "user", "content": "hi"}]}) is None
+
+
+def test_validate_call_takes_a_tool_without_parameters_and_refuses_a_name_that_is_no_string():
+    ping = [{"type": "function", "function": {"name": "ping", "description": "are you there?"}}]
+    assert tools.validate_call("ping", "{}", ping).ok  # OpenAI lets a tool omit its parameters
+    verdict = tools.validate_call(["sum_amounts"], "{}", tools.TOOLS)
+    assert not verdict.ok and "unknown tool" in verdict.error
+
+
+def test_call_ids_are_counted_apart_from_well_formedness():
+    good = '[TOOL_CALLS][{"name": "sum_amounts", "arguments": {"amounts": [1]}, "id": "a1b2c3d4e"}]'
+    short = '[TOOL_CALLS][{"name": "sum_amounts", "arguments": {"amounts": [1]}, "id": "X"}]'
+    none = '[TOOL_CALLS][{"name": "sum_amounts", "arguments": {"amounts": [1]}}]'
+    assert tools.well_formed_rate([good, short, none], tools.TOOLS) == 1.0
+    assert tools.call_ids_valid_rate([good, short, none, "no call"]) == 0.25
+
+
+def test_run_tool_call_reports_a_failing_tool_and_a_result_json_cannot_hold():
+    import datetime
+
+    def broken(amounts):
+        raise ZeroDivisionError("division by zero")
+
+    failed = json.loads(
+        tools.run_tool_call("sum_amounts", '{"amounts": [1]}', tools.TOOLS, {"sum_amounts": broken})
+    )
+    assert "sum_amounts failed: ZeroDivisionError" in failed["error"]
+    dated = {"sum_amounts": lambda amounts: {"on": datetime.date(2024, 2, 1)}}
+    assert json.loads(tools.run_tool_call("sum_amounts", '{"amounts": [1]}', tools.TOOLS, dated)) == {
+        "on": "2024-02-01"
+    }
