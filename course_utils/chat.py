@@ -591,20 +591,26 @@ class JSONExtractionError(ValueError):
 def extract_json(reply: str, schema: dict | None = None) -> dict:
     """The JSON object in a model reply — bare, in a ```json fence, after other fences, or before chatter.
 
-    Looked for in order: fences tagged ``json`` or untagged, the text outside fences, any other fence; in
-    each, the object that starts at its first ``{``. The first that parses wins, so an object nested in
-    broken JSON never counts. NaN and Infinity are refused: Python writes them, JSON has no such numbers.
+    Looked for in order: the reply itself, fences tagged ``json`` or untagged, the text outside fences, any
+    other fence; in each, the object that starts at its first ``{``. The first that parses wins, so an
+    object nested in broken JSON never counts, and fences written inside a JSON string stay text. NaN and
+    Infinity (``1e999`` too) are refused: Python writes them, JSON has no such numbers.
     With ``schema`` (JSON Schema), the object is validated too; the error names the failing field.
     """
     import json
+    import math
     import re
 
     def refuse(constant: str):
         raise ValueError(f"{constant} is not JSON (JSON has no NaN or Infinity)")
 
+    def finite(text: str) -> float:
+        value = float(text)
+        return value if math.isfinite(value) else refuse(text)
+
     fences = re.findall(r"```([\w+-]*)(.*?)```", reply, flags=re.DOTALL)
     outside = re.sub(r"```.*?```", " ", reply, flags=re.DOTALL)
-    places = [body for tag, body in fences if tag.lower() in ("", "json")]
+    places = [reply] + [body for tag, body in fences if tag.lower() in ("", "json")]
     places += [outside] + [body for tag, body in fences if tag.lower() not in ("", "json")]
     failures = []
     for text in places:
@@ -612,7 +618,7 @@ def extract_json(reply: str, schema: dict | None = None) -> dict:
         if start < 0:
             continue
         try:
-            value, _ = json.JSONDecoder(parse_constant=refuse).raw_decode(text, start)
+            value, _ = json.JSONDecoder(parse_constant=refuse, parse_float=finite).raw_decode(text, start)
         except json.JSONDecodeError as exc:
             near = text[max(start, exc.pos - 20) : exc.pos + 20]
             failures.append(f"invalid JSON at character {exc.pos}: {exc.msg} — near {near!r}")

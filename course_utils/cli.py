@@ -216,7 +216,9 @@ def data_validate(args) -> int:
         for note in report.notes:
             print("note:", note)
         print(report.summary())
-        if args.write_valid:
+        if args.write_valid and not report.valid:  # invalid rows (exit 1), not an unreadable file (2)
+            print(f"no rows to write: nothing written to {args.write_valid}", file=sys.stderr)
+        elif args.write_valid:
             write_jsonl(
                 report.valid, args.write_valid, overwrite=args.overwrite, base_dir=Path(args.file).parent
             )

@@ -437,7 +437,9 @@ PROFILE_GPUS: dict[str, tuple[str, ...]] = {
 
 
 def profile_recipe(profile: str, model: str | None = None) -> dict:
-    """Method, backend and preset numbers of a course profile (``course_utils.train.PRESETS``)."""
+    """Method, backend and preset numbers of a course profile (``course_utils.train.PRESETS``); for a model
+    with a recipe of its own (Small 4 on gpu-80gb: axolotl's) only the recipe's description — the rung
+    trains it that way."""
     from course_utils.profiles import COURSE_MODELS, PROFILES, SMALL_4_RUNGS, profile_for_model
 
     if profile not in PROFILES:
@@ -508,8 +510,9 @@ def _finite(flag: str, value: float, minimum: float = 0.0, inclusive: bool = Fal
     """``value`` when it is a finite number above ``minimum`` (or equal, with ``inclusive``): NaN passes
     every comparison, so ``epochs <= 0`` alone lets it through to print NaN dollars."""
     import math
+    import numbers
 
-    ok = isinstance(value, (int, float)) and math.isfinite(value)
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
     ok = ok and (value >= minimum if inclusive else value > minimum)
     if not ok:
         bound = f"{'≥' if inclusive else '>'} {minimum:g}"

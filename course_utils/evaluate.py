@@ -82,7 +82,8 @@ def normalize_number(value) -> float | None:
     thousands only in the shape ``1.234`` / ``45.500`` / ``1.234.000`` (a leading 1–9, groups of three);
     otherwise a single mark is the decimal mark and several are not a number (``12.5.2023``). A space or an
     apostrophe groups thousands before exactly three digits (``1 234,56``, ``1'234.50``). A minus sign
-    (``-`` or ``−``) before the digits, or parentheses around them, make it negative.
+    (``-`` or ``−``) before the digits or their currency mark, one right after them (``2,00-``), or
+    parentheses around the amount alone make it negative.
     """
     import math
     import re
@@ -102,10 +103,13 @@ def normalize_number(value) -> float | None:
     if len(runs) != 1:
         return None
     cleaned = runs[0]
-    head = text[: text.find(cleaned)]
-    symbol = r"\s*(?:[€$£¥]|[A-Z]{2,3})?\s*$"  # -€12.50, € -2,00, (USD 1.50)
+    at = text.find(cleaned)
+    head, tail = text[:at], text[at + len(cleaned) :]
+    mark = r"\s*[^\d\s()\-−]{0,4}\s*"  # a currency mark: €, Rp, R$, US$, Fr., ₹
     negative = bool(
-        re.search(r"[-−]" + symbol, head) or (re.search(r"\(" + symbol, head) and text.endswith(")"))
+        re.search(rf"(?:^|[\s(])[-−]{mark}$", head)  # -€12.50, € -2,00, -Rp 45.500
+        or re.match(rf"{mark}[-−]", tail)  # 2,00- (a discount on German and SAP receipts)
+        or (re.fullmatch(rf"\({mark}", head) and re.fullmatch(r"\s*\)", tail))  # (1.50), (USD 1.50)
     )
     kinds = {ch for ch in cleaned if ch in ".,"}
     if len(kinds) == 2:  # 1.234,56 / 1,234.56
@@ -567,12 +571,12 @@ def parse_judge(text: str) -> dict:
         obj = extract_json(text)
         score, reason = obj.get("score"), str(obj.get("reason", "")).strip()
     except JSONExtractionError:
-        match = re.search(r"score\W{0,4}([1-5])(?![\d.,]\d|\d)", text, re.IGNORECASE)
+        match = re.search(r"score\W{0,4}([1-5](?:[.,]0+)?)(?![\d.,]\d|\d)", text, re.IGNORECASE)
         if not match:
             raise JudgeParseError(
                 f"no JSON object and no 'score: N' in the judge's reply: {text[:120]!r}"
             ) from None
-        score, reason = match.group(1), text.strip()[:200]
+        score, reason = match.group(1).replace(",", "."), text.strip()[:200]
     try:
         if isinstance(score, bool):  # True == 1 in Python, not a score
             raise TypeError

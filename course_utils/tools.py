@@ -582,7 +582,10 @@ def run_tool_call(name: str, arguments: str | dict, tools: list[dict], functions
         result = functions[name](**verdict.arguments)
     except Exception as error:  # noqa: BLE001
         result = {"error": f"{name} failed: {type(error).__name__}: {error}"}
-    return json.dumps(result, ensure_ascii=False, default=str)
+    try:
+        return json.dumps(result, ensure_ascii=False, default=str)
+    except (TypeError, ValueError) as error:  # keys JSON cannot hold, a result that holds itself
+        return json.dumps({"error": f"{name}: its result cannot be sent as JSON ({error})"})
 
 
 # Lesson 08 shows this function in full (its copy:agent-loop cell); a test keeps the two identical.
@@ -646,14 +649,11 @@ def run_agent(client, model, question, tools, functions, max_turns=4, max_tokens
                     result = functions[name](**arguments)
                 except Exception as error:  # noqa: BLE001
                     result = {"error": f"{name} failed: {type(error).__name__}: {error}"}
-            messages.append(
-                {
-                    "role": "tool",
-                    "tool_call_id": call.id,
-                    "name": name,
-                    "content": json.dumps(result, ensure_ascii=False, default=str),
-                }
-            )
+            try:
+                content = json.dumps(result, ensure_ascii=False, default=str)
+            except (TypeError, ValueError) as error:  # keys JSON cannot hold, a result that holds itself
+                content = json.dumps({"error": f"{name}: its result cannot be sent as JSON ({error})"})
+            messages.append({"role": "tool", "tool_call_id": call.id, "name": name, "content": content})
     messages.append({"role": "assistant", "content": f"(stopped after {max_turns} turns without an answer)"})
     return messages
 

@@ -61,7 +61,6 @@ from course_utils.models import model_source
 
 source = model_source(PROFILE, model=MODEL, hardware=hardware)
 MODEL_ID, LOAD_IN_4BIT = source.model_id, source.load_in_4bit
-USE_UNSLOTH = source.backend == "unsloth"  # the profile's choice: CUDA rungs; cpu-tiny uses transformers
 print(*source.reasons, sep="\n")
 print(memory_report("before loading"))
 
@@ -74,11 +73,10 @@ print(memory_report("before loading"))
 # %% tags=["copyable", "copy:load"]
 # NBVAL_IGNORE_OUTPUT
 # Load a Mistral 3 vision model (Small 3.1/3.2, Ministral 3, or a stand-in of the same architecture).
-# Set MODEL_ID (a Hub id or a local folder), LOAD_IN_4BIT (True for QLoRA) and USE_UNSLOTH (True on a
-# CUDA GPU with Unsloth installed) before running it.
+# Set MODEL_ID (a Hub id or a local folder) and LOAD_IN_4BIT (True for QLoRA) before running it.
 import torch
 
-if USE_UNSLOTH:
+if torch.cuda.is_available():
     from unsloth import FastVisionModel
 
     model, processor = FastVisionModel.from_pretrained(

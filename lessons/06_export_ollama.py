@@ -35,7 +35,7 @@
 # %%
 # NBVAL_IGNORE_OUTPUT
 from course_utils import export, gguf_export, gguf_verify, ollama
-from course_utils.models import choose_backend, load
+from course_utils.models import load
 from course_utils.paths import outputs_dir
 from course_utils.receipts import RECEIPT_SCHEMA, lesson_splits
 from course_utils.train import ensure_adapter, preset_for
@@ -109,15 +109,13 @@ else:  # a real model: sized from its config (the download was checked by plan_m
     BASE_ID = profile.load_id
 export.disk_preflight(export_dir, plan.total_bytes)  # refuses before writing anything
 ADAPTER_DIR, MERGED_DIR, LOAD_IN_4BIT = str(adapter_dir), str(export_dir / "merged"), merge_plan.load_in_4bit
-USE_UNSLOTH = choose_backend(profile, hardware)[0] == "unsloth"  # as lesson 04 trained it (cpu-tiny: peft)
 shutil.rmtree(MERGED_DIR, ignore_errors=True)  # this lesson's own folder, replaced on purpose
 
 # %% tags=["copyable", "copy:merge"]
 # NBVAL_IGNORE_OUTPUT
 # Fold a LoRA adapter into its base model and save safetensors (for llama.cpp's converter, vLLM,
 # Ollama): 16-bit on a GPU, 32-bit on the CPU path (the converter makes f16 either way). Needs BASE_ID
-# (the base model's Hub id or folder), ADAPTER_DIR, MERGED_DIR, LOAD_IN_4BIT and USE_UNSLOTH (how it
-# was trained).
+# (the base model's Hub id or folder), ADAPTER_DIR, MERGED_DIR and LOAD_IN_4BIT (how it was trained).
 # On a GPU, Unsloth loads base + adapter as trained and writes the 16-bit merge shard by shard (it
 # fetches the original 16-bit weights one shard at a time) — no second full copy in memory. Without a
 # GPU, peft merges into a 32-bit base (never into 4-bit weights: that would round the update away).
@@ -127,7 +125,7 @@ import torch
 
 if Path(MERGED_DIR).exists() and any(Path(MERGED_DIR).iterdir()):
     raise FileExistsError(f"{MERGED_DIR} is not empty: choose another folder")
-if USE_UNSLOTH:
+if torch.cuda.is_available():
     from unsloth import FastVisionModel
 
     model, processor = FastVisionModel.from_pretrained(ADAPTER_DIR, load_in_4bit=LOAD_IN_4BIT)
@@ -593,7 +591,7 @@ if profile.backend == "unsloth" and hardware.accelerator == "cuda":
         os.environ.update(export.unsloth_llama_cpp_env(tools))  # the other two are read at each call
         import gc
 
-        merged = None  # 6.2's merged copy (bf16 on the 80 GB rung): freed before a second model loads
+        merged = None  # 6.3's merged copy (bf16 on the 80 GB rung): freed before a second model loads
         gc.collect()
         torch.cuda.empty_cache()
         from unsloth import FastVisionModel

@@ -91,7 +91,7 @@ class Spec:
 
 
 def stand_in(env: dict, four_bit: bool = False) -> str:
-    return f"MODEL_ID = {str(env['stand_in'])!r}\nLOAD_IN_4BIT = {four_bit!r}\nUSE_UNSLOTH = False\n"
+    return f"MODEL_ID = {str(env['stand_in'])!r}\nLOAD_IN_4BIT = {four_bit!r}\n"
 
 
 def preset_prelude(env: dict, **overrides) -> str:
@@ -214,7 +214,7 @@ SPECS: dict[str, Spec] = {
     "merge": Spec(
         prelude=lambda env: (
             f"BASE_ID = {str(env['stand_in'])!r}\nADAPTER_DIR = {str(env['adapter'])!r}\n"
-            f"MERGED_DIR = {str(env['tmp'] / 'merged')!r}\nLOAD_IN_4BIT = False\nUSE_UNSLOTH = False\n"
+            f"MERGED_DIR = {str(env['tmp'] / 'merged')!r}\nLOAD_IN_4BIT = False\n"
         ),
         check=report("{'files': sorted(p.name for p in Path(MERGED_DIR).iterdir())}"),
     ),
@@ -265,6 +265,8 @@ SPECS: dict[str, Spec] = {
             "{'amount': amount, 'currency': to_currency}, "
             "'sum_amounts': lambda amounts: {'sum': sum(amounts)}, "
             "'lookup_merchant': lambda name: {'name': name, 'found': False}}\n"
+            "SYSTEM_PROMPT = "
+            f"{__import__('course_utils.tools', fromlist=['SYSTEM_PROMPT']).SYSTEM_PROMPT!r}\n"
         ),
         check=report("{'transcript': transcript}"),
     ),
@@ -617,7 +619,7 @@ def test_gpu_merge_writes_16bit_shard_by_shard_without_a_second_copy():
     import importlib.util
 
     tree = ast.parse(CELLS["merge"].source)
-    gpu_branch = next(n for n in tree.body if isinstance(n, ast.If) and "USE_UNSLOTH" in ast.unparse(n.test))
+    gpu_branch = next(n for n in tree.body if isinstance(n, ast.If) and "cuda" in ast.unparse(n.test))
     code = ast.unparse(gpu_branch.body)
     assert "save_pretrained_merged" in code and "merged_16bit" in code
     assert "AutoModelForImageTextToText" not in code and "PeftModel" not in code
@@ -658,9 +660,18 @@ def test_agent_loop_cell_is_the_course_agent_against_a_tool_server(env, exported
             "sum_amounts": lambda amounts: {"sum": sum(amounts)},
             "lookup_merchant": lambda name: {"name": name, "found": False},
         }
-        course = tools.run_agent(client, "tools", question, tools.TOOLS, functions)
+        course = tools.run_agent(
+            client,
+            "tools",
+            question,
+            tools.TOOLS,
+            functions,
+            system=tools.SYSTEM_PROMPT,
+            extra_body={"repeat_penalty": 1.0},
+        )
     transcript = got["transcript"]
-    assert transcript[0] == {"role": "user", "content": question} and transcript[-1]["role"] == "assistant"
+    assert transcript[0] == {"role": "system", "content": tools.SYSTEM_PROMPT}
+    assert transcript[1] == {"role": "user", "content": question} and transcript[-1]["role"] == "assistant"
     assert transcript == json.loads(json.dumps(course, default=str))  # greedy: the same conversation
 
 

@@ -247,3 +247,14 @@ def test_small_4_plans_on_the_rung_that_holds_it_with_its_own_recipe():
     assert (plan.method, plan.backend, plan.lora_r, plan.seq_len) == ("qlora", "transformers", 32, 2048)
     with pytest.raises(PlanError, match="gpu-24gb cannot hold mistral-small-4.*gpu-80gb"):
         plan_training("mistral-small-4", "L4", 1000, tokens_per_row=500.0, profile="gpu-24gb")
+
+
+def test_numpy_numbers_are_numbers_to_the_planner():
+    import numpy as np
+
+    plan = plan_training(
+        "mistral-small-3.2", "L4", 1000, tokens_per_row=np.float64(500.0), epochs=np.int64(2)
+    )
+    assert plan.hours > 0
+    with pytest.raises(PlanError, match="epochs"):
+        plan_training("mistral-small-3.2", "L4", 1000, tokens_per_row=500.0, epochs=True)

@@ -452,13 +452,13 @@ def test_write_valid_with_no_valid_row_writes_no_file_and_says_so(tmp_path, caps
     source = tmp_path / "in.jsonl"
     source.write_text(json.dumps(BAD_ROLE) + "\n")
     out = tmp_path / "out.jsonl"
-    assert main(["data", "validate", str(source), "--write-valid", str(out)]) != 0
+    assert main(["data", "validate", str(source), "--write-valid", str(out)]) == 1  # invalid rows: 1, not 2
     assert not out.exists()  # no 0-byte file that the next lesson would train on
     captured = capsys.readouterr()
     assert f"{source}:1:messages[0].role" in captured.out  # the report still names the bad row
     assert f"no rows to write: nothing written to {out}" in captured.err and "wrote 0" not in captured.out
     out.write_text("kept\n")  # an existing output is not emptied either, even with --overwrite
-    assert main(["data", "validate", str(source), "--write-valid", str(out), "--overwrite"]) != 0
+    assert main(["data", "validate", str(source), "--write-valid", str(out), "--overwrite"]) == 1
     assert out.read_text() == "kept\n"
     with pytest.raises(ValueError, match="no rows to write"):
         write_jsonl([], tmp_path / "direct.jsonl")

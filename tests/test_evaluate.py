@@ -59,6 +59,15 @@ GOLD = {
         ("€ -2,00", -2.0),
         ("-€12.50", -12.5),
         ("Ref-A 12.50", 12.5),  # a hyphen elsewhere is not a sign
+        ("-Rp 45.500", -45500.0),  # any short currency mark between the sign and the digits
+        ("-R$ 12,50", -12.5),
+        ("-US$ 12.50", -12.5),
+        ("-Fr. 12.50", -12.5),
+        ("-₹500", -500.0),
+        ("2,00-", -2.0),  # a trailing minus (German and SAP receipts: a discount)
+        ("Rabatt 2,00-", -2.0),
+        ("(12.50 EUR)", 12.5),  # parentheses mean negative around the amount alone
+        ("Price (EUR 12.50)", 12.5),
         ("1\u202f234,56", 1234.56),  # narrow no-break space groups thousands (French receipts)
         ("1'234.50", 1234.5),  # Swiss grouping
         ("12 500", 12500.0),

@@ -96,6 +96,7 @@ def test_viewer_text_shows_expected_and_each_reply():
             "Score: 3 - merchant and total right",
             {"score": 3, "reason": "Score: 3 - merchant and total right"},
         ),
+        ("Score: 4.0 - good", {"score": 4, "reason": "Score: 4.0 - good"}),  # as {"score": 4.0} is
     ],
 )
 def test_judge_replies_parse(reply, expected):

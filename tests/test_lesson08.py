@@ -658,3 +658,13 @@ def test_arguments_written_another_way_render_as_mistral_common_encodes_them(voc
         reference = tools.reference_tool_token_ids(messages, row["tools"])
         assert llama_server.tool_prompt_ids(vocab, messages, row["tools"]) == reference, arguments
         assert tools.render_ids(processor.tokenizer, messages, row["tools"]) == reference, arguments
+
+
+def test_a_result_json_cannot_write_at_all_is_reported_not_raised():
+    functions = {"sum_amounts": lambda amounts: {(1, 2): 3}}  # a tuple key: json.dumps raises
+    client = ScriptedClient([(None, [_call("sum_amounts", '{"amounts": [1.5, 2]}')]), ("Done.", None)])
+    transcript = tools.run_agent(client, "m", "q", tools.TOOLS, functions, max_turns=3)
+    result = json.loads(next(m["content"] for m in transcript if m["role"] == "tool"))
+    assert "cannot be sent as JSON" in result["error"]
+    sent = tools.run_tool_call("sum_amounts", '{"amounts": [1]}', tools.TOOLS, functions)
+    assert "cannot be sent as JSON" in json.loads(sent)["error"]

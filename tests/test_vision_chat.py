@@ -156,3 +156,13 @@ def test_batch_generation_matches_one_at_a_time(stand_in_dir):
     single = [generate(loaded.model, loaded.processor, c, max_new_tokens=6) for c in conversations]
     assert batched == single
     assert loaded.processor.tokenizer.padding_side == side_before  # restored after the call
+
+
+def test_extract_json_keeps_fences_written_inside_a_json_string():
+    reply = '{"note": "use ```{\\"a\\": 1}``` here", "total": 3}'
+    assert extract_json(reply) == {"note": 'use ```{"a": 1}``` here', "total": 3}
+
+
+def test_extract_json_refuses_a_number_too_large_for_a_float():
+    with pytest.raises(JSONExtractionError, match="not JSON"):
+        extract_json('{"total": 1e999}')
