@@ -311,13 +311,26 @@ def same_base_model(recorded: str, actual: str) -> bool:
     rebuilt in another folder (tests) or a checkout moved since lesson 04 recorded its absolute path,
     a Hub id against its cache folder, and another precision of the same release (Unsloth's
     ``…-bnb-4bit`` upload that lesson 04 trains on against the 16-bit model lessons 06/07 merge into).
-    Another model — another size, version or stand-in — does not pass."""
+    Two folders that both exist here are compared by their ``config.json`` instead: a name such as
+    ``merged`` (every course export) says nothing. Another model — another size, version or stand-in —
+    does not pass."""
     if recorded == actual:
         return True
     here, there = Path(recorded).expanduser(), Path(actual).expanduser()
-    if here.exists() and there.exists() and here.resolve() == there.resolve():
-        return True
+    if here.exists() and there.exists():
+        return here.resolve() == there.resolve() or _config_of(here) == _config_of(there) != {}
     return _canonical_model_name(recorded) == _canonical_model_name(actual) != ""
+
+
+def _config_of(folder: Path) -> dict:
+    """A model folder's ``config.json`` without what differs between copies of one model (where it was
+    loaded from, the library version, the storage precision); ``{}`` when there is none."""
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    volatile = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "quantization_config"}
+    return {key: value for key, value in config.items() if key not in volatile}
 
 
 def _refuse_other_base(model, adapter_dir: Path) -> None:

@@ -267,6 +267,17 @@ def test_the_course_s_own_base_names_count_as_the_same_model(stand_in_dir, tmp_p
     assert not same(
         "mistralai/Mistral-Small-3.1-24B-Instruct-2503", "mistralai/Mistral-Small-3.2-24B-Instruct-2506"
     )
+    # two local folders of one name (every course export is written to .../merged) are the same model only
+    # when their configs are: a generic folder name says nothing
+    import shutil
+
+    for rung, source in (("cpu-tiny", "tiny-mistral-small-3"), ("cpu-tiny-small-4", "tiny-mistral-small-4")):
+        (tmp_path / rung / "merged").mkdir(parents=True)
+        shutil.copy(stand_in_dir / source / "config.json", tmp_path / rung / "merged" / "config.json")
+    assert not same(str(tmp_path / "cpu-tiny" / "merged"), str(tmp_path / "cpu-tiny-small-4" / "merged"))
+    (tmp_path / "copy").mkdir()
+    shutil.copytree(tmp_path / "cpu-tiny" / "merged", tmp_path / "copy" / "merged")
+    assert same(str(tmp_path / "cpu-tiny" / "merged"), str(tmp_path / "copy" / "merged"))
 
 
 def test_manifest_checksums_match_and_catch_changes(tmp_path):
