@@ -80,9 +80,11 @@ def check_output_dir(out: Path, *, resume: bool, overwrite: bool, max_steps: int
             "another --out"
         )
     checkpoint = latest_checkpoint(out) if out.is_dir() else None
+    earlier = sorted(p.name for p in out.glob("checkpoint-*")) if out.is_dir() else []
     if resume:
         if checkpoint is None:
-            raise TrainCommandError(f"--resume: no checkpoint-N folder in {out} to resume from")
+            cut = " (those there lack trainer_state.json: cut off while saving)" if earlier else ""
+            raise TrainCommandError(f"--resume: no checkpoint-N folder in {out} to resume from{cut}")
         step = _checkpoint_step(checkpoint)
         if max_steps is not None and step >= max_steps:
             raise TrainCommandError(
@@ -90,10 +92,10 @@ def check_output_dir(out: Path, *, resume: bool, overwrite: bool, max_steps: int
                 "raise --max-steps to train further"
             )
         return checkpoint
-    if checkpoint is not None and not overwrite:
+    if earlier and not overwrite:  # complete or cut off while saving: never written over silently
         raise TrainCommandError(
-            f"{out} holds checkpoints of an earlier run ({Path(checkpoint).name}); pass --resume to "
-            "continue it, or --overwrite to start over (its checkpoints are deleted)"
+            f"{out} holds checkpoints of an earlier run ({Path(checkpoint or earlier[-1]).name}); pass "
+            "--resume to continue it, or --overwrite to start over (its checkpoints are deleted)"
         )
     return None
 
@@ -104,7 +106,10 @@ def prepare_output_dir(out: Path, *, resume: bool) -> None:
     shutil.rmtree(out / RANKS_FOLDER, ignore_errors=True)
     if not resume:
         for folder in out.glob("checkpoint-*"):
-            shutil.rmtree(folder)
+            if folder.is_dir():
+                shutil.rmtree(folder)
+            else:
+                folder.unlink()
 
 
 # --- Launching N processes -----------------------------------------------------------------------

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import platform
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -267,7 +268,12 @@ class DistributedResponseOnlyTrainer(ResponseOnlyTrainer):
         return (loss, None) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        return super().prediction_step(getattr(model, "module", model), inputs, prediction_loss_only)
+        # through the model's forward, as in training: FSDP gathers the root module's shards (embeddings,
+        # final norm, lm_head) in its forward hooks; called on the parts directly, they stay sharded
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss = _as_forward_of(model, lambda core: response_only_loss(core, inputs))
+        return loss.detach(), None, None
 
 
 def _as_forward_of(model, loss_of):
@@ -371,7 +377,7 @@ def build_trainer(
     torch.manual_seed(preset.seed)
     if backend == "unsloth":  # pragma: no cover - needs a CUDA GPU
         return _build_unsloth_trainer(
-            model, processor, train_records, eval_records, preset, output_dir, callbacks
+            model, processor, train_records, eval_records, preset, output_dir, callbacks, base_dir
         )
     train_examples = prepare_examples(train_records, processor, preset.max_seq_length, base_dir, progress)
     eval_examples = (
@@ -417,7 +423,7 @@ def build_trainer(
 
 
 def _build_unsloth_trainer(
-    model, processor, train_records, eval_records, preset, output_dir, callbacks
+    model, processor, train_records, eval_records, preset, output_dir, callbacks, base_dir=None
 ):  # pragma: no cover
     """Unsloth vision SFT: the settings its vision notebooks use (no packing, keep all columns,
     skip TRL's dataset preparation — the collator does it) plus response-only loss."""
@@ -431,7 +437,7 @@ def _build_unsloth_trainer(
     FastVisionModel.for_training(model)
 
     def to_rows(records):
-        return [{"messages": with_images(r)} for r in records]
+        return [{"messages": with_images(r, base_dir)} for r in records]  # paths relative to the data file
 
     bf16 = preset.bf16 and torch.cuda.is_bf16_supported()  # preset_for already chose fp16 on T4/V100
     config = SFTConfig(
@@ -678,9 +684,18 @@ def checkpoint_step(checkpoint: str | os.PathLike) -> int:
 
 
 def latest_checkpoint(output_dir: str | os.PathLike) -> str | None:
-    """The newest ``checkpoint-N`` folder in ``output_dir`` (what ``resume_from_checkpoint`` continues)."""
-    folders = sorted(Path(output_dir).glob("checkpoint-*"), key=checkpoint_step)
-    return str(folders[-1]) if folders else None
+    """The newest complete ``checkpoint-N`` folder in ``output_dir`` (what ``resume_from_checkpoint``
+    continues). transformers writes ``trainer_state.json`` last, so a folder without it was cut off while
+    saving — resuming from it would restart at step 0 — and is passed over; so are other names
+    (``checkpoint-best``), as in transformers' own ``get_last_checkpoint``."""
+    folders = [
+        folder
+        for folder in Path(output_dir).glob("checkpoint-*")
+        if re.fullmatch(r"checkpoint-\d+", folder.name)
+        and folder.is_dir()
+        and (folder / "trainer_state.json").is_file()
+    ]
+    return str(max(folders, key=checkpoint_step)) if folders else None
 
 
 # --- Bigger than one GPU -------------------------------------------------------------------------

@@ -635,7 +635,8 @@ print(yaml.safe_load(fsdp_path.read_text())["fsdp_config"]["fsdp_auto_wrap_polic
 # %% [markdown]
 # ## Summary
 #
-# - LoRA trains < 1 % of the parameters; NF4 stores the frozen rest in ≈ 4.5 bits per weight.
+# - LoRA trains < 1 % of the parameters; NF4 stores the frozen rest in ≈ 4.1 bits per weight with double
+#   quantization, as the course loads it (≈ 4.5 with one level of scales).
 # - Plan memory from the config before renting a GPU: QLoRA on Small 3.2 fits 24 GB, 16-bit LoRA does
 #   not; Small 4 QLoRA needs ≈ 68 GiB (axolotl's measurement; the course's planner: 66 for that recipe).
 # - The same steps on every profile, as plain library code: Unsloth + TRL's `SFTTrainer` on CUDA,

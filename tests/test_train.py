@@ -298,3 +298,17 @@ def test_axolotl_config_sends_small_4_to_its_own_recipe():
     # expert matched, and the FP8 checkpoint cannot load in 4-bit (the BF16 re-upload can)
     with pytest.raises(ValueError, match="axolotl_small4_qlora"):
         axolotl_config("mistralai/Mistral-Small-4-119B-2603", "data/train.jsonl", preset_for("gpu-80gb"))
+
+
+def test_latest_checkpoint_skips_a_half_saved_folder_and_odd_names(tmp_path):
+    """transformers writes trainer_state.json last: a crash while saving leaves checkpoint-N without it,
+    and resuming from it restarts at step 0 (transformers skips a missing state silently)."""
+    for step, complete in ((10, True), (20, True), (30, False)):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        if complete:
+            (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    (tmp_path / "checkpoint-best").mkdir()  # another tool's name: no step, not a traceback
+    (tmp_path / "checkpoint-99").write_text("a file, not a checkpoint")
+    assert latest_checkpoint(tmp_path).endswith("checkpoint-20")
+    assert latest_checkpoint(tmp_path / "checkpoint-best") is None
