@@ -9,18 +9,23 @@ Unsloth vs transformers+peft tokens/s as a ratio measured in this one run.
 
 Measured on the 2-core CPU box (2026-11-30, defaults: 30 steps of 4 rows on ``cpu-tiny``, one process):
 
-================================================  ========  =========
-run                                               tokens/s  seconds
-================================================  ========  =========
-labelled-position loss, bf16 autocast (course)    1420      21.3
-plain full-vocabulary loss, bf16 autocast         678       44.5
-labelled-position loss, fp32                      1508      20.0
-================================================  ========  =========
+=================================================  ========  =========
+run                                                tokens/s  seconds
+=================================================  ========  =========
+labelled-position loss, bf16 flag on (course)      1566      19.3
+plain full-vocabulary loss, bf16 autocast          660       45.8
+labelled-position loss, bf16 flag off              1499      20.2
+plain full-vocabulary loss, fp32                   628       48.1
+=================================================  ========  =========
 
-One run each, in this order (the first in the process carries any warm-up). The labelled-position loss is
-2.09× faster (lesson 04, 4.6); bf16 autocast is no faster than fp32 on this CPU (0.94×, within the
-order effect; lesson 08's tool preset agrees: ``tool_learning.py``'s ``-fp32`` row, 157 s against 179 s). The
-peak-RAM figure it prints is the process's maximum so far, so only the first run's is its own.
+One run each, in this order (the first in the process carries any warm-up). Both in fp32, the
+labelled-position loss is **2.39× faster** (1499 against 628; lesson 04, 4.6). accelerate applies CPU
+autocast by wrapping the model's ``forward``; the course's loss calls the model's parts, so its bf16 flag
+changes nothing on the CPU path (1.04×, noise: it trains in fp32), and on the full-vocabulary loss, which
+does call the forward, bf16 autocast is no faster than fp32 (1.05×). An earlier run (1420 / 678 / 1508)
+compared the course path with the autocast full-vocabulary run (2.09×) and read 0.94× as "bf16 autocast
+against fp32" — both of those rows were fp32. The peak-RAM figure it prints is the process's maximum so
+far, so only the first run's is its own.
 """
 
 from __future__ import annotations

@@ -412,7 +412,7 @@ if torch.cuda.is_available():
 # course_utils.loss.VisionTextCollator also pads pixel_values and image_sizes), `response_only_loss`
 # (above), RUN_DIR, `callbacks` and a `preset` with per_device_train_batch_size,
 # gradient_accumulation_steps, learning_rate, lr_scheduler_type, warmup_ratio, max_steps, weight_decay,
-# optim, logging_steps, save_steps, seed and bf16 (autocast).
+# optim, logging_steps, save_steps, seed and bf16.
 import math
 
 import torch
@@ -457,7 +457,9 @@ if not torch.cuda.is_available():
             eval_steps=preset.save_steps,
             seed=preset.seed,
             data_seed=preset.seed,
-            bf16=preset.bf16,  # the GPU runs' precision; no faster than fp32 here (train_throughput.py)
+            # the GPU runs' precision; a no-op here: accelerate autocasts the model's forward, and the loss
+            # calls the model's parts, so this path trains in fp32 (benchmarks/train_throughput.py)
+            bf16=preset.bf16,
             use_cpu=True,
             include_num_input_tokens_seen=True,
             ddp_find_unused_parameters=False,  # with several processes: every LoRA weight is used each step
